@@ -1,0 +1,283 @@
+"""The config schema: defaults shared by every config file, and validation.
+
+Config files in `configs/` call `base_config()` and override values; every
+run calls `validate(config)` before anything compiles, so a bad value fails
+in a second with a message that names the key, the value and what is allowed.
+"""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from gdd.diffusion import losses, parameterization
+
+DATASETS = ('digits', 'cifar10', 'imagenet64')
+OPTIMIZERS = ('adam', 'adamw')
+LR_DECAYS = ('constant', 'cosine', 'linear')
+SAMPLERS = ('ddim', 'ancestral')
+STAGES = ('teacher',)
+DTYPES = ('float32', 'bfloat16')
+
+
+def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """Optax chain settings: clip → Adam(W) with warm-up and a decay schedule."""
+  opt = ml_collections.ConfigDict(
+    {
+      'name': 'adam',
+      'learning_rate': 2e-4,
+      'warmup_steps': 1000,
+      'decay': 'constant',
+      'grad_clip_norm': 1.0,
+      'weight_decay': 0.0,
+      'b1': 0.9,
+      'b2': 0.999,
+      'eps': 1e-8,
+    }
+  )
+  opt.update(overrides)
+  return opt
+
+
+def train_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """Settings every training stage has (loop length, logging, checkpoints)."""
+  train = ml_collections.ConfigDict(
+    {
+      'num_train_steps': 100_000,
+      'batch_size': 128,
+      'optimizer': optimizer_config(),
+      # 0 turns EMA off (the EMA params then equal the params).
+      'ema_decay': 0.9999,
+      'log_every': 100,
+      'eval_every': 5000,
+      'checkpoint_every': 1000,
+      'max_checkpoints_to_keep': 3,
+    }
+  )
+  train.update(overrides)
+  return train
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key gdd knows, with defaults; config files override values."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict(
+    {
+      'name': 'digits',
+      'data_dir': config_dict.placeholder(str),
+      'random_flip': False,
+      'shuffle_buffer': 10_000,
+    }
+  )
+  config.model = ml_collections.ConfigDict(
+    {
+      'ch': 64,
+      'emb_ch': 256,
+      'ch_mult': (1, 2),
+      'num_res_blocks': 2,
+      'attn_resolutions': (),
+      'head_dim': 64,
+      'dropout': 0.0,
+      'mean_type': 'both',
+      'dtype': 'float32',
+    }
+  )
+  config.diffusion = ml_collections.ConfigDict(
+    {
+      'logsnr_min': -20.0,
+      'logsnr_max': 20.0,
+      'loss_weighting': 'snr_trunc',
+      # Clip x̂ to [-1, 1] at sampling time (never in training targets).
+      'clip_x': True,
+    }
+  )
+  config.teacher = train_config()
+  # Probability that a label is replaced by the null label (CFG training).
+  config.teacher.p_uncond = 0.1
+
+  # Sample grids written during training: one grid per w, rows = classes.
+  config.eval = ml_collections.ConfigDict(
+    {
+      'sample_ws': (0.0, 1.0, 4.0),
+      'teacher_num_steps': 64,
+      'samples_per_class': 8,
+    }
+  )
+  # `--mode=sample`.
+  config.sample = ml_collections.ConfigDict(
+    {
+      'stage': 'teacher',
+      'num_steps': 256,
+      'w': 1.0,
+      'sampler': 'ddim',
+      'num_samples': 100,
+      'batch_size': 500,
+      'seed': 0,
+      'output': '',
+    }
+  )
+  config.distributed = ml_collections.ConfigDict({'initialize': False})
+  return config
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names key, value and the fix."""
+
+
+def _check(
+  config: ml_collections.ConfigDict,
+  key: str,
+  predicate: Callable[[Any], bool],
+  allowed: str,
+) -> None:
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  ok = False
+  try:
+    ok = bool(predicate(value))
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ConfigError(f'config.{key}={value!r} is invalid: allowed {allowed}.')
+
+
+def _positive_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative_number(v: Any) -> bool:
+  return isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+
+
+def _one_of(options: Iterable[str]) -> Callable[[Any], bool]:
+  return lambda v: v in tuple(options)
+
+
+def _positive_int_tuple(v: Any) -> bool:
+  return isinstance(v, tuple | list) and all(_positive_int(x) for x in v)
+
+
+def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
+  for key in (
+    'num_train_steps',
+    'batch_size',
+    'log_every',
+    'eval_every',
+    'checkpoint_every',
+    'max_checkpoints_to_keep',
+  ):
+    _check(config, f'{stage}.{key}', _positive_int, 'a positive int')
+  _check(config, f'{stage}.ema_decay', lambda v: 0 <= v < 1, 'in [0, 1)')
+  opt = f'{stage}.optimizer'
+  _check(config, f'{opt}.name', _one_of(OPTIMIZERS), f'one of {OPTIMIZERS}')
+  _check(config, f'{opt}.decay', _one_of(LR_DECAYS), f'one of {LR_DECAYS}')
+  _check(config, f'{opt}.learning_rate', lambda v: v > 0, 'a number > 0')
+  for key in ('warmup_steps', 'grad_clip_norm', 'weight_decay', 'eps'):
+    _check(config, f'{opt}.{key}', _non_negative_number, 'a number >= 0')
+  for key in ('b1', 'b2'):
+    _check(config, f'{opt}.{key}', lambda v: 0 <= v < 1, 'in [0, 1)')
+  _check(
+    config,
+    f'{opt}.warmup_steps',
+    lambda v: v <= config[stage].num_train_steps,
+    f'<= {stage}.num_train_steps',
+  )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on the first invalid value; cheap, no JAX work."""
+  _check(config, 'seed', lambda v: isinstance(v, int), 'an int')
+  _check(config, 'data.name', _one_of(DATASETS), f'one of {DATASETS}')
+  _check(
+    config,
+    'data.random_flip',
+    lambda v: not (v and config.data.name == 'digits'),
+    'False for digits (digits are not mirror-symmetric)',
+  )
+  _check(config, 'data.shuffle_buffer', _positive_int, 'a positive int')
+
+  for key in ('ch', 'emb_ch', 'num_res_blocks', 'head_dim'):
+    _check(config, f'model.{key}', _positive_int, 'a positive int')
+  _check(
+    config,
+    'model.ch_mult',
+    lambda v: len(v) > 0 and _positive_int_tuple(v),
+    'a non-empty tuple of positive ints, e.g. (1, 2)',
+  )
+  _check(
+    config,
+    'model.attn_resolutions',
+    _positive_int_tuple,
+    'a tuple of spatial sizes, e.g. (16, 8) or ()',
+  )
+  _check(config, 'model.dropout', lambda v: 0 <= v < 1, 'in [0, 1)')
+  _check(
+    config,
+    'model.mean_type',
+    _one_of(parameterization.MEAN_TYPES),
+    f'one of {parameterization.MEAN_TYPES}',
+  )
+  _check(config, 'model.dtype', _one_of(DTYPES), f'one of {DTYPES}')
+
+  _check(
+    config,
+    'diffusion.logsnr_max',
+    lambda v: v > config.diffusion.logsnr_min,
+    '> diffusion.logsnr_min',
+  )
+  _check(
+    config,
+    'diffusion.loss_weighting',
+    _one_of(losses.WEIGHTINGS),
+    f'one of {losses.WEIGHTINGS}',
+  )
+
+  _validate_train(config, 'teacher')
+  _check(config, 'teacher.p_uncond', lambda v: 0 < v < 1, 'in (0, 1)')
+
+  _check(
+    config,
+    'eval.sample_ws',
+    lambda v: len(v) > 0 and all(w >= 0 for w in v),
+    'a non-empty tuple of guidance strengths w >= 0',
+  )
+  _check(config, 'eval.teacher_num_steps', _positive_int, 'a positive int')
+  _check(config, 'eval.samples_per_class', _positive_int, 'a positive int')
+
+  _check(config, 'sample.stage', _one_of(STAGES), f'one of {STAGES}')
+  _check(config, 'sample.sampler', _one_of(SAMPLERS), f'one of {SAMPLERS}')
+  for key in ('num_steps', 'num_samples', 'batch_size'):
+    _check(config, f'sample.{key}', _positive_int, 'a positive int')
+  _check(config, 'sample.w', _non_negative_number, 'a number >= 0')
+
+
+def make_quick(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a config in place to a minutes-long smoke run (`:quick`).
+
+  Keeps the dataset and the method, replaces the network with a tiny one and
+  the schedule with a few dozen steps; for tests, CI and first tries.
+  """
+  config.model.update(
+    ch=16,
+    emb_ch=64,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    head_dim=16,
+    dropout=0.0,
+  )
+  config.teacher.update(
+    num_train_steps=40,
+    batch_size=32,
+    ema_decay=0.9,
+    log_every=10,
+    eval_every=20,
+    checkpoint_every=20,
+  )
+  config.teacher.optimizer.update(learning_rate=1e-3, warmup_steps=5)
+  config.eval.update(teacher_num_steps=8, samples_per_class=1)
+  config.sample.update(num_steps=8, num_samples=20)

@@ -1,0 +1,211 @@
+"""Training and evaluation data, one API over every supported data set.
+
+`data_config.name` picks the backend: 'digits' (scikit-learn's digits, ships
+with the package) or a TFDS data set ('cifar10', 'imagenet64'). Images come
+as float32 in [−1, 1], shaped (B, H, W, C); labels as int32.
+
+Training batches are a pure function of (seed, step, process_index,
+process_count): no iterator state is ever saved, and a run resumed at step k
+sees exactly the batches an uninterrupted run sees from step k on.
+
+TensorFlow is imported only when a TFDS data set is used, so digits runs and
+`import gdd.data` stay fast.
+"""
+
+import dataclasses
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+
+import jax
+import ml_collections
+import numpy as np
+
+from gdd.data import digits
+
+DIGITS = 'digits'
+TFDS_NAMES = ('cifar10', 'imagenet64')
+NAMES = (DIGITS, *TFDS_NAMES)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A data set is not prepared where the config says it is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static description of a data set, known before any data is read."""
+
+  name: str
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  num_classes: int
+  num_train_examples: int
+
+
+def _tfds() -> ModuleType:
+  # Imported on first use: it loads tensorflow_datasets (and later TensorFlow).
+  return importlib.import_module('gdd.data.tfds')
+
+
+def _validate(data_config: ml_collections.ConfigDict) -> None:
+  """Checks the fields this module reads; names the key and what is allowed."""
+  name = data_config.name
+  if name not in NAMES:
+    raise ValueError(f'config.data.name must be one of {NAMES}, got {name!r}.')
+  random_flip = data_config.get('random_flip', False)
+  if not isinstance(random_flip, bool):
+    raise ValueError(
+      f'config.data.random_flip must be a bool, got {random_flip!r}.'
+    )
+  if name == DIGITS:
+    # Mirrored digits are other symbols (or other digits): not augmentation.
+    if random_flip:
+      raise ValueError(
+        'config.data.random_flip must be False for digits: digits are not '
+        'symmetric under a left-right flip.'
+      )
+    return
+  shuffle_buffer = data_config.get('shuffle_buffer')
+  if (
+    not isinstance(shuffle_buffer, int)
+    or isinstance(shuffle_buffer, bool)
+    or shuffle_buffer < 1
+  ):
+    raise ValueError(
+      f'config.data.shuffle_buffer must be a positive int for {name!r}, got '
+      f'{shuffle_buffer!r}.'
+    )
+
+
+def get_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
+  """Image shape, class count and train size; reads no data."""
+  _validate(data_config)
+  name = data_config.name
+  if name == DIGITS:
+    return DatasetInfo(
+      name=name,
+      image_shape=digits.IMAGE_SHAPE,
+      num_classes=digits.NUM_CLASSES,
+      num_train_examples=digits.NUM_TRAIN_EXAMPLES,
+    )
+  spec = _tfds().SPECS[name]
+  return DatasetInfo(
+    name=name,
+    image_shape=spec.image_shape,
+    num_classes=spec.num_classes,
+    num_train_examples=spec.num_train_examples,
+  )
+
+
+def check_available(data_config: ml_collections.ConfigDict) -> None:
+  """Fails fast, before anything compiles, if the data is not prepared.
+
+  Raises:
+    ValueError: the config is invalid.
+    DatasetNotFoundError: a TFDS data set is not prepared under
+      data_config.data_dir; the message says how to prepare it.
+  """
+  _validate(data_config)
+  if data_config.name == DIGITS:
+    return
+  message = _tfds().missing_message(
+    data_config.name, data_config.get('data_dir')
+  )
+  if message is not None:
+    raise DatasetNotFoundError(message)
+
+
+def _check_int(key: str, value: int, minimum: int) -> None:
+  if not isinstance(value, int | np.integer) or value < minimum:
+    raise ValueError(f'{key} must be an int >= {minimum}, got {value!r}.')
+
+
+def train_batches(
+  data_config: ml_collections.ConfigDict,
+  *,
+  seed: int,
+  global_batch_size: int,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite iterator over this process's rows of the global batches.
+
+  Yields the parts of global batches start_step, start_step + 1, … that
+  belong to this process: {'image': float32 [B / P, H, W, C] in [−1, 1],
+  'label': int32 [B / P]} with B = global_batch_size, P = process_count.
+  Batch k depends only on (seed, k, process_index, process_count).
+
+  Args:
+    data_config: the data config (name, data_dir, random_flip,
+      shuffle_buffer).
+    seed: non-negative data seed; the order of examples derives from it.
+    global_batch_size: examples per step over all processes; must be
+      divisible by process_count.
+    start_step: the first step yielded, e.g. the restored checkpoint's step.
+    process_index: this process; defaults to jax.process_index().
+    process_count: number of processes; defaults to jax.process_count().
+
+  Raises:
+    ValueError: an invalid config or argument.
+  """
+  _validate(data_config)
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  _check_int('seed', seed, 0)
+  _check_int('start_step', start_step, 0)
+  _check_int('process_count', process_count, 1)
+  _check_int('global_batch_size', global_batch_size, 1)
+  if not isinstance(process_index, int | np.integer) or not (
+    0 <= process_index < process_count
+  ):
+    raise ValueError(
+      f'process_index must be in [0, {process_count}), got {process_index!r}.'
+    )
+  if global_batch_size % process_count:
+    raise ValueError(
+      f'global_batch_size {global_batch_size} must be divisible by the '
+      f'process count {process_count}.'
+    )
+  kwargs = dict(
+    seed=int(seed),
+    global_batch_size=int(global_batch_size),
+    start_step=int(start_step),
+    process_index=int(process_index),
+    process_count=int(process_count),
+  )
+  if data_config.name == DIGITS:
+    return digits.train_batches(**kwargs)
+  return _tfds().train_batches(
+    data_config.name,
+    data_config.get('data_dir'),
+    shuffle_buffer=data_config.shuffle_buffer,
+    random_flip=data_config.get('random_flip', False),
+    **kwargs,
+  )
+
+
+def eval_arrays(
+  data_config: ml_collections.ConfigDict,
+  *,
+  split: str,
+  num_examples: int | None = None,
+) -> dict[str, np.ndarray]:
+  """A fixed, unshuffled set of examples of a split, the same everywhere.
+
+  For evaluation (e.g. FID reference statistics): the first `num_examples`
+  (all if None) of `split` in stored order, never flipped, as
+  {'image': float32 [N, H, W, C] in [−1, 1], 'label': int32 [N]}. Digits has
+  splits 'train' and 'test'; TFDS data sets have their TFDS splits.
+  """
+  _validate(data_config)
+  if data_config.name == DIGITS:
+    return digits.eval_arrays(split=split, num_examples=num_examples)
+  return _tfds().eval_arrays(
+    data_config.name,
+    data_config.get('data_dir'),
+    split=split,
+    num_examples=num_examples,
+  )

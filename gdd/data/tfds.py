@@ -1,0 +1,239 @@
+"""TFDS pipelines: cifar10 and imagenet_resized/64x64.
+
+Each process reads its own even part of 'train', so hosts never read the same
+example in an epoch and need not talk to each other. The order is a pure
+function of (seed, epoch, process): epoch e is read with file shuffling and a
+tf.data shuffle whose seeds derive from (seed, e, process_index), and the
+random flip is stateless, seeded by the example's index in the epoch. A run
+resumed at step k therefore rebuilds epoch k // steps_per_epoch and skips the
+batches already consumed in it.
+
+TensorFlow itself is imported only when a pipeline is built: the availability
+check (`missing_message`) needs just the builder's metadata, and TensorFlow
+takes seconds to import.
+"""
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Static facts about one data set, so get_info needs no I/O."""
+
+  tfds_name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  num_train_examples: int
+  how_to_prepare: str
+
+
+SPECS = {
+  'cifar10': _Spec(
+    tfds_name='cifar10',
+    image_shape=(32, 32, 3),
+    num_classes=10,
+    num_train_examples=50_000,
+    how_to_prepare='Prepare it (downloads ~160 MB) with:\n  {build}',
+  ),
+  'imagenet64': _Spec(
+    tfds_name='imagenet_resized/64x64',
+    image_shape=(64, 64, 3),
+    num_classes=1000,
+    num_train_examples=1_281_167,
+    how_to_prepare=(
+      'The downsampled ImageNet files need an ImageNet account, so download '
+      'them by hand from https://image-net.org/download-images '
+      '(Imagenet64_train_part1_npz.zip, Imagenet64_train_part2_npz.zip, '
+      'Imagenet64_val_npz.zip), put them in {data_dir}/downloads/manual/ and '
+      'then run:\n  {build}'
+    ),
+  ),
+}
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  return tfds.builder(SPECS[name].tfds_name, data_dir=data_dir)
+
+
+def missing_message(name: str, data_dir: str | None) -> str | None:
+  """None if `name` is prepared under data_dir, else what is wrong and how
+  to fix it. Reads only metadata: no TensorFlow, no examples."""
+  builder = _builder(name, data_dir)
+  if builder.is_prepared():
+    return None
+  spec = SPECS[name]
+  root = str(builder.data_dir_root)
+  fix = spec.how_to_prepare.format(
+    data_dir=root, build=f'tfds build {spec.tfds_name} --data_dir={root}'
+  )
+  return (
+    f'Dataset {name!r} (TFDS {spec.tfds_name!r}) is not prepared in '
+    f'data_dir {root!r} (looked for {builder.data_dir}). Set '
+    f'config.data.data_dir to where it is prepared, or prepare it there. {fix}'
+  )
+
+
+@functools.cache
+def _tf():
+  """Imports TensorFlow, hiding GPUs so it never takes accelerator memory."""
+  import tensorflow as tf
+
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:
+    # TensorFlow was initialised by someone else first; too late to hide.
+    logging.warning('TensorFlow devices were already initialised; GPUs stay.')
+  return tf
+
+
+def _seeds(*entropy: int) -> tuple[int, int, int]:
+  """Three independent non-negative int64 seeds derived from `entropy`."""
+  state = np.random.SeedSequence(entropy).generate_state(3, np.uint64)
+  return tuple(int(s >> np.uint64(1)) for s in state)
+
+
+def _scale(image):
+  """uint8 [0, 255] → float32 [−1, 1]."""
+  tf = _tf()
+  return tf.cast(image, tf.float32) / 127.5 - 1.0
+
+
+def _deterministic_options():
+  options = _tf().data.Options()
+  options.deterministic = True
+  return options
+
+
+def _epoch_dataset(
+  builder: tfds.core.DatasetBuilder,
+  *,
+  part,
+  seed: int,
+  epoch: int,
+  process_index: int,
+  shuffle_buffer: int,
+  random_flip: bool,
+  local_batch_size: int,
+  skip_batches: int,
+):
+  """One epoch of this process's part as batches, from batch skip_batches."""
+  tf = _tf()
+  file_seed, shuffle_seed, flip_seed = _seeds(seed, epoch, process_index)
+  # Images stay encoded through shuffling and skipping: a smaller shuffle
+  # buffer, and a resume does not decode the batches it skips.
+  image_feature = builder.info.features['image']
+  ds = builder.as_dataset(
+    split=part,
+    shuffle_files=True,
+    decoders={'image': tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False),
+  )
+  ds = ds.shuffle(
+    shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False
+  )
+  ds = ds.enumerate().skip(skip_batches * local_batch_size)
+
+  def preprocess(index, example):
+    image = image_feature.decode_example(example['image'])
+    if random_flip:
+      image = tf.image.stateless_random_flip_left_right(
+        image, seed=tf.stack([tf.constant(flip_seed, tf.int64), index])
+      )
+    return {
+      'image': _scale(image),
+      'label': tf.cast(example['label'], tf.int32),
+    }
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_deterministic_options())
+
+
+def train_batches(
+  name: str,
+  data_dir: str | None,
+  *,
+  shuffle_buffer: int,
+  random_flip: bool,
+  seed: int,
+  global_batch_size: int,
+  start_step: int,
+  process_index: int,
+  process_count: int,
+) -> Iterator[dict[str, np.ndarray]]:
+  """This process's part of global batches start_step, start_step + 1, ….
+
+  Arguments are validated by `gdd.data.train_batches`.
+  """
+  builder = _builder(name, data_dir)
+  part = tfds.even_splits('train', n=process_count, drop_remainder=True)[
+    process_index
+  ]
+  local_batch_size = global_batch_size // process_count
+  # TFDS asserts the cardinality of what it reads, so this costs no I/O.
+  num_local_examples = int(builder.as_dataset(split=part).cardinality())
+  steps_per_epoch = num_local_examples // local_batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(
+      f'global_batch_size {global_batch_size} is too large for {name!r}: '
+      f'each of {process_count} processes holds {num_local_examples} '
+      f'examples, fewer than its batch of {local_batch_size}.'
+    )
+  epoch, skip_batches = divmod(start_step, steps_per_epoch)
+  while True:
+    ds = _epoch_dataset(
+      builder,
+      part=part,
+      seed=seed,
+      epoch=epoch,
+      process_index=process_index,
+      shuffle_buffer=shuffle_buffer,
+      random_flip=random_flip,
+      local_batch_size=local_batch_size,
+      skip_batches=skip_batches,
+    )
+    yield from ds.as_numpy_iterator()
+    epoch += 1
+    skip_batches = 0
+
+
+def eval_arrays(
+  name: str,
+  data_dir: str | None,
+  *,
+  split: str,
+  num_examples: int | None,
+) -> dict[str, np.ndarray]:
+  """The first `num_examples` (all if None) of a split in its stored order."""
+  tf = _tf()
+  ds = _builder(name, data_dir).as_dataset(
+    split=split,
+    shuffle_files=False,
+    read_config=tfds.ReadConfig(try_autocache=False),
+  )
+  size = int(ds.cardinality())
+  if num_examples is None:
+    num_examples = size
+  if not 0 < num_examples <= size:
+    raise ValueError(
+      f'num_examples must be in [1, {size}] for {name!r} split {split!r}, '
+      f'got {num_examples}.'
+    )
+  ds = ds.take(num_examples).map(
+    lambda ex: {
+      'image': _scale(ex['image']),
+      'label': tf.cast(ex['label'], tf.int32),
+    },
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  ds = ds.batch(1024).with_options(_deterministic_options())
+  batches = list(ds.as_numpy_iterator())
+  return {
+    key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]
+  }

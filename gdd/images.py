@@ -1,0 +1,52 @@
+"""Image conversions and sample grids shared by training logs and sampling."""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats → uint8 [0, 255], rounding to nearest."""
+  images = np.asarray(images, np.float32)
+  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(
+  images: np.ndarray, num_rows: int, padding: int = 1
+) -> np.ndarray:
+  """Tiles uint8 [N, H, W, C] images into one [rows·H, cols·W, C] image.
+
+  Images fill rows first; a partial last row is padded with black.
+  """
+  n, h, w, c = images.shape
+  num_cols = -(-n // num_rows)
+  grid = np.zeros(
+    (
+      num_rows * (h + padding) + padding,
+      num_cols * (w + padding) + padding,
+      c,
+    ),
+    images.dtype,
+  )
+  for index, image in enumerate(images):
+    row, col = divmod(index, num_cols)
+    top = padding + row * (h + padding)
+    left = padding + col * (w + padding)
+    grid[top : top + h, left : left + w] = image
+  return grid
+
+
+def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
+  """Writes a uint8 [H, W, C] image, optionally upscaled (nearest)."""
+  if upscale > 1:
+    image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
+  if image.shape[-1] == 1:
+    image = image[..., 0]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(image).save(path)
+
+
+def display_scale(image_size: int) -> int:
+  """A nearest-neighbour upscale that makes small images viewable (≥ 64 px)."""
+  return max(1, 64 // image_size)

@@ -1,0 +1,184 @@
+"""Building blocks of the U-Net: embeddings, residual, attention, resampling.
+
+ADM / progressive-distillation style (google-research diffusion_distillation
+`unet.py`). Every layer computes in `dtype` and keeps float32 params. Layers
+whose output is added to a residual stream are zero-initialised, so each
+block starts as the identity and a new conditioning path starts as a no-op.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+_zeros = nn.initializers.zeros_init()
+
+
+def sinusoidal_embedding(
+  x: jnp.ndarray, dim: int, max_period: float = 10000.0
+) -> jnp.ndarray:
+  """Sinusoidal features [cos(x f_i), sin(x f_i)] of a [B] input, [B, dim].
+
+  The frequencies f_i = max_period^(−i/half), half = dim // 2, run
+  geometrically from 1 down to about 1/max_period, so inputs spread over
+  [0, 1000] (t_in·1000, w·1000/w_max) are resolved both coarsely and finely.
+  An odd `dim` gets a zero last column. Always float32.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  if x.ndim != 1:
+    raise ValueError(f'x must have shape [B]; got shape {x.shape}.')
+  half = dim // 2
+  freqs = jnp.exp(
+    -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+  )
+  args = x[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+  """GroupNorm groups: the largest divisor of `channels` that is ≤ 32."""
+  return max(
+    g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0
+  )
+
+
+def num_heads(channels: int, head_dim: int) -> int:
+  """Attention heads for `channels`: channels // head_dim, at least 1."""
+  return max(1, channels // head_dim)
+
+
+def group_norm(x: jnp.ndarray, dtype: Dtype, name: str) -> jnp.ndarray:
+  """GroupNorm over the last axis with `num_groups` groups.
+
+  Must be called inside a compact method (it creates a named submodule).
+  """
+  return nn.GroupNorm(
+    num_groups=num_groups(x.shape[-1]), dtype=dtype, name=name
+  )(x)
+
+
+class EmbeddingMLP(nn.Module):
+  """Dense → swish → Dense: sinusoidal features to the embedding width.
+
+  `zero_init_output` zeroes the last layer's kernel and bias, so the MLP
+  outputs exactly 0 until trained: a conditioning path added to a trained
+  network (the student's w-embedding) then changes nothing at first.
+  """
+
+  features: int
+  zero_init_output: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = nn.Dense(self.features, dtype=self.dtype, name='dense_0')(x)
+    x = nn.swish(x)
+    if self.zero_init_output:
+      inits = dict(kernel_init=_zeros, bias_init=_zeros)
+    else:
+      inits = {}
+    return nn.Dense(self.features, dtype=self.dtype, name='dense_1', **inits)(x)
+
+
+class ResBlock(nn.Module):
+  """Residual block conditioned on the embedding by FiLM (scale and shift).
+
+  GroupNorm → swish → conv3x3 → GroupNorm·(1 + scale) + shift → swish →
+  dropout → conv3x3 (zero-initialised), plus a 1x1-conv skip when the channel
+  count changes.
+  """
+
+  out_ch: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, x: jnp.ndarray, emb: jnp.ndarray, *, train: bool
+  ) -> jnp.ndarray:
+    h = nn.swish(group_norm(x, self.dtype, 'norm_0'))
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name='conv_0')(h)
+    film = nn.Dense(2 * self.out_ch, dtype=self.dtype, name='film')(
+      nn.swish(emb)
+    )
+    scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
+    h = group_norm(h, self.dtype, 'norm_1') * (1 + scale) + shift
+    h = nn.swish(h)
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = nn.Conv(
+      self.out_ch,
+      (3, 3),
+      kernel_init=_zeros,
+      dtype=self.dtype,
+      name='conv_1',
+    )(h)
+    if x.shape[-1] != self.out_ch:
+      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name='skip')(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over all pixels, added residually.
+
+  The output projection is zero-initialised (the block starts as the
+  identity). Logits and softmax are float32 even in bfloat16 compute, since
+  the softmax over H·W positions is where low precision hurts.
+  """
+
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    batch, height, width, channels = x.shape
+    heads = num_heads(channels, self.head_dim)
+    if channels % heads:
+      raise ValueError(
+        f'{channels} channels do not split into {heads} attention heads '
+        f'(head_dim={self.head_dim}).'
+      )
+    h = group_norm(x, self.dtype, 'norm')
+    qkv = nn.Dense(3 * channels, dtype=self.dtype, name='qkv')(h)
+    qkv = qkv.reshape(batch, height * width, 3, heads, channels // heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * (channels // heads) ** -0.5
+    logits = jnp.einsum(
+      'bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32
+    )
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    h = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    h = h.reshape(batch, height, width, channels)
+    h = nn.Dense(
+      channels, kernel_init=_zeros, dtype=self.dtype, name='proj_out'
+    )(h)
+    return x + h
+
+
+class Downsample(nn.Module):
+  """Halves H and W with a stride-2 3x3 conv (channels unchanged)."""
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    return nn.Conv(
+      x.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name='conv'
+    )(x)
+
+
+class Upsample(nn.Module):
+  """Doubles H and W: nearest-neighbour repeat, then a 3x3 conv."""
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name='conv')(x)

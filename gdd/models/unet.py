@@ -1,0 +1,239 @@
+"""The U-Net denoiser: x / ε / v / (x, ε) output from (z_t, λ, c[, w]).
+
+Architecture as in progressive distillation (google-research
+diffusion_distillation `unet.py`, itself ADM-like); inputs as in method.md §2:
+the time input t_in = arctan(exp(−λ/2))/(π/2), the class label with row K as
+the null label ∅, and for students the guidance strength w through a
+zero-initialised MLP under the `w_embedding` submodule. Every other param has
+the same path and shape with and without w, so a student is initialised by
+copying the teacher's tree and keeping its own fresh `w_embedding`.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from gdd.diffusion import parameterization, schedules
+from gdd.models import layers
+
+DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """Shape and conditioning of a `UNet`; validated on construction.
+
+  `attn_resolutions` lists spatial sizes (e.g. 16, 8) whose res blocks are
+  each followed by self-attention; the middle block always has attention.
+  `dtype` is the compute dtype; params and the output are always float32.
+  """
+
+  image_size: int
+  in_channels: int
+  num_classes: int
+  ch: int = 64
+  emb_ch: int = 256
+  ch_mult: tuple[int, ...] = (1, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = ()
+  head_dim: int = 64
+  dropout: float = 0.0
+  mean_type: str = 'both'
+  use_w_embedding: bool = False
+  w_max: float = 4.0
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    # Configs often arrive from ConfigDicts as lists; tuples keep the
+    # dataclass hashable (usable as a static jit argument).
+    object.__setattr__(self, 'ch_mult', tuple(self.ch_mult))
+    object.__setattr__(self, 'attn_resolutions', tuple(self.attn_resolutions))
+    for name in (
+      'image_size',
+      'in_channels',
+      'num_classes',
+      'ch',
+      'emb_ch',
+      'num_res_blocks',
+      'head_dim',
+    ):
+      self._require(
+        _is_positive_int(getattr(self, name)), name, 'a positive int'
+      )
+    self._require(
+      bool(self.ch_mult) and all(map(_is_positive_int, self.ch_mult)),
+      'ch_mult',
+      'a non-empty tuple of positive ints',
+    )
+    factor = 2 ** (len(self.ch_mult) - 1)
+    self._require(
+      self.image_size % factor == 0,
+      'image_size',
+      f'divisible by 2**(len(ch_mult) - 1) = {factor}',
+    )
+    resolutions = self.resolutions
+    self._require(
+      all(r in resolutions for r in self.attn_resolutions),
+      'attn_resolutions',
+      f'a tuple of resolutions the network has, from {resolutions}',
+    )
+    self._require(0.0 <= self.dropout < 1.0, 'dropout', 'in [0, 1)')
+    self._require(
+      self.mean_type in parameterization.MEAN_TYPES,
+      'mean_type',
+      f'one of {parameterization.MEAN_TYPES}',
+    )
+    self._require(self.w_max > 0, 'w_max', 'positive')
+    self._require(self.dtype in DTYPES, 'dtype', f'one of {DTYPES}')
+    attn_channels = {self.ch * self.ch_mult[-1]} | {
+      self.ch * mult
+      for mult, r in zip(self.ch_mult, resolutions, strict=True)
+      if r in self.attn_resolutions
+    }
+    for channels in sorted(attn_channels):
+      heads = layers.num_heads(channels, self.head_dim)
+      self._require(
+        channels % heads == 0,
+        'head_dim',
+        f'such that {channels} attention channels split into '
+        f'{channels} // head_dim = {heads} equal heads',
+      )
+
+  def _require(self, ok: bool, name: str, allowed: str) -> None:
+    if not ok:
+      value = getattr(self, name)
+      raise ValueError(f'UNetConfig.{name}={value!r}; must be {allowed}.')
+
+  @property
+  def out_channels(self) -> int:
+    """Output channels: (x̃, ε̃) stacked for 'both', else one image."""
+    return (
+      2 * self.in_channels if self.mean_type == 'both' else self.in_channels
+    )
+
+  @property
+  def resolutions(self) -> tuple[int, ...]:
+    """Spatial size of each level, from image_size down."""
+    return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
+
+
+def _is_positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+class UNet(nn.Module):
+  """Class- (and optionally w-) conditional U-Net on [B, H, W, C] images."""
+
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(
+    self,
+    z: jnp.ndarray,
+    logsnr: jnp.ndarray,
+    labels: jnp.ndarray,
+    w: jnp.ndarray | None = None,
+    *,
+    train: bool,
+  ) -> jnp.ndarray:
+    """Raw network output for noisy images z at log-SNR λ.
+
+    Args:
+      z: [B, H, W, C] noisy images.
+      logsnr: [B] log-SNR λ of each image.
+      labels: [B] int class labels in [0, K]; K is the null label.
+      w: [B] guidance strengths; required iff `config.use_w_embedding`.
+      train: enables dropout, which then needs the 'dropout' rng.
+
+    Returns:
+      [B, H, W, config.out_channels] float32.
+    """
+    cfg = self.config
+    self._check_inputs(z, logsnr, labels, w)
+    dtype = jnp.dtype(cfg.dtype)
+
+    t_in = schedules.time_input(logsnr)
+    emb = layers.EmbeddingMLP(cfg.emb_ch, dtype=dtype, name='time_embedding')(
+      layers.sinusoidal_embedding(t_in * 1000.0, cfg.ch)
+    )
+    emb = emb + nn.Embed(
+      cfg.num_classes + 1, cfg.emb_ch, dtype=dtype, name='class_embedding'
+    )(labels)
+    if cfg.use_w_embedding:
+      emb = emb + layers.EmbeddingMLP(
+        cfg.emb_ch, zero_init_output=True, dtype=dtype, name='w_embedding'
+      )(layers.sinusoidal_embedding(w * 1000.0 / cfg.w_max, cfg.ch))
+
+    def res_block(h, out_ch, name):
+      return layers.ResBlock(out_ch, cfg.dropout, dtype=dtype, name=name)(
+        h, emb, train=train
+      )
+
+    def attention(h, name):
+      return layers.AttentionBlock(cfg.head_dim, dtype=dtype, name=name)(h)
+
+    h = nn.Conv(cfg.ch, (3, 3), dtype=dtype, name='conv_in')(z.astype(dtype))
+    skips = [h]
+    last = len(cfg.ch_mult) - 1
+    for level, mult in enumerate(cfg.ch_mult):
+      for i in range(cfg.num_res_blocks):
+        h = res_block(h, cfg.ch * mult, f'down_{level}_block_{i}')
+        if h.shape[1] in cfg.attn_resolutions:
+          h = attention(h, f'down_{level}_attn_{i}')
+        skips.append(h)
+      if level != last:
+        h = layers.Downsample(dtype=dtype, name=f'down_{level}_downsample')(h)
+        skips.append(h)
+
+    h = res_block(h, h.shape[-1], 'mid_block_0')
+    h = attention(h, 'mid_attn')
+    h = res_block(h, h.shape[-1], 'mid_block_1')
+
+    for level in reversed(range(len(cfg.ch_mult))):
+      for i in range(cfg.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res_block(h, cfg.ch * cfg.ch_mult[level], f'up_{level}_block_{i}')
+        if h.shape[1] in cfg.attn_resolutions:
+          h = attention(h, f'up_{level}_attn_{i}')
+      if level != 0:
+        h = layers.Upsample(dtype=dtype, name=f'up_{level}_upsample')(h)
+
+    # The output head runs in float32 whatever the compute dtype: its output
+    # is the prediction that losses and samplers consume, and it costs one
+    # conv.
+    h = nn.swish(
+      layers.group_norm(h.astype(jnp.float32), jnp.float32, 'norm_out')
+    )
+    return nn.Conv(
+      cfg.out_channels,
+      (3, 3),
+      kernel_init=nn.initializers.zeros_init(),
+      dtype=jnp.float32,
+      name='conv_out',
+    )(h)
+
+  def _check_inputs(self, z, logsnr, labels, w) -> None:
+    """Shape and presence checks; they run at trace time, so cost nothing."""
+    cfg = self.config
+    if cfg.use_w_embedding and w is None:
+      raise ValueError(
+        'This UNet has use_w_embedding=True, so w is required: pass the '
+        'guidance strength w of shape [B] (e.g. jnp.zeros((B,)) at init).'
+      )
+    if not cfg.use_w_embedding and w is not None:
+      raise ValueError(
+        'This UNet has use_w_embedding=False but got w: pass w=None, or '
+        'build the model with UNetConfig(use_w_embedding=True).'
+      )
+    size, channels = cfg.image_size, cfg.in_channels
+    if z.ndim != 4 or z.shape[1:] != (size, size, channels):
+      raise ValueError(
+        f'z must have shape [B, {size}, {size}, {channels}]; got {z.shape}.'
+      )
+    batch = z.shape[0]
+    for name, value in (('logsnr', logsnr), ('labels', labels), ('w', w)):
+      if value is not None and jnp.shape(value) != (batch,):
+        raise ValueError(
+          f'{name} must have shape [B] = ({batch},); got {jnp.shape(value)}.'
+        )

@@ -1,0 +1,39 @@
+"""Training stages: each builds a `Stage`, the one train loop runs it."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Params = Any
+Batch = dict[str, jnp.ndarray]
+# (params, frozen_params, batch, rng) -> (scalar loss, metrics dict).
+LossFn = Callable[[Params, Any, Batch, jax.Array], tuple[jnp.ndarray, dict]]
+# (params, frozen_params, rng, labels [B], w) -> images [B, H, W, C] in [-1, 1].
+SampleFn = Callable[[Params, Any, jax.Array, jnp.ndarray, Any], jnp.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """What the train loop needs from a stage, and nothing more.
+
+  Attributes:
+    name: folder of the stage under the workdir, e.g. 'teacher'.
+    train_config: the stage's config block (num_train_steps, batch_size,
+      optimizer, ema_decay, log/eval/checkpoint intervals).
+    init_params: rng -> initial params of the trained network.
+    loss_fn: pure loss; the frozen params (a teacher's, or None) arrive as an
+      argument of the jitted step, never through a closure.
+    frozen_params: params the loss reads but never differentiates.
+    sample_fn: sampler used for the sample grids written during training.
+  """
+
+  name: str
+  train_config: ml_collections.ConfigDict
+  init_params: Callable[[jax.Array], Params]
+  loss_fn: LossFn
+  frozen_params: Any
+  sample_fn: SampleFn

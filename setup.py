@@ -1,0 +1,44 @@
+"""gdd: distillation of classifier-free-guided diffusion models in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+  name='gdd',
+  version='0.1.0',
+  description=(
+    'Guided diffusion distillation (Meng et al., CVPR 2023) in JAX/Flax: '
+    'CFG teacher, w-conditioned student, progressive distillation.'
+  ),
+  long_description=open('README.md', encoding='utf-8').read(),
+  long_description_content_type='text/markdown',
+  license='Apache-2.0',
+  packages=setuptools.find_packages(include=['gdd', 'gdd.*']),
+  python_requires='>=3.10',
+  install_requires=[
+    'absl-py>=2.1,<3',
+    'chex>=0.1.90,<0.2',
+    'clu>=0.0.12,<0.1',
+    'flax>=0.12.8,<0.13',
+    'jax>=0.10.2,<0.11',
+    'matplotlib>=3.8,<4',
+    'ml-collections>=1.1,<2',
+    'numpy>=2.0,<3',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.8,<0.13',
+    'pillow>=10,<14',
+    'scikit-learn>=1.5,<2',
+    # clu's metric writers need TensorFlow and, since TF 2.21, tensorboard.
+    'tensorboard>=2.20,<3',
+    'tensorflow-cpu>=2.21,<2.22',
+    'tensorflow-datasets>=4.9.10,<5',
+  ],
+  extras_require={
+    'test': [
+      'ipykernel>=6,<8',
+      'nbclient>=0.10,<0.12',
+      'nbformat>=5.10,<6',
+      'pytest>=8,<10',
+      'ruff>=0.8,<0.18',
+    ],
+  },
+)

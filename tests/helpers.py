@@ -1,0 +1,38 @@
+"""Shared test fixtures: tiny configs that compile and run in seconds."""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from gdd import config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, variant: str = '') -> ml_collections.ConfigDict:
+  """`configs/<name>.py`'s get_config(variant), as config_flags loads it."""
+  path = os.path.join(REPO, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def quick_config(
+  name: str = 'digits', num_train_steps: int = 4
+) -> ml_collections.ConfigDict:
+  """The `:quick` config shrunk further: a few steps, tiny sample grids."""
+  config = load_config(name, 'quick')
+  config.teacher.update(
+    num_train_steps=num_train_steps,
+    batch_size=16,
+    log_every=2,
+    eval_every=1000,
+    checkpoint_every=1000,
+  )
+  config.teacher.optimizer.warmup_steps = 1
+  config.eval.update(teacher_num_steps=2, samples_per_class=1)
+  config.sample.update(num_steps=2, num_samples=12, batch_size=8)
+  config_lib.validate(config)
+  return config

@@ -1,0 +1,105 @@
+"""Every config loads and validates; bad values fail early and clearly."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gdd import config_lib, pipeline
+from tests import helpers
+
+CONFIGS = ('digits', 'cifar10', 'imagenet64')
+
+
+@pytest.mark.parametrize('variant', ['', 'quick'])
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_config_loads_and_validates(name, variant):
+  config = helpers.load_config(name, variant)
+  config_lib.validate(config)
+  assert config.data.name == name
+
+
+def test_paper_scale_hyperparameters():
+  imagenet = helpers.load_config('imagenet64')
+  assert imagenet.model.ch == 192
+  assert tuple(imagenet.model.ch_mult) == (1, 2, 3, 4)
+  assert tuple(imagenet.model.attn_resolutions) == (32, 16, 8)
+  assert imagenet.teacher.batch_size == 2048
+  cifar = helpers.load_config('cifar10')
+  assert cifar.model.mean_type == 'x'
+  assert cifar.teacher.optimizer.weight_decay == 1e-3
+
+
+def test_unknown_variant_is_rejected():
+  with pytest.raises(ValueError, match='quick'):
+    helpers.load_config('digits', 'huge')
+
+
+@pytest.mark.parametrize(
+  'key, value, message',
+  [
+    ('data.name', 'mnist', "config.data.name='mnist' is invalid"),
+    ('data.random_flip', True, 'not mirror-symmetric'),
+    ('model.mean_type', 'noise', 'one of'),
+    ('model.ch_mult', (), 'non-empty tuple'),
+    ('model.dropout', 1.5, 'in \\[0, 1\\)'),
+    ('teacher.batch_size', 0, 'config.teacher.batch_size=0'),
+    ('teacher.p_uncond', 0.0, 'in \\(0, 1\\)'),
+    ('teacher.ema_decay', 1.0, 'ema_decay'),
+    ('teacher.optimizer.name', 'sgd', "one of \\('adam', 'adamw'\\)"),
+    ('teacher.optimizer.warmup_steps', 10**9, '<= teacher.num_train_steps'),
+    ('diffusion.loss_weighting', 'l1', 'snr_trunc'),
+    ('diffusion.logsnr_max', -30.0, '> diffusion.logsnr_min'),
+    ('sample.w', -1.0, 'config.sample.w=-1.0'),
+    ('sample.sampler', 'euler', 'ddim'),
+    ('eval.sample_ws', (), 'non-empty'),
+  ],
+)
+def test_bad_values_are_rejected_with_key_value_and_allowed(
+  key, value, message
+):
+  config = helpers.load_config('digits')
+  section, _, leaf = key.rpartition('.')
+  parent = config
+  for part in section.split('.'):
+    parent = parent[part]
+  parent[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_invalid_config_fails_before_any_work(tmp_path):
+  config = helpers.load_config('digits')
+  config.teacher.batch_size = -4
+  workdir = tmp_path / 'run'
+  with pytest.raises(config_lib.ConfigError):
+    pipeline.run(config, str(workdir), 'teacher')
+  assert not workdir.exists()
+
+
+def test_cli_rejects_typos_and_bad_values(tmp_path):
+  def run(*overrides):
+    return subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'gdd.main',
+        '--config=configs/digits.py',
+        f'--workdir={tmp_path}/run',
+        *overrides,
+      ],
+      cwd=helpers.REPO,
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      timeout=300,
+    )
+
+  typo = run('--config.teacher.learnin_rate=1')
+  assert typo.returncode != 0
+  assert 'learnin_rate' in typo.stderr
+  bad = run('--config.teacher.num_train_steps=-1')
+  assert bad.returncode != 0
+  assert 'config.teacher.num_train_steps=-1 is invalid' in bad.stderr
+  assert not (tmp_path / 'run').exists()

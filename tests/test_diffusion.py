@@ -1,0 +1,264 @@
+"""Identities of the pure diffusion maths (schedules, parameterisations,
+guidance, losses, samplers)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdd.diffusion import (
+  guidance,
+  losses,
+  parameterization,
+  samplers,
+  schedules,
+)
+
+
+def _random(shape, seed):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+def test_schedule_endpoints_and_midpoint():
+  logsnr = schedules.logsnr_from_t(jnp.array([0.0, 0.5, 1.0]))
+  np.testing.assert_allclose(logsnr, [20.0, 0.0, -20.0], atol=1e-4)
+
+
+def test_schedule_is_decreasing_and_time_input_tracks_t():
+  t = jnp.linspace(0.0, 1.0, 101)
+  logsnr = schedules.logsnr_from_t(t)
+  assert jnp.all(jnp.diff(logsnr) < 0)
+  np.testing.assert_allclose(schedules.time_input(logsnr), t, atol=1e-4)
+
+
+def test_alpha_sigma_variance_preserving_and_stable_ratios():
+  la = jnp.array([-20.0, -3.0, 0.0, 5.0, 20.0])
+  lb = jnp.array([-19.0, 4.0, -2.0, 20.0, 19.5])
+  alpha_a, sigma_a = schedules.alpha_sigma(la)
+  alpha_b, sigma_b = schedules.alpha_sigma(lb)
+  np.testing.assert_allclose(alpha_a**2 + sigma_a**2, 1.0, rtol=1e-6)
+  np.testing.assert_allclose(
+    schedules.sigma_ratio(la, lb), sigma_b / sigma_a, rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    schedules.alpha_ratio(la, lb), alpha_b / alpha_a, rtol=1e-5
+  )
+
+
+def test_transition_variance_composes_with_marginals():
+  # Var(z_t) = (α_t/α_s)² Var(z_s) + σ²_{t|s} = 1 for unit-variance data.
+  ls, lt = jnp.float32(3.0), jnp.float32(-1.0)
+  ratio = schedules.alpha_ratio(ls, lt)
+  np.testing.assert_allclose(
+    ratio**2 + schedules.transition_variance(ls, lt), 1.0, rtol=1e-6
+  )
+
+
+def _output_for(mean_type, x, eps, z, logsnr):
+  """The network output that encodes the true x for `mean_type`."""
+  alpha, sigma = schedules.alpha_sigma(schedules.broadcast_to_image(logsnr, z))
+  v = alpha * eps - sigma * x
+  if mean_type == 'x':
+    return x
+  if mean_type == 'eps':
+    return eps
+  if mean_type == 'v':
+    return v
+  # `both` averages its two estimates with weights σ² and α²; feeding the
+  # true (x, ε) must give back x whatever the weights.
+  return jnp.concatenate([x, eps], axis=-1)
+
+
+@pytest.mark.parametrize('mean_type', parameterization.MEAN_TYPES)
+def test_parameterisation_round_trip(mean_type):
+  x = _random((4, 8, 8, 3), 0)
+  eps = _random((4, 8, 8, 3), 1)
+  logsnr = jnp.array([-6.0, -1.0, 2.0, 6.0])
+  z = schedules.diffuse(x, eps, logsnr)
+  pred = parameterization.predict(
+    _output_for(mean_type, x, eps, z, logsnr), z, logsnr, mean_type=mean_type
+  )
+  np.testing.assert_allclose(pred.x, x, atol=2e-4)
+  np.testing.assert_allclose(pred.eps, eps, atol=2e-4)
+  alpha, sigma = schedules.alpha_sigma(schedules.broadcast_to_image(logsnr, z))
+  np.testing.assert_allclose(pred.v, alpha * eps - sigma * x, atol=2e-4)
+
+
+def test_unknown_mean_type_is_rejected():
+  with pytest.raises(ValueError, match='mean_type'):
+    parameterization.x_from_output(
+      jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)), jnp.zeros(1), 'y'
+    )
+
+
+def test_predict_clips_x_and_derives_eps_from_clipped_x():
+  z = jnp.full((1, 2, 2, 1), 0.5)
+  logsnr = jnp.zeros(1)
+  pred = parameterization.predict(
+    jnp.full((1, 2, 2, 1), 3.0), z, logsnr, mean_type='x', clip_x=True
+  )
+  np.testing.assert_allclose(pred.x, 1.0)
+  np.testing.assert_allclose(
+    pred.eps, parameterization.eps_from_x(pred.x, z, logsnr)
+  )
+
+
+def test_guidance_is_the_same_in_x_eps_and_v_space():
+  z = _random((3, 4, 4, 1), 0)
+  logsnr = jnp.array([-2.0, 0.5, 3.0])
+  x_cond, x_uncond = _random(z.shape, 1), _random(z.shape, 2)
+  w = jnp.array([0.0, 1.0, 4.0])
+  x_guided = guidance.combine(x_cond, x_uncond, w)
+  cond = parameterization.prediction_from_x(x_cond, z, logsnr)
+  uncond = parameterization.prediction_from_x(x_uncond, z, logsnr)
+  guided = parameterization.prediction_from_x(x_guided, z, logsnr)
+  np.testing.assert_allclose(
+    guidance.combine(cond.eps, uncond.eps, w), guided.eps, atol=1e-4
+  )
+  np.testing.assert_allclose(
+    guidance.combine(cond.v, uncond.v, w), guided.v, atol=1e-4
+  )
+  # w = 0 is the conditional model itself.
+  np.testing.assert_allclose(x_guided[0], x_cond[0])
+
+
+def test_guidance_scale_conversion():
+  assert guidance.guidance_scale_from_strength(0.0) == 1.0
+  assert guidance.guidance_strength_from_scale(7.5) == 6.5
+
+
+def test_guided_x_runs_one_batch_of_two_b():
+  calls = []
+
+  def x_fn(z, logsnr, labels):
+    calls.append(z.shape[0])
+    return (
+      jnp.where((labels == 10)[:, None, None, None], 0.0, jnp.ones_like(z))
+      + 0.0 * logsnr[:, None, None, None]
+    )
+
+  z = jnp.zeros((2, 2, 2, 1))
+  out = guidance.guided_x(
+    x_fn, z, jnp.zeros(2), jnp.array([3, 4]), 2.0, null_label=10
+  )
+  assert calls == [4]
+  np.testing.assert_allclose(out, 3.0)  # (1 + 2)·1 − 2·0.
+
+
+@pytest.mark.parametrize('weighting', losses.WEIGHTINGS)
+def test_loss_weightings_match_their_definitions(weighting):
+  x = _random((3, 4, 4, 1), 0)
+  x_pred = x + 0.1 * _random(x.shape, 1)
+  eps = _random(x.shape, 2)
+  logsnr = jnp.array([-3.0, 0.0, 3.0])
+  z = schedules.diffuse(x, eps, logsnr)
+  x_mse = jnp.mean((x_pred - x) ** 2, axis=(1, 2, 3))
+  eps_pred = parameterization.eps_from_x(x_pred, z, logsnr)
+  eps_mse = jnp.mean((eps_pred - eps) ** 2, axis=(1, 2, 3))
+  alpha, sigma = schedules.alpha_sigma(logsnr)
+  v_mse = jnp.mean(
+    (
+      schedules.broadcast_to_image(alpha, x) * (eps_pred - eps)
+      - schedules.broadcast_to_image(sigma, x) * (x_pred - x)
+    )
+    ** 2,
+    axis=(1, 2, 3),
+  )
+  expected = {
+    'snr_trunc': jnp.maximum(x_mse, eps_mse),
+    'v_mse': v_mse,
+    'eps_mse': eps_mse,
+  }[weighting]
+  got = losses.weighted_loss(x_pred, x, logsnr, weighting=weighting)
+  np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_ddim_step_with_exact_x_recovers_forward_process():
+  x = _random((2, 4, 4, 1), 0)
+  eps = _random(x.shape, 1)
+  logsnr_t, logsnr_s = jnp.array([-4.0, 1.0]), jnp.array([2.0, 19.0])
+  z_t = schedules.diffuse(x, eps, logsnr_t)
+  z_s = samplers.ddim_step(z_t, x, logsnr_t, logsnr_s)
+  np.testing.assert_allclose(
+    z_s, schedules.diffuse(x, eps, logsnr_s), atol=1e-5
+  )
+
+
+def _oracle(x_true):
+  def denoise(z, logsnr):
+    return jnp.broadcast_to(x_true, z.shape) + 0.0 * logsnr[:, None, None, None]
+
+  return denoise
+
+
+@pytest.mark.parametrize('num_steps', [1, 2, 7])
+def test_ddim_sample_with_oracle_returns_data(num_steps):
+  x_true = jnp.clip(_random((3, 4, 4, 1), 0), -1, 1)
+  out = samplers.ddim_sample(
+    _oracle(x_true), _random(x_true.shape, 1), num_steps=num_steps
+  )
+  np.testing.assert_allclose(out, x_true, atol=1e-5)
+
+
+def test_samplers_call_the_network_n_times():
+  counter = {'n': 0}
+
+  def denoise(z, logsnr):
+    def bump(_):
+      counter['n'] += 1
+
+    jax.debug.callback(bump, logsnr)
+    return jnp.zeros_like(z)
+
+  noise = _random((2, 4, 4, 1), 0)
+  for name, run in {
+    'ddim': lambda: samplers.ddim_sample(denoise, noise, num_steps=5),
+    'stochastic': lambda: samplers.stochastic_sample(
+      denoise, noise, jax.random.PRNGKey(0), num_steps=6
+    ),
+    'ancestral': lambda: samplers.ancestral_sample(
+      denoise, noise, jax.random.PRNGKey(0), num_steps=5
+    ),
+  }.items():
+    counter['n'] = 0
+    jax.block_until_ready(run())
+    jax.effects_barrier()
+    expected = 6 if name == 'stochastic' else 5
+    assert counter['n'] == expected, name
+
+
+def test_stochastic_and_ancestral_samplers_with_oracle_return_data():
+  x_true = jnp.clip(_random((2, 4, 4, 1), 0), -1, 1)
+  noise = _random(x_true.shape, 1)
+  rng = jax.random.PRNGKey(3)
+  for out in (
+    samplers.stochastic_sample(_oracle(x_true), noise, rng, num_steps=4),
+    samplers.ancestral_sample(_oracle(x_true), noise, rng, num_steps=4),
+  ):
+    np.testing.assert_allclose(out, x_true, atol=1e-5)
+
+
+def test_ancestral_sampler_is_stochastic_and_reproducible():
+  def denoise(z, logsnr):
+    del logsnr
+    return 0.5 * jnp.tanh(z)
+
+  noise = _random((2, 4, 4, 1), 0)
+  run = lambda seed: samplers.ancestral_sample(
+    denoise, noise, jax.random.PRNGKey(seed), num_steps=4
+  )
+  chex.assert_trees_all_close(run(0), run(0))
+  assert not np.allclose(run(0), run(1))
+
+
+def test_sampler_rejects_bad_step_counts():
+  with pytest.raises(ValueError, match='num_steps'):
+    samplers.ddim_sample(_oracle(0.0), jnp.zeros((1, 2, 2, 1)), num_steps=0)
+  with pytest.raises(ValueError, match='num_steps'):
+    samplers.stochastic_sample(
+      _oracle(0.0),
+      jnp.zeros((1, 2, 2, 1)),
+      jax.random.PRNGKey(0),
+      num_steps=1,
+    )

@@ -1,0 +1,253 @@
+"""Tests of gdd.models: shapes, zero-initialisation, teacher → student."""
+
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdd.models import UNet, UNetConfig, layers
+
+TINY = UNetConfig(
+  image_size=8,
+  in_channels=1,
+  num_classes=3,
+  ch=8,
+  emb_ch=16,
+  ch_mult=(1, 2),
+  num_res_blocks=1,
+  head_dim=8,
+)
+BATCH = 2
+
+
+def _inputs(cfg: UNetConfig, seed: int = 0):
+  """A batch (z, logsnr, labels, w) for `cfg`; w is None for a teacher."""
+  z_rng, logsnr_rng, label_rng, w_rng = jax.random.split(
+    jax.random.key(seed), 4
+  )
+  shape = (BATCH, cfg.image_size, cfg.image_size, cfg.in_channels)
+  z = jax.random.normal(z_rng, shape)
+  logsnr = jax.random.uniform(logsnr_rng, (BATCH,), minval=-10, maxval=10)
+  labels = jax.random.randint(label_rng, (BATCH,), 0, cfg.num_classes + 1)
+  w = None
+  if cfg.use_w_embedding:
+    w = jax.random.uniform(w_rng, (BATCH,), maxval=cfg.w_max)
+  return z, logsnr, labels, w
+
+
+def _init(cfg: UNetConfig, seed: int = 0) -> dict:
+  return UNet(cfg).init(jax.random.key(seed), *_inputs(cfg), train=False)[
+    'params'
+  ]
+
+
+def _perturb(params: dict, seed: int, keep=lambda path: False) -> dict:
+  """Adds N(0, 0.1²) noise to every param whose path `keep` does not match.
+
+  Fresh nets have zero-initialised output layers; noise makes every path
+  through the network visible in the output.
+  """
+  flat = flax.traverse_util.flatten_dict(params)
+  rngs = jax.random.split(jax.random.key(seed), len(flat))
+  flat = {
+    path: value
+    if keep(path)
+    else value + 0.1 * jax.random.normal(rng, value.shape)
+    for rng, (path, value) in zip(rngs, flat.items(), strict=True)
+  }
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+@functools.cache
+def _jitted_apply(cfg: UNetConfig):
+  return jax.jit(UNet(cfg).apply, static_argnames='train')
+
+
+def _apply(cfg: UNetConfig, params: dict, *inputs, train=False, rngs=None):
+  # One compiled function per config: far faster than op-by-op dispatch.
+  return _jitted_apply(cfg)({'params': params}, *inputs, train=train, rngs=rngs)
+
+
+def test_sinusoidal_embedding():
+  x = jnp.array([0.0, 1.0, 500.0])
+  emb = layers.sinusoidal_embedding(x, 8)
+  assert emb.shape == (3, 8) and emb.dtype == jnp.float32
+  np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
+  np.testing.assert_allclose(emb[1, 0], np.cos(1.0), rtol=1e-6)
+  odd = layers.sinusoidal_embedding(x, 7)
+  assert odd.shape == (3, 7)
+  np.testing.assert_array_equal(odd[:, -1], 0)
+
+
+@pytest.mark.parametrize(
+  'channels, groups', [(8, 8), (32, 32), (40, 20), (48, 24), (96, 32), (7, 7)]
+)
+def test_num_groups(channels, groups):
+  assert layers.num_groups(channels) == groups
+
+
+@pytest.mark.parametrize('mean_type', ['x', 'eps', 'v', 'both'])
+@pytest.mark.parametrize('attn_resolutions', [(), (8, 4)])
+@pytest.mark.parametrize('use_w_embedding', [False, True])
+def test_output_shape(mean_type, attn_resolutions, use_w_embedding):
+  cfg = dataclasses.replace(
+    TINY,
+    mean_type=mean_type,
+    attn_resolutions=attn_resolutions,
+    use_w_embedding=use_w_embedding,
+  )
+  # eval_shape traces without compiling, so the grid of configs stays fast.
+  out, variables = jax.eval_shape(
+    lambda: UNet(cfg).init_with_output(
+      jax.random.key(0), *_inputs(cfg), train=False
+    )
+  )
+  channels = 2 if mean_type == 'both' else 1
+  assert cfg.out_channels == channels
+  assert out.shape == (BATCH, 8, 8, channels)
+  assert out.dtype == jnp.float32
+  names = set(variables['params'])
+  assert 'mid_attn' in names
+  assert ('down_0_attn_0' in names) == bool(attn_resolutions)
+  assert ('up_1_attn_1' in names) == bool(attn_resolutions)
+  assert ('w_embedding' in names) == use_w_embedding
+
+
+def test_bfloat16_compute():
+  cfg = dataclasses.replace(TINY, attn_resolutions=(4,))
+  bf16 = dataclasses.replace(cfg, dtype='bfloat16')
+  params = _perturb(_init(bf16), seed=1)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  inputs = _inputs(cfg)
+  out_bf16 = _apply(bf16, params, *inputs)
+  out_f32 = _apply(cfg, params, *inputs)
+  assert out_bf16.dtype == jnp.float32
+  assert out_bf16.shape == out_f32.shape
+  # Same params, lower precision: close but not identical.
+  scale = float(jnp.abs(out_f32).max())
+  np.testing.assert_allclose(out_bf16, out_f32, atol=0.05 * scale)
+
+
+def test_fresh_net_outputs_zero_and_conditioning_reaches_output():
+  params = _init(TINY)
+  z, logsnr, labels, _ = _inputs(TINY)
+  np.testing.assert_array_equal(_apply(TINY, params, z, logsnr, labels), 0)
+
+  # Perturbing every zero-initialised layer (conv_out, each block's last
+  # conv, attention projections) opens all paths from the embedding.
+  params = _perturb(params, seed=1)
+  out = _apply(TINY, params, z, logsnr, labels)
+  assert float(jnp.abs(out).max()) > 0
+  other_labels = (labels + 1) % (TINY.num_classes + 1)
+  assert not np.allclose(out, _apply(TINY, params, z, logsnr, other_labels))
+  assert not np.allclose(out, _apply(TINY, params, z, logsnr + 3.0, labels))
+
+
+def _is_w_embedding(path) -> bool:
+  return path[0] == 'w_embedding'
+
+
+def test_student_params_are_teacher_params_plus_w_embedding():
+  student_cfg = dataclasses.replace(TINY, use_w_embedding=True)
+  teacher = flax.traverse_util.flatten_dict(_init(TINY))
+  student = flax.traverse_util.flatten_dict(_init(student_cfg))
+  extra = set(student) - set(teacher)
+  assert set(teacher) <= set(student)
+  assert extra and all(map(_is_w_embedding, extra))
+  for path, value in teacher.items():
+    assert student[path].shape == value.shape, path
+
+
+def test_fresh_w_embedding_leaves_the_teacher_unchanged():
+  student_cfg = dataclasses.replace(TINY, use_w_embedding=True)
+  teacher_params = _perturb(_init(TINY), seed=1)
+  fresh = _init(student_cfg, seed=2)
+  # The w-path's first layer gets noise too, so only the zero-initialised
+  # last layer makes the path a no-op.
+  w_embedding = _perturb(
+    fresh['w_embedding'], seed=3, keep=lambda path: path[0] == 'dense_1'
+  )
+  student_params = {**teacher_params, 'w_embedding': w_embedding}
+  z, logsnr, labels, _ = _inputs(TINY)
+  expected = _apply(TINY, teacher_params, z, logsnr, labels)
+  assert float(jnp.abs(expected).max()) > 0
+  for w in (0.0, 1.5, 4.0):
+    got = _apply(student_cfg, student_params, z, logsnr, labels, jnp.full(2, w))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+  # With a trained (non-zero) last layer the output does depend on w.
+  student_params['w_embedding'] = _perturb(w_embedding, seed=4)
+  w0, w4 = (
+    _apply(student_cfg, student_params, z, logsnr, labels, jnp.full(2, w))
+    for w in (0.0, 4.0)
+  )
+  assert not np.allclose(w0, w4)
+
+
+def test_dropout_only_in_training():
+  cfg = dataclasses.replace(TINY, dropout=0.5)
+  params = _perturb(_init(cfg), seed=1)
+  inputs = _inputs(cfg)[:3]
+  eval_a = _apply(cfg, params, *inputs)
+  eval_b = _apply(cfg, params, *inputs)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train_a, train_b = (
+    _apply(cfg, params, *inputs, train=True, rngs={'dropout': key})
+    for key in jax.random.split(jax.random.key(5))
+  )
+  assert not np.allclose(train_a, train_b)
+  assert not np.allclose(train_a, eval_a)
+  with pytest.raises(flax.errors.InvalidRngError):
+    _apply(cfg, params, *inputs, train=True)
+
+
+def test_w_missing_or_unexpected():
+  student_cfg = dataclasses.replace(TINY, use_w_embedding=True)
+  z, logsnr, labels, _ = _inputs(TINY)
+  with pytest.raises(ValueError, match='w is required'):
+    UNet(student_cfg).init(jax.random.key(0), z, logsnr, labels, train=False)
+  with pytest.raises(ValueError, match='use_w_embedding=False but got w'):
+    UNet(TINY).init(
+      jax.random.key(0), z, logsnr, labels, jnp.zeros(2), train=False
+    )
+
+
+def test_input_shape_errors():
+  z, logsnr, labels, _ = _inputs(TINY)
+  init = UNet(TINY).init
+  with pytest.raises(ValueError, match='z must have shape'):
+    init(jax.random.key(0), z[:, :4], logsnr, labels, train=False)
+  with pytest.raises(ValueError, match='logsnr must have shape'):
+    init(jax.random.key(0), z, logsnr[:1], labels, train=False)
+
+
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('image_size', 7),
+    ('image_size', 0),
+    ('ch', 8.0),
+    ('num_res_blocks', True),
+    ('ch_mult', ()),
+    ('ch_mult', (1, 0)),
+    ('attn_resolutions', (3,)),
+    ('dropout', 1.0),
+    ('mean_type', 'score'),
+    ('w_max', 0.0),
+    ('dtype', 'float16'),
+    ('head_dim', 3),
+  ],
+)
+def test_bad_config(field, value):
+  with pytest.raises(ValueError, match=f'UNetConfig.{field}='):
+    dataclasses.replace(TINY, **{field: value})
+
+
+def test_config_accepts_lists():
+  cfg = dataclasses.replace(TINY, ch_mult=[1, 2], attn_resolutions=[4])
+  assert cfg.ch_mult == (1, 2) and cfg.attn_resolutions == (4,)
+  hash(cfg)
