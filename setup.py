@@ -1,5 +1,7 @@
 """gdd: distillation of classifier-free-guided diffusion models in JAX/Flax."""
 
+import pathlib
+
 import setuptools
 
 setuptools.setup(
@@ -9,7 +11,9 @@ setuptools.setup(
     'Guided diffusion distillation (Meng et al., CVPR 2023) in JAX/Flax: '
     'CFG teacher, w-conditioned student, progressive distillation.'
   ),
-  long_description=open('README.md', encoding='utf-8').read(),
+  long_description=pathlib.Path(__file__)
+  .with_name('README.md')
+  .read_text('utf-8'),
   long_description_content_type='text/markdown',
   license='Apache-2.0',
   packages=setuptools.find_packages(include=['gdd', 'gdd.*']),

@@ -31,7 +31,7 @@ def main(argv):
   mesh = sharding.make_mesh()
   tx, step = loop.build_train_step(stage, mesh, jax.random.PRNGKey(1))
   state = jax.jit(
-    lambda rng: TrainState.create(stage.init_params(rng), tx),
+    lambda rng: TrainState.create(stage.init_params(rng, None), tx),
     out_shardings=sharding.replicated(mesh),
   )(jax.random.PRNGKey(0))
   train_config = config.teacher

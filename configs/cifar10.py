@@ -43,8 +43,4 @@ def get_config(variant: str = ''):
     grad_clip_norm=1.0,
   )
   config.eval.teacher_num_steps = 128
-  if variant == 'quick':
-    config_lib.make_quick(config)
-  elif variant:
-    raise ValueError(f"Unknown variant {variant!r}; allowed: '' or 'quick'.")
-  return config
+  return config_lib.apply_variant(config, variant)

@@ -42,8 +42,4 @@ def get_config(variant: str = ''):
     name='adam', learning_rate=3e-4, warmup_steps=1000, grad_clip_norm=1.0
   )
   config.eval.teacher_num_steps = 128
-  if variant == 'quick':
-    config_lib.make_quick(config)
-  elif variant:
-    raise ValueError(f"Unknown variant {variant!r}; allowed: '' or 'quick'.")
-  return config
+  return config_lib.apply_variant(config, variant)

@@ -16,8 +16,9 @@ from gdd.diffusion import losses, parameterization
 DATASETS = ('digits', 'cifar10', 'imagenet64')
 OPTIMIZERS = ('adam', 'adamw')
 LR_DECAYS = ('constant', 'cosine', 'linear')
-SAMPLERS = ('ddim', 'ancestral')
-STAGES = ('teacher',)
+SAMPLERS = ('ddim', 'ancestral', 'stochastic')
+STAGES = ('teacher', 'guided', 'distill')
+TIME_GRIDS = ('fine', 'student')
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -97,6 +98,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.teacher = train_config()
   # Probability that a label is replaced by the null label (CFG training).
   config.teacher.p_uncond = 0.1
+
+  # Stage one: the w-conditioned student, initialised from the teacher.
+  config.guided = train_config(num_train_steps=50_000, ema_decay=0.9999)
+  config.guided.optimizer.update(learning_rate=1e-4, warmup_steps=0)
+  # Range of guidance strengths w the students are trained for.
+  config.guided.w_min = 0.0
+  config.guided.w_max = 4.0
+
+  # Stage two: progressive halving rounds, initial_num_steps → … → final.
+  config.distill = train_config(num_train_steps=50_000, ema_decay=0.0)
+  config.distill.optimizer.update(
+    learning_rate=1e-4, warmup_steps=0, decay='linear'
+  )
+  config.distill.initial_num_steps = 1024
+  config.distill.final_num_steps = 1
+  # 'fine': train on the teacher's grid (all i/N); 'student': on i/N, i even.
+  config.distill.time_grid = 'fine'
 
   # Sample grids written during training: one grid per w, rows = classes.
   config.eval = ml_collections.ConfigDict(
@@ -239,6 +257,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_train(config, 'teacher')
   _check(config, 'teacher.p_uncond', lambda v: 0 < v < 1, 'in (0, 1)')
 
+  _validate_train(config, 'guided')
+  _check(config, 'guided.w_min', _non_negative_number, 'a number >= 0')
+  _check(
+    config,
+    'guided.w_max',
+    lambda v: v > config.guided.w_min,
+    '> guided.w_min',
+  )
+  _validate_train(config, 'distill')
+  power_of_two = lambda v: _positive_int(v) and v & (v - 1) == 0
+  _check(config, 'distill.final_num_steps', power_of_two, 'a power of 2')
+  _check(
+    config,
+    'distill.initial_num_steps',
+    lambda v: power_of_two(v) and v > config.distill.final_num_steps,
+    'a power of 2 > distill.final_num_steps',
+  )
+  _check(
+    config, 'distill.time_grid', _one_of(TIME_GRIDS), f'one of {TIME_GRIDS}'
+  )
+
   _check(
     config,
     'eval.sample_ws',
@@ -279,5 +318,27 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
     checkpoint_every=20,
   )
   config.teacher.optimizer.update(learning_rate=1e-3, warmup_steps=5)
+  for stage in ('guided', 'distill'):
+    config[stage].update(
+      num_train_steps=20,
+      batch_size=32,
+      log_every=10,
+      eval_every=20,
+      checkpoint_every=20,
+    )
+  config.guided.optimizer.learning_rate = 5e-4
+  config.distill.optimizer.learning_rate = 5e-4
+  config.distill.initial_num_steps = 8
   config.eval.update(teacher_num_steps=8, samples_per_class=1)
   config.sample.update(num_steps=8, num_samples=20)
+
+
+def apply_variant(
+  config: ml_collections.ConfigDict, variant: str
+) -> ml_collections.ConfigDict:
+  """Applies `--config=FILE:variant`: '' (as is) or 'quick' (make_quick)."""
+  if variant == 'quick':
+    make_quick(config)
+  elif variant:
+    raise ValueError(f"Unknown variant {variant!r}; allowed: '' or 'quick'.")
+  return config

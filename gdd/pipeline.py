@@ -6,49 +6,60 @@ checkpoint and skips a finished one. A changed config that would silently
 mix two trainings is refused.
 """
 
+import functools
 import json
 import os
+import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
-from absl import logging
 
 from gdd import config_lib, data, sample
-from gdd.stages import teacher
+from gdd.stages import Stage, common, guided, progressive, teacher
 from gdd.train import loop
 
-MODES = ('all', 'teacher', 'sample')
-# Keys that change how a stage trains; other keys (logging cadence, eval
-# grids, sampling) may change between a run and its resumption.
-_IGNORED_TRAIN_KEYS = (
+MODES = ('all', 'teacher', 'guided', 'distill', 'sample')
+# Config sections that define each stage's training: a stage also depends on
+# everything its teacher depended on.
+_STAGE_SECTIONS = {
+  'teacher': ('seed', 'data', 'model', 'diffusion', 'teacher'),
+  'guided': ('seed', 'data', 'model', 'diffusion', 'teacher', 'guided'),
+  'distill': (
+    'seed',
+    'data',
+    'model',
+    'diffusion',
+    'teacher',
+    'guided',
+    'distill',
+  ),
+}
+# Keys that do not change what a stage learns: logging cadence, retention,
+# and where the chain stops.
+_IGNORED_KEYS = (
   'log_every',
   'eval_every',
   'checkpoint_every',
   'max_checkpoints_to_keep',
+  'final_num_steps',
 )
 
 
-def _training_keys(config: dict, stage: str) -> dict:
-  """The flattened config entries that define how `stage` is trained."""
-  relevant = {
-    'seed': config['seed'],
-    'data': config['data'],
-    'model': config['model'],
-    'diffusion': config['diffusion'],
-    stage: {
-      k: v for k, v in config[stage].items() if k not in _IGNORED_TRAIN_KEYS
-    },
-  }
+def _training_keys(config: dict, kind: str) -> dict:
+  """The flattened config entries that define how a `kind` stage trains."""
   flat = {}
 
   def flatten(prefix, value):
     if isinstance(value, dict):
       for k, v in value.items():
-        flatten(f'{prefix}.{k}' if prefix else k, v)
+        if k not in _IGNORED_KEYS:
+          flatten(f'{prefix}.{k}', v)
     else:
       flat[prefix] = list(value) if isinstance(value, tuple) else value
 
-  flatten('', relevant)
+  for section in _STAGE_SECTIONS[kind]:
+    flatten(section, config[section])
   return flat
 
 
@@ -57,15 +68,22 @@ class ConfigMismatchError(ValueError):
 
 
 def record_stage_config(
-  config: ml_collections.ConfigDict, stage_dir: str, stage: str
+  config: ml_collections.ConfigDict,
+  stage_dir: str,
+  kind: str,
+  trained_from: dict | None = None,
 ) -> None:
-  """Writes `config.json`, or checks the config against the one there."""
+  """Writes `config.json` (+ `stage.json`), or checks the config there.
+
+  `trained_from` records the stage's inputs (teacher folder, step counts,
+  w range) in `stage.json` for people and tools reading the workdir.
+  """
   path = os.path.join(stage_dir, 'config.json')
   current = json.loads(config.to_json())
   if os.path.exists(path):
     with open(path) as f:
       stored = json.load(f)
-    old, new = _training_keys(stored, stage), _training_keys(current, stage)
+    old, new = _training_keys(stored, kind), _training_keys(current, kind)
     diffs = [
       f'config.{k}: {old.get(k)!r} in the workdir, {new.get(k)!r} now'
       for k in sorted(set(old) | set(new))
@@ -73,7 +91,7 @@ def record_stage_config(
     ]
     if diffs:
       raise ConfigMismatchError(
-        f'The {stage!r} stage in {stage_dir} was trained with another '
+        f'The stage in {stage_dir} was trained with another '
         'config:\n  ' + '\n  '.join(diffs) + '\nUse a new --workdir, or '
         'restore those values to resume.'
       )
@@ -84,18 +102,116 @@ def record_stage_config(
     with open(tmp, 'w') as f:
       f.write(config.to_json(indent=2))
     os.replace(tmp, path)
+    if trained_from is not None:
+      with open(os.path.join(stage_dir, 'stage.json'), 'w') as f:
+        json.dump(trained_from, f, indent=2)
 
 
-def run_teacher(config: ml_collections.ConfigDict, workdir: str) -> None:
-  stage_dir = os.path.join(workdir, teacher.NAME)
-  record_stage_config(config, stage_dir, teacher.NAME)
+def _run_stage(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  kind: str,
+  make_stage: Callable[[], Stage],
+  *,
+  name: str,
+  abstract_params,
+  trained_from: dict | None = None,
+):
+  """Trains (or resumes) one stage unless finished; returns its params."""
+  stage_dir = os.path.join(workdir, name)
+  record_stage_config(config, stage_dir, kind, trained_from)
   if os.path.exists(loop.params_dir(stage_dir)):
-    logging.info('[teacher] already finished in %s; skipping.', stage_dir)
-    print(f'teacher: already finished ({stage_dir}); nothing to do.')
+    print(f'{name}: already finished ({stage_dir}); skipping.')
+    return loop.load_exported_params(stage_dir, abstract_params)
+  start = time.perf_counter()
+  params = loop.train_stage(make_stage(), config, stage_dir)
+  print(f'{name}: finished in {time.perf_counter() - start:.0f} s.')
+  return params
+
+
+def _require_finished(workdir: str, name: str, mode: str) -> None:
+  if not os.path.isdir(loop.params_dir(os.path.join(workdir, name))):
+    raise FileNotFoundError(
+      f'--mode={mode} needs a finished {name!r} stage in {workdir}; run '
+      f'--mode={"teacher" if name == "teacher" else "guided"} (or the '
+      'default --mode=all) first.'
+    )
+
+
+def run_chain(
+  config: ml_collections.ConfigDict, workdir: str, mode: str
+) -> None:
+  """Teacher → guided student → halving rounds, or the part `mode` names."""
+  info = data.get_info(config.data)
+  teacher_model = common.build_model(config, info)
+  student_model = guided.build_student(config, info)
+  if mode == 'guided':
+    _require_finished(workdir, teacher.NAME, mode)
+  if mode == 'distill':
+    _require_finished(workdir, guided.NAME, mode)
+
+  teacher_params = None
+  if mode in ('all', 'teacher', 'guided'):
+    teacher_params = _run_stage(
+      config,
+      workdir,
+      'teacher',
+      lambda: teacher.make_stage(config, info),
+      name=teacher.NAME,
+      abstract_params=common.abstract_params(teacher_model),
+    )
+  if mode == 'teacher':
     return
-  stage = teacher.make_stage(config, data.get_info(config.data))
-  loop.train_stage(stage, config, stage_dir)
-  print(f'teacher: finished; params in {loop.params_dir(stage_dir)}')
+  student_abstract = common.abstract_params(student_model)
+  params = _run_stage(
+    config,
+    workdir,
+    'guided',
+    lambda: guided.make_stage(config, info, teacher_params),
+    name=guided.NAME,
+    abstract_params=student_abstract,
+    trained_from={
+      'teacher': os.path.join(workdir, teacher.NAME),
+      'w_range': [config.guided.w_min, config.guided.w_max],
+    },
+  )
+  if mode == 'guided':
+    return
+  teacher_steps = config.distill.initial_num_steps
+  for student_steps in progressive.round_step_counts(config):
+    teacher_dir = (
+      guided.NAME
+      if teacher_steps == config.distill.initial_num_steps
+      else progressive.stage_name(teacher_steps)
+    )
+    params = _run_stage(
+      config,
+      workdir,
+      'distill',
+      functools.partial(
+        progressive.make_stage,
+        config,
+        info,
+        params,
+        student_num_steps=student_steps,
+      ),
+      name=progressive.stage_name(student_steps),
+      abstract_params=student_abstract,
+      trained_from={
+        'teacher': os.path.join(workdir, teacher_dir),
+        'teacher_num_steps': teacher_steps,
+        'student_num_steps': student_steps,
+        'w_range': [config.guided.w_min, config.guided.w_max],
+        'time_grid': config.distill.time_grid,
+      },
+    )
+    teacher_steps = student_steps
+  print(f'chain finished: {finished_summary(workdir)}')
+
+
+def finished_summary(workdir: str) -> str:
+  rounds = sample.finished_rounds(workdir)
+  return f'distilled step counts {rounds} in {workdir}/distill'
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
@@ -107,4 +223,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
     print(sample.sample_to_files(config, workdir))
     return
   data.check_available(config.data)
-  run_teacher(config, workdir)
+  run_chain(config, workdir, mode)

@@ -5,7 +5,6 @@ the stage's recorded config, loads its params export and returns a jitted
 `(rng, labels, w) -> images` function whose batch is split over all devices.
 """
 
-import functools
 import json
 import math
 import os
@@ -17,10 +16,16 @@ import ml_collections
 import numpy as np
 
 from gdd import data, images
-from gdd.stages import common, teacher
-from gdd.train import checkpointing, loop, sharding
+from gdd.stages import common, guided, progressive, teacher
+from gdd.train import loop, sharding
 
 SamplerFn = Callable[[jax.Array, jnp.ndarray, float], jnp.ndarray]
+# Which samplers each stage offers.
+STAGE_SAMPLERS = {
+  'teacher': ('ddim', 'ancestral'),
+  'guided': ('ddim', 'stochastic', 'ancestral'),
+  'distill': ('ddim', 'stochastic'),
+}
 # The PNG next to an npz shows at most this many samples.
 MAX_PNG_SAMPLES = 100
 
@@ -41,16 +46,66 @@ def load_stage_config(workdir: str, stage: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def _resolve(workdir: str, stage: str, num_steps: int, sampler: str):
+  """(stage folder, model kind) for a request; errors name what exists."""
+  if stage not in STAGE_SAMPLERS:
+    raise ValueError(f'stage={stage!r}; allowed: {tuple(STAGE_SAMPLERS)}.')
+  if sampler not in STAGE_SAMPLERS[stage]:
+    raise ValueError(
+      f'sampler={sampler!r} is not available for stage {stage!r}; '
+      f'allowed: {STAGE_SAMPLERS[stage]}.'
+    )
+  if stage != 'distill':
+    return stage
+  # The stochastic N-step sampler jumps with the N/2-step model (§7).
+  model_steps = num_steps // 2 if sampler == 'stochastic' else num_steps
+  folder = progressive.stage_name(model_steps)
+  if sampler == 'stochastic' and num_steps % 2:
+    raise ValueError(
+      f'num_steps={num_steps}: the stochastic sampler needs an even step '
+      'count (it uses the model distilled for num_steps / 2).'
+    )
+  if not os.path.isdir(loop.params_dir(stage_dir(workdir, folder))):
+    distilled = finished_rounds(workdir)
+    raise ValueError(
+      f'No finished distillation round for {model_steps} steps in '
+      f'{workdir}; distilled step counts: {distilled or "none"}. '
+      + (
+        'The stochastic sampler needs the round for num_steps / 2.'
+        if sampler == 'stochastic'
+        else ''
+      )
+    )
+  return folder
+
+
+def finished_rounds(workdir: str) -> list[int]:
+  """Student step counts of the finished distillation rounds, descending."""
+  root = stage_dir(workdir, 'distill')
+  if not os.path.isdir(root):
+    return []
+  counts = [
+    int(name.removesuffix('steps'))
+    for name in os.listdir(root)
+    if name.endswith('steps')
+    and os.path.isdir(loop.params_dir(os.path.join(root, name)))
+  ]
+  return sorted(counts, reverse=True)
+
+
 def load_sampler(
   workdir: str, stage: str, *, num_steps: int, sampler: str = 'ddim'
 ) -> SamplerFn:
   """A jitted sampler of a finished stage.
 
   Args:
-    workdir: the run's workdir (holding `<stage>/params`).
-    stage: 'teacher'.
-    num_steps: sampler steps N (the guided teacher costs 2N NFE).
-    sampler: 'ddim' (deterministic) or 'ancestral' (teacher only).
+    workdir: the run's workdir.
+    stage: 'teacher' (the CFG teacher, 2 NFE per step), 'guided' (the
+      stage-one student, any step count) or 'distill' (the distilled student;
+      num_steps picks the round).
+    num_steps: sampler steps N.
+    sampler: 'ddim' (deterministic), 'stochastic' (students; GD Eq. 5, uses
+      the N/2-step model) or 'ancestral' (teacher and stage-one student).
 
   Returns:
     `(rng, labels, w) -> images`: labels int [B] in [0, num_classes), w the
@@ -58,29 +113,26 @@ def load_sampler(
     [B, H, W, C] float32 in [−1, 1]. The first call for a batch size
     compiles; later calls with that size do not.
   """
-  if stage != teacher.NAME:
-    raise ValueError(f'stage={stage!r}; allowed: {teacher.NAME!r}.')
-  if sampler not in ('ddim', 'ancestral'):
-    raise ValueError(
-      f"sampler={sampler!r}; the teacher allows 'ddim' or 'ancestral'."
-    )
-  config = load_stage_config(workdir, stage)
+  folder = _resolve(workdir, stage, num_steps, sampler)
+  config = load_stage_config(workdir, folder)
   info = data.get_info(config.data)
-  model = common.build_model(config, info)
+  if stage == 'teacher':
+    model = common.build_model(config, info)
+    sample_fn = teacher.make_sample_fn(
+      config, model, num_steps=num_steps, sampler=sampler
+    )
+    w_range = (0.0, float('inf'))
+  else:
+    model = guided.build_student(config, info)
+    sample_fn = guided.make_sample_fn(
+      config, model, num_steps=num_steps, sampler=sampler
+    )
+    w_range = (config.guided.w_min, config.guided.w_max)
+  params = loop.load_exported_params(
+    stage_dir(workdir, folder), common.abstract_params(model)
+  )
   mesh = sharding.make_mesh()
   rep = sharding.replicated(mesh)
-  target = jax.eval_shape(
-    functools.partial(common.init_params, model), jax.random.PRNGKey(0)
-  )
-  target = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), target
-  )
-  params = checkpointing.load_params(
-    loop.params_dir(stage_dir(workdir, stage)), target
-  )
-  sample_fn = teacher.make_sample_fn(
-    config, model, num_steps=num_steps, sampler=sampler
-  )
   jitted = jax.jit(
     sample_fn,
     in_shardings=(rep, rep, sharding.batch_sharded(mesh), rep),
@@ -95,8 +147,12 @@ def load_sampler(
         f'labels must be a 1-D int array in [0, {info.num_classes}); got '
         f'shape {labels.shape}, range [{labels.min()}, {labels.max()}].'
       )
-    if not w >= 0:
-      raise ValueError(f'w={w!r}; the guidance strength w must be >= 0.')
+    if not w_range[0] <= w <= w_range[1]:
+      raise ValueError(
+        f'w={w!r} is outside the range this {stage} model allows '
+        f'[{w_range[0]:g}, {w_range[1]:g}]; students are trained for '
+        'config.guided.w_min..w_max only.'
+      )
     n = len(labels)
     padded = np.pad(labels, (0, -n % num_devices), mode='edge')
     return jitted(params, rng, padded, jnp.float32(w))[:n]
@@ -120,7 +176,7 @@ def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> str:
   sampler = load_sampler(
     workdir, c.stage, num_steps=c.num_steps, sampler=c.sampler
   )
-  info = data.get_info(load_stage_config(workdir, c.stage).data)
+  info = data.get_info(config.data)
   labels = np.arange(c.num_samples, dtype=np.int32) % info.num_classes
   rng = jax.random.PRNGKey(c.seed)
   chunks = []

@@ -24,14 +24,16 @@ def quick_config(
 ) -> ml_collections.ConfigDict:
   """The `:quick` config shrunk further: a few steps, tiny sample grids."""
   config = load_config(name, 'quick')
-  config.teacher.update(
-    num_train_steps=num_train_steps,
-    batch_size=16,
-    log_every=2,
-    eval_every=1000,
-    checkpoint_every=1000,
-  )
+  for stage in ('teacher', 'guided', 'distill'):
+    config[stage].update(
+      num_train_steps=num_train_steps,
+      batch_size=16,
+      log_every=2,
+      eval_every=1000,
+      checkpoint_every=1000,
+    )
   config.teacher.optimizer.warmup_steps = 1
+  config.distill.initial_num_steps = 8
   config.eval.update(teacher_num_steps=2, samples_per_class=1)
   config.sample.update(num_steps=2, num_samples=12, batch_size=8)
   config_lib.validate(config)

@@ -18,7 +18,7 @@ from tests import helpers
 def _run_steps(stage, mesh, num_steps):
   tx, step = loop.build_train_step(stage, mesh, jax.random.PRNGKey(1))
   state = jax.jit(
-    lambda rng: TrainState.create(stage.init_params(rng), tx),
+    lambda rng: TrainState.create(stage.init_params(rng, None), tx),
     out_shardings=sharding.replicated(mesh),
   )(jax.random.PRNGKey(0))
   batches = data.train_batches(

@@ -24,7 +24,8 @@ class Stage:
     name: folder of the stage under the workdir, e.g. 'teacher'.
     train_config: the stage's config block (num_train_steps, batch_size,
       optimizer, ema_decay, log/eval/checkpoint intervals).
-    init_params: rng -> initial params of the trained network.
+    init_params: (rng, frozen_params) -> initial params of the trained
+      network; a student starts from its teacher's (frozen) params.
     loss_fn: pure loss; the frozen params (a teacher's, or None) arrive as an
       argument of the jitted step, never through a closure.
     frozen_params: params the loss reads but never differentiates.
@@ -33,7 +34,7 @@ class Stage:
 
   name: str
   train_config: ml_collections.ConfigDict
-  init_params: Callable[[jax.Array], Params]
+  init_params: Callable[[jax.Array, Any], Params]
   loss_fn: LossFn
   frozen_params: Any
   sample_fn: SampleFn

@@ -46,6 +46,13 @@ def init_params(model: UNet, rng: jax.Array) -> dict:
   return variables['params']
 
 
+def abstract_params(model: UNet):
+  """ShapeDtypeStructs of `model`'s params (no computation)."""
+  return jax.eval_shape(
+    functools.partial(init_params, model), jax.random.PRNGKey(0)
+  )
+
+
 def logsnr_fn(config: ml_collections.ConfigDict):
   """t ↦ λ(t) for the config's log-SNR range."""
   return functools.partial(

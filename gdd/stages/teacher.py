@@ -89,7 +89,7 @@ def make_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
   return Stage(
     name=NAME,
     train_config=config.teacher,
-    init_params=functools.partial(common.init_params, model),
+    init_params=lambda rng, frozen: common.init_params(model, rng),
     loss_fn=functools.partial(loss_fn, model=model, config=config),
     frozen_params=None,
     sample_fn=lambda params, frozen, rng, labels, w: sample_fn(

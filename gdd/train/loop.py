@@ -47,6 +47,16 @@ def params_dir(stage_dir: str) -> str:
   return os.path.join(stage_dir, 'params')
 
 
+def load_exported_params(stage_dir: str, abstract_params: Any) -> Any:
+  """A finished stage's params export, replicated over all devices."""
+  rep = sharding.replicated(sharding.make_mesh())
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+    abstract_params,
+  )
+  return checkpointing.load_params(params_dir(stage_dir), target)
+
+
 def checkpoints_dir(stage_dir: str) -> str:
   return os.path.join(stage_dir, 'checkpoints')
 
@@ -172,20 +182,22 @@ def _check_finite(metrics: dict[str, float], step: int, last_good: int):
     )
 
 
-def _restore_or_init(stage, ckpt, mesh, tx, init_rng) -> TrainState:
+def _restore_or_init(
+  stage, ckpt, mesh, tx, init_rng, frozen_params
+) -> TrainState:
   """The latest checkpoint's state if there is one, else a fresh state."""
   rep = sharding.replicated(mesh)
   create_state = jax.jit(
-    lambda rng: TrainState.create(stage.init_params(rng), tx),
+    lambda rng, frozen: TrainState.create(stage.init_params(rng, frozen), tx),
     out_shardings=rep,
   )
   start_step = ckpt.latest_step()
   if start_step is None:
-    return create_state(init_rng)
+    return create_state(init_rng, frozen_params)
   logging.info('[%s] resuming from checkpoint %d', stage.name, start_step)
   target = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-    jax.eval_shape(create_state, init_rng),
+    jax.eval_shape(create_state, init_rng, frozen_params),
   )
   return ckpt.restore(start_step, target)
 
@@ -214,10 +226,19 @@ def train_stage(
   writer = metric_writers.create_default_writer(
     stage_dir, just_logging=jax.process_index() > 0
   )
+  frozen_params = jax.device_put(stage.frozen_params, sharding.replicated(mesh))
   try:
-    state = _restore_or_init(stage, ckpt, mesh, tx, init_rng)
+    state = _restore_or_init(stage, ckpt, mesh, tx, init_rng, frozen_params)
     state = _run_steps(
-      stage, config, stage_dir, state, train_step, mesh, ckpt, writer
+      stage,
+      config,
+      stage_dir,
+      state,
+      frozen_params,
+      train_step,
+      mesh,
+      ckpt,
+      writer,
     )
   finally:
     # Saves already started hold good states: let them commit even when the

@@ -1,0 +1,179 @@
+"""Stage one (w-conditioned student) and stage two (halving) losses."""
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdd import data
+from gdd.diffusion import guidance, losses, schedules
+from gdd.stages import common, guided, progressive
+from gdd.train import loop, sharding
+from gdd.train.state import TrainState
+from tests import helpers
+
+
+def _perturbed(params, seed):
+  """Params with noise everywhere, so outputs are not trivially zero."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(
+    tree,
+    [
+      x + 0.05 * jax.random.normal(k, x.shape)
+      for x, k in zip(leaves, keys, strict=True)
+    ],
+  )
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = helpers.quick_config()
+  info = data.get_info(config.data)
+  teacher = common.build_model(config, info)
+  student = guided.build_student(config, info)
+  teacher_params = _perturbed(
+    common.init_params(teacher, jax.random.PRNGKey(0)), 1
+  )
+  batch = next(data.train_batches(config.data, seed=0, global_batch_size=16))
+  return config, info, teacher, student, teacher_params, batch
+
+
+def test_student_at_init_is_the_conditional_teacher(setup):
+  config, _, teacher, student, teacher_params, batch = setup
+  params = guided.init_from_teacher(
+    student, jax.random.PRNGKey(5), teacher_params
+  )
+  flat = flax.traverse_util.flatten_dict(params)
+  assert {k[0] for k in flat} - set(teacher_params) == {'w_embedding'}
+  z = jax.random.normal(jax.random.PRNGKey(2), batch['image'].shape)
+  logsnr = jnp.linspace(-5.0, 5.0, 16)
+  expected = common.predict_x(
+    teacher, teacher_params, z, logsnr, batch['label']
+  )
+  assert float(jnp.abs(expected).mean()) > 1e-3
+  for w in (0.0, 1.0, 4.0):
+    got = common.predict_x(
+      student, params, z, logsnr, batch['label'], jnp.full((16,), w)
+    )
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_init_from_mismatched_teacher_is_rejected(setup):
+  _, _, _, student, teacher_params, _ = setup
+  broken = dict(teacher_params)
+  broken.pop(sorted(broken)[0])
+  with pytest.raises(ValueError, match='same config.model'):
+    guided.init_from_teacher(student, jax.random.PRNGKey(0), broken)
+
+
+def test_stage_one_target_is_the_cfg_combination(setup):
+  config, _, teacher, student, teacher_params, batch = setup
+  config = helpers.quick_config()
+  config.guided.w_min = config.guided.w_max = 2.5  # A fixed w for the check.
+  params = _perturbed(
+    guided.init_from_teacher(student, jax.random.PRNGKey(5), teacher_params),
+    3,
+  )
+  rng = jax.random.PRNGKey(9)
+  loss, _ = guided.loss_fn(
+    params,
+    teacher_params,
+    batch,
+    rng,
+    student=student,
+    teacher=teacher,
+    config=config,
+  )
+  # The same draws by hand, the target built from two separate passes.
+  t_rng, noise_rng, _ = jax.random.split(rng, 3)
+  logsnr = schedules.logsnr_from_t(jax.random.uniform(t_rng, (16,)))
+  z = schedules.diffuse(
+    batch['image'], jax.random.normal(noise_rng, batch['image'].shape), logsnr
+  )
+  labels = batch['label']
+  cond = common.predict_x(teacher, teacher_params, z, logsnr, labels)
+  uncond = common.predict_x(
+    teacher, teacher_params, z, logsnr, jnp.full_like(labels, 10)
+  )
+  target = guidance.combine(cond, uncond, 2.5)
+  x_pred = common.predict_x(
+    student, params, z, logsnr, labels, jnp.full((16,), 2.5)
+  )
+  expected = jnp.mean(
+    losses.weighted_loss(x_pred, target, logsnr, weighting='snr_trunc')
+  )
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_stage_one_loss_is_zero_at_init_for_w_zero(setup):
+  config, _, teacher, student, teacher_params, batch = setup
+  config = helpers.quick_config()
+  config.guided.w_max = 0.0
+  params = guided.init_from_teacher(
+    student, jax.random.PRNGKey(5), teacher_params
+  )
+  loss, _ = guided.loss_fn(
+    params,
+    teacher_params,
+    batch,
+    jax.random.PRNGKey(0),
+    student=student,
+    teacher=teacher,
+    config=config,
+  )
+  assert float(loss) == 0.0
+
+
+def test_round_step_counts_and_time_grids():
+  config = helpers.quick_config()
+  config.distill.initial_num_steps = 64
+  assert progressive.round_step_counts(config) == [32, 16, 8, 4, 2, 1]
+  config.distill.final_num_steps = 4
+  assert progressive.round_step_counts(config) == [32, 16, 8, 4]
+  fine = progressive.sample_grid_index(jax.random.PRNGKey(0), 4000, 8, 'fine')
+  student = progressive.sample_grid_index(
+    jax.random.PRNGKey(0), 4000, 8, 'student'
+  )
+  assert set(np.asarray(fine).tolist()) == set(range(1, 9))
+  assert set(np.asarray(student).tolist()) == {2, 4, 6, 8}
+
+
+def _run(stage, mesh, steps):
+  tx, step = loop.build_train_step(stage, mesh, jax.random.PRNGKey(1))
+  rep = sharding.replicated(mesh)
+  frozen = jax.device_put(stage.frozen_params, rep)
+  state = jax.jit(
+    lambda rng, f: TrainState.create(stage.init_params(rng, f), tx),
+    out_shardings=rep,
+  )(jax.random.PRNGKey(0), frozen)
+  batches = data.train_batches(
+    helpers.quick_config().data, seed=0, global_batch_size=16
+  )
+  for _ in range(steps):
+    state, metrics = step(
+      state, frozen, sharding.global_batch(next(batches), mesh)
+    )
+  return jax.device_get((state.params, metrics['loss']))
+
+
+@pytest.mark.parametrize('kind', ['guided', 'distill'])
+def test_sharded_distillation_steps_equal_one_device(setup, kind):
+  config, info, _, student, teacher_params, _ = setup
+  config = helpers.quick_config()
+  config.guided.batch_size = config.distill.batch_size = 16
+  if kind == 'guided':
+    stage = guided.make_stage(config, info, teacher_params)
+  else:
+    student_params = _perturbed(
+      guided.init_from_teacher(student, jax.random.PRNGKey(5), teacher_params),
+      4,
+    )
+    stage = progressive.make_stage(
+      config, info, student_params, student_num_steps=4
+    )
+  one = _run(stage, sharding.make_mesh(jax.devices()[:1]), 2)
+  eight = _run(stage, sharding.make_mesh(), 2)
+  chex.assert_trees_all_close(one, eight, atol=1e-5, rtol=1e-4)
