@@ -17,7 +17,7 @@ DATASETS = ('digits', 'cifar10', 'imagenet64')
 OPTIMIZERS = ('adam', 'adamw')
 LR_DECAYS = ('constant', 'cosine', 'linear')
 SAMPLERS = ('ddim', 'ancestral', 'stochastic')
-STAGES = ('teacher', 'guided', 'distill')
+STAGES = ('teacher', 'guided', 'distill', 'single_w')
 TIME_GRIDS = ('fine', 'student')
 DTYPES = ('float32', 'bfloat16')
 
@@ -115,11 +115,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.distill.final_num_steps = 1
   # 'fine': train on the teacher's grid (all i/N); 'student': on i/N, i even.
   config.distill.time_grid = 'fine'
+  # `--mode=distill_single_w`: the paper's single-w baseline (method.md §8.3),
+  # the halving rounds at this one w, from the CFG teacher, no stage one.
+  # Its rounds reuse the distill section (steps, optimiser, step counts).
+  config.single_w = ml_collections.ConfigDict({'w': 1.0})
 
   # Sample grids written during training: one grid per w, rows = classes.
   config.eval = ml_collections.ConfigDict(
     {
-      'sample_ws': (0.0, 1.0, 4.0),
+      'sample_ws': (0.0, 1.0, 2.0, 4.0),
       'teacher_num_steps': 64,
       'samples_per_class': 8,
     }
@@ -277,6 +281,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(
     config, 'distill.time_grid', _one_of(TIME_GRIDS), f'one of {TIME_GRIDS}'
   )
+
+  _check(config, 'single_w.w', _non_negative_number, 'a number >= 0')
 
   _check(
     config,

@@ -37,6 +37,15 @@ def make_grid(
   return grid
 
 
+def side_by_side(grids: list[np.ndarray], gap: int = 2) -> np.ndarray:
+  """Joins equally tall uint8 [H, W_i, C] grids left to right, white gaps."""
+  height, _, channels = grids[0].shape
+  gap_column = np.full((height, gap, channels), 255, grids[0].dtype)
+  parts = [gap_column] * (2 * len(grids) - 1)
+  parts[::2] = grids
+  return np.concatenate(parts, axis=1)
+
+
 def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
   """Writes a uint8 [H, W, C] image, optionally upscaled (nearest)."""
   if upscale > 1:

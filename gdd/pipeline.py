@@ -19,7 +19,7 @@ from gdd import config_lib, data, sample
 from gdd.stages import Stage, common, guided, progressive, teacher
 from gdd.train import loop
 
-MODES = ('all', 'teacher', 'guided', 'distill', 'sample')
+MODES = ('all', 'teacher', 'guided', 'distill', 'distill_single_w', 'sample')
 # Config sections that define each stage's training: a stage also depends on
 # everything its teacher depended on.
 _STAGE_SECTIONS = {
@@ -33,6 +33,15 @@ _STAGE_SECTIONS = {
     'teacher',
     'guided',
     'distill',
+  ),
+  'single_w': (
+    'seed',
+    'data',
+    'model',
+    'diffusion',
+    'teacher',
+    'distill',
+    'single_w',
   ),
 }
 # Keys that do not change what a stage learns: logging cadence, retention,
@@ -149,6 +158,10 @@ def run_chain(
     _require_finished(workdir, teacher.NAME, mode)
   if mode == 'distill':
     _require_finished(workdir, guided.NAME, mode)
+  if mode == 'distill_single_w':
+    _require_finished(workdir, teacher.NAME, mode)
+    _run_single_w_rounds(config, workdir, info, teacher_model)
+    return
 
   teacher_params = None
   if mode in ('all', 'teacher', 'guided'):
@@ -177,36 +190,91 @@ def run_chain(
   )
   if mode == 'guided':
     return
-  teacher_steps = config.distill.initial_num_steps
-  for student_steps in progressive.round_step_counts(config):
-    teacher_dir = (
-      guided.NAME
-      if teacher_steps == config.distill.initial_num_steps
-      else progressive.stage_name(teacher_steps)
+  _run_rounds(
+    config,
+    workdir,
+    params,
+    first_teacher=guided.NAME,
+    kind='distill',
+    stage_name=progressive.stage_name,
+    make_stage=functools.partial(progressive.make_stage, config, info),
+    abstract_params=student_abstract,
+    w_record={'w_range': [config.guided.w_min, config.guided.w_max]},
+  )
+  print(f'chain finished: {finished_summary(workdir)}')
+
+
+def _run_single_w_rounds(config, workdir, info, teacher_model) -> None:
+  """The single-w baseline: halving rounds at w = config.single_w.w."""
+  w = config.single_w.w
+  teacher_params = loop.load_exported_params(
+    os.path.join(workdir, teacher.NAME), common.abstract_params(teacher_model)
+  )
+  first_round = progressive.round_step_counts(config)[0]
+
+  def make_stage(teacher_params, *, student_num_steps):
+    return progressive.make_single_w_stage(
+      config,
+      info,
+      teacher_params,
+      student_num_steps=student_num_steps,
+      from_cfg_teacher=student_num_steps == first_round,
     )
+
+  _run_rounds(
+    config,
+    workdir,
+    teacher_params,
+    first_teacher=teacher.NAME,
+    kind='single_w',
+    stage_name=functools.partial(progressive.single_w_stage_name, w),
+    make_stage=make_stage,
+    abstract_params=common.abstract_params(teacher_model),
+    w_record={'w': w},
+  )
+  rounds = sample.finished_rounds(workdir, progressive.single_w_root(w))
+  print(
+    f'single-w chain finished: step counts {rounds} in '
+    f'{os.path.join(workdir, progressive.single_w_root(w))}'
+  )
+
+
+def _run_rounds(
+  config,
+  workdir: str,
+  params,
+  *,
+  first_teacher: str,
+  kind: str,
+  stage_name: Callable[[int], str],
+  make_stage: Callable[..., Stage],
+  abstract_params,
+  w_record: dict,
+) -> None:
+  """Halving rounds initial_num_steps → … → final_num_steps, each resumable.
+
+  `params` are the first teacher's (the folder `first_teacher`); each
+  finished round's student is the next round's teacher.
+  """
+  teacher_steps = config.distill.initial_num_steps
+  teacher_dir = first_teacher
+  for student_steps in progressive.round_step_counts(config):
     params = _run_stage(
       config,
       workdir,
-      'distill',
-      functools.partial(
-        progressive.make_stage,
-        config,
-        info,
-        params,
-        student_num_steps=student_steps,
-      ),
-      name=progressive.stage_name(student_steps),
-      abstract_params=student_abstract,
+      kind,
+      functools.partial(make_stage, params, student_num_steps=student_steps),
+      name=stage_name(student_steps),
+      abstract_params=abstract_params,
       trained_from={
         'teacher': os.path.join(workdir, teacher_dir),
         'teacher_num_steps': teacher_steps,
         'student_num_steps': student_steps,
-        'w_range': [config.guided.w_min, config.guided.w_max],
+        **w_record,
         'time_grid': config.distill.time_grid,
       },
     )
-    teacher_steps = student_steps
-  print(f'chain finished: {finished_summary(workdir)}')
+    teacher_steps, teacher_dir = student_steps, stage_name(student_steps)
 
 
 def finished_summary(workdir: str) -> str:

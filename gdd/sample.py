@@ -5,6 +5,7 @@ the stage's recorded config, loads its params export and returns a jitted
 `(rng, labels, w) -> images` function whose batch is split over all devices.
 """
 
+import functools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ STAGE_SAMPLERS = {
   'teacher': ('ddim', 'ancestral'),
   'guided': ('ddim', 'stochastic', 'ancestral'),
   'distill': ('ddim', 'stochastic'),
+  'single_w': ('ddim', 'stochastic'),
 }
 # The PNG next to an npz shows at most this many samples.
 MAX_PNG_SAMPLES = 100
@@ -46,8 +48,10 @@ def load_stage_config(workdir: str, stage: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _resolve(workdir: str, stage: str, num_steps: int, sampler: str):
-  """(stage folder, model kind) for a request; errors name what exists."""
+def _resolve(
+  workdir: str, stage: str, num_steps: int, sampler: str, w: float | None
+) -> str:
+  """The stage folder that serves a request; errors name what exists."""
   if stage not in STAGE_SAMPLERS:
     raise ValueError(f'stage={stage!r}; allowed: {tuple(STAGE_SAMPLERS)}.')
   if sampler not in STAGE_SAMPLERS[stage]:
@@ -55,21 +59,32 @@ def _resolve(workdir: str, stage: str, num_steps: int, sampler: str):
       f'sampler={sampler!r} is not available for stage {stage!r}; '
       f'allowed: {STAGE_SAMPLERS[stage]}.'
     )
-  if stage != 'distill':
+  if stage in ('teacher', 'guided'):
     return stage
+  if stage == 'distill':
+    root, stage_name = 'distill', progressive.stage_name
+  else:
+    if w is None:
+      raise ValueError(
+        "stage='single_w' needs w: each single-w model is trained for one "
+        f'w; trained: {_single_w_values(workdir) or "none"}.'
+      )
+    root = progressive.single_w_root(w)
+    stage_name = functools.partial(progressive.single_w_stage_name, w)
   # The stochastic N-step sampler jumps with the N/2-step model (§7).
   model_steps = num_steps // 2 if sampler == 'stochastic' else num_steps
-  folder = progressive.stage_name(model_steps)
+  folder = stage_name(model_steps)
   if sampler == 'stochastic' and num_steps % 2:
     raise ValueError(
       f'num_steps={num_steps}: the stochastic sampler needs an even step '
       'count (it uses the model distilled for num_steps / 2).'
     )
   if not os.path.isdir(loop.params_dir(stage_dir(workdir, folder))):
-    distilled = finished_rounds(workdir)
+    distilled = finished_rounds(workdir, root)
     raise ValueError(
       f'No finished distillation round for {model_steps} steps in '
-      f'{workdir}; distilled step counts: {distilled or "none"}. '
+      f'{os.path.join(workdir, root)}; distilled step counts: '
+      f'{distilled or "none"}. '
       + (
         'The stochastic sampler needs the round for num_steps / 2.'
         if sampler == 'stochastic'
@@ -79,9 +94,9 @@ def _resolve(workdir: str, stage: str, num_steps: int, sampler: str):
   return folder
 
 
-def finished_rounds(workdir: str) -> list[int]:
-  """Student step counts of the finished distillation rounds, descending."""
-  root = stage_dir(workdir, 'distill')
+def finished_rounds(workdir: str, root: str = 'distill') -> list[int]:
+  """Student step counts of the finished rounds under `root`, descending."""
+  root = stage_dir(workdir, root)
   if not os.path.isdir(root):
     return []
   counts = [
@@ -93,19 +108,35 @@ def finished_rounds(workdir: str) -> list[int]:
   return sorted(counts, reverse=True)
 
 
+def _single_w_values(workdir: str) -> list[float]:
+  """The w of every single-w chain in the workdir."""
+  root = stage_dir(workdir, 'single_w')
+  if not os.path.isdir(root):
+    return []
+  return sorted(float(name[1:]) for name in os.listdir(root))
+
+
 def load_sampler(
-  workdir: str, stage: str, *, num_steps: int, sampler: str = 'ddim'
+  workdir: str,
+  stage: str,
+  *,
+  num_steps: int,
+  sampler: str = 'ddim',
+  w: float | None = None,
 ) -> SamplerFn:
   """A jitted sampler of a finished stage.
 
   Args:
     workdir: the run's workdir.
     stage: 'teacher' (the CFG teacher, 2 NFE per step), 'guided' (the
-      stage-one student, any step count) or 'distill' (the distilled student;
-      num_steps picks the round).
+      stage-one student, any step count), 'distill' (the distilled student;
+      num_steps picks the round) or 'single_w' (the single-w baseline; w
+      picks the chain, num_steps the round).
     num_steps: sampler steps N.
     sampler: 'ddim' (deterministic), 'stochastic' (students; GD Eq. 5, uses
       the N/2-step model) or 'ancestral' (teacher and stage-one student).
+    w: only for 'single_w': the w its chain was trained for; the returned
+      sampler then accepts only that w.
 
   Returns:
     `(rng, labels, w) -> images`: labels int [B] in [0, num_classes), w the
@@ -113,21 +144,24 @@ def load_sampler(
     [B, H, W, C] float32 in [−1, 1]. The first call for a batch size
     compiles; later calls with that size do not.
   """
-  folder = _resolve(workdir, stage, num_steps, sampler)
+  folder = _resolve(workdir, stage, num_steps, sampler, w)
   config = load_stage_config(workdir, folder)
   info = data.get_info(config.data)
   if stage == 'teacher':
     model = common.build_model(config, info)
-    sample_fn = teacher.make_sample_fn(
-      config, model, num_steps=num_steps, sampler=sampler
-    )
+    make_denoiser = functools.partial(teacher.guided_denoiser, model)
     w_range = (0.0, float('inf'))
+  elif stage == 'single_w':
+    model = common.build_model(config, info)
+    make_denoiser = functools.partial(common.plain_denoiser, model)
+    w_range = (w, w)
   else:
     model = guided.build_student(config, info)
-    sample_fn = guided.make_sample_fn(
-      config, model, num_steps=num_steps, sampler=sampler
-    )
+    make_denoiser = functools.partial(common.plain_denoiser, model)
     w_range = (config.guided.w_min, config.guided.w_max)
+  sample_fn = common.make_sample_fn(
+    config, model, make_denoiser, num_steps=num_steps, sampler=sampler
+  )
   params = loop.load_exported_params(
     stage_dir(workdir, folder), common.abstract_params(model)
   )
@@ -151,7 +185,7 @@ def load_sampler(
       raise ValueError(
         f'w={w!r} is outside the range this {stage} model allows '
         f'[{w_range[0]:g}, {w_range[1]:g}]; students are trained for '
-        'config.guided.w_min..w_max only.'
+        'config.guided.w_min..w_max only, a single-w model for its one w.'
       )
     n = len(labels)
     padded = np.pad(labels, (0, -n % num_devices), mode='edge')
@@ -174,7 +208,11 @@ def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> str:
   """
   c = config.sample
   sampler = load_sampler(
-    workdir, c.stage, num_steps=c.num_steps, sampler=c.sampler
+    workdir,
+    c.stage,
+    num_steps=c.num_steps,
+    sampler=c.sampler,
+    w=c.w if c.stage == 'single_w' else None,
   )
   info = data.get_info(config.data)
   labels = np.arange(c.num_samples, dtype=np.int32) % info.num_classes

@@ -11,17 +11,26 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from gdd import data, pipeline, sample
 from gdd.train import checkpointing, loop
 from tests import helpers
 
 
+def _teacher_config():
+  return helpers.quick_config(num_train_steps=4)
+
+
 @pytest.fixture(scope='module')
 def digits_workdir(tmp_path_factory):
-  """A workdir with a 2-step digits teacher, trained once for this module."""
+  """A workdir with a 4-step digits teacher, trained once for this module.
+
+  Four steps, not two: with one warm-up step (lr 0) and zero-initialised
+  output layers, the class embedding only starts to matter at step 4.
+  """
   workdir = str(tmp_path_factory.mktemp('digits'))
-  pipeline.run(helpers.quick_config(num_train_steps=2), workdir, 'teacher')
+  pipeline.run(_teacher_config(), workdir, 'teacher')
   return workdir
 
 
@@ -30,18 +39,16 @@ def test_teacher_run_writes_the_workdir_layout(digits_workdir):
   assert os.path.isdir(loop.params_dir(stage_dir))
   assert os.path.isdir(loop.checkpoints_dir(stage_dir))
   with open(os.path.join(stage_dir, 'config.json')) as f:
-    assert json.load(f)['teacher']['num_train_steps'] == 2
+    assert json.load(f)['teacher']['num_train_steps'] == 4
 
 
 def test_rerunning_a_finished_stage_does_nothing(digits_workdir, capsys):
-  pipeline.run(
-    helpers.quick_config(num_train_steps=2), digits_workdir, 'teacher'
-  )
+  pipeline.run(_teacher_config(), digits_workdir, 'teacher')
   assert 'already finished' in capsys.readouterr().out
 
 
 def test_changed_training_config_is_reported(digits_workdir):
-  config = helpers.quick_config(num_train_steps=2)
+  config = _teacher_config()
   config.teacher.optimizer.learning_rate = 0.5
   config.model.ch = 8
   with pytest.raises(pipeline.ConfigMismatchError) as error:
@@ -52,7 +59,7 @@ def test_changed_training_config_is_reported(digits_workdir):
 
 
 def test_logging_cadence_may_change_on_resume(digits_workdir):
-  config = helpers.quick_config(num_train_steps=2)
+  config = _teacher_config()
   config.teacher.log_every = 1
   pipeline.run(config, digits_workdir, 'teacher')
 
@@ -239,4 +246,63 @@ def test_kill_during_a_halving_round_then_rerun(
     chex.assert_trees_all_equal(
       _params(os.path.join(workdir, name)),
       _params(os.path.join(chain_workdir, name)),
+    )
+
+
+def test_round_grids_show_teacher_and_student_side_by_side(chain_workdir):
+  samples_dir = os.path.join(chain_workdir, 'distill', '2steps', 'samples')
+  config = helpers.quick_config()
+  assert sorted(os.listdir(samples_dir)) == sorted(
+    f'step2_w{w:g}.png' for w in config.eval.sample_ws
+  )
+  with Image.open(os.path.join(samples_dir, 'step2_w1.png')) as grid:
+    width = grid.size[0]
+  # Panels: teacher 4-step DDIM, student 2-step DDIM, student 4-step
+  # stochastic; each one column of 8-px images with 1-px padding, 2-px gaps.
+  panel_width, gap, upscale = 8 + 2, 2, 8
+  assert width == upscale * (3 * panel_width + 2 * gap)
+
+
+@pytest.fixture(scope='module')
+def single_w_workdir(chain_workdir, tmp_path_factory):
+  """The single-w baseline at w = 2 (4 → 2 → 1) from the chain's teacher."""
+  workdir = str(tmp_path_factory.mktemp('single_w'))
+  shutil.copytree(
+    os.path.join(chain_workdir, 'teacher'), os.path.join(workdir, 'teacher')
+  )
+  config = helpers.quick_config(num_train_steps=2)
+  config.single_w.w = 2.0
+  pipeline.run(config, workdir, 'distill_single_w')
+  return workdir
+
+
+def test_single_w_baseline_runs_its_own_rounds(single_w_workdir):
+  assert sample.finished_rounds(single_w_workdir, 'single_w/w2') == [4, 2, 1]
+  assert not os.path.exists(os.path.join(single_w_workdir, 'guided'))
+  with open(
+    os.path.join(single_w_workdir, 'single_w', 'w2', '4steps', 'stage.json')
+  ) as f:
+    record = json.load(f)
+  assert record['teacher'].endswith('teacher')
+  assert record['w'] == 2.0
+  assert record['teacher_num_steps'] == 8
+
+
+def test_single_w_sampler_accepts_only_its_w(single_w_workdir):
+  sampler_fn = sample.load_sampler(
+    single_w_workdir, 'single_w', num_steps=2, w=2.0
+  )
+  assert sampler_fn(jax.random.PRNGKey(0), np.arange(3), 2.0).shape[0] == 3
+  with pytest.raises(ValueError, match='outside the range'):
+    sampler_fn(jax.random.PRNGKey(0), np.arange(3), 1.0)
+  with pytest.raises(ValueError, match=r'trained: \[2.0\]'):
+    sample.load_sampler(single_w_workdir, 'single_w', num_steps=2)
+  with pytest.raises(ValueError, match='distilled step counts'):
+    sample.load_sampler(single_w_workdir, 'single_w', num_steps=2, w=1.0)
+
+
+def test_single_w_mode_needs_a_teacher(tmp_path):
+  with pytest.raises(FileNotFoundError, match="finished 'teacher'"):
+    pipeline.run(
+      helpers.quick_config(), str(tmp_path / 'run'), 'distill_single_w'
     )

@@ -176,4 +176,7 @@ def test_sharded_distillation_steps_equal_one_device(setup, kind):
     )
   one = _run(stage, sharding.make_mesh(jax.devices()[:1]), 2)
   eight = _run(stage, sharding.make_mesh(), 2)
-  chex.assert_trees_all_close(one, eight, atol=1e-5, rtol=1e-4)
+  # Adam divides by sqrt(v), so a weight with a near-zero gradient moves by
+  # an amount that is sensitive to the reduction order; the loss (compared
+  # too) pins down the scale of the gradient.
+  chex.assert_trees_all_close(one, eight, atol=1e-4, rtol=1e-4)

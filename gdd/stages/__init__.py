@@ -29,7 +29,11 @@ class Stage:
     loss_fn: pure loss; the frozen params (a teacher's, or None) arrive as an
       argument of the jitted step, never through a closure.
     frozen_params: params the loss reads but never differentiates.
-    sample_fn: sampler used for the sample grids written during training.
+    sample_panels: the sample grids written during training, as panels shown
+      side by side from the same noise: name (e.g. 'student_4step_ddim') ->
+      sampler. Students put their teacher's panel first, so every grid
+      compares teacher and student.
+    sample_ws: the guidance strengths w with a grid each.
   """
 
   name: str
@@ -37,4 +41,5 @@ class Stage:
   init_params: Callable[[jax.Array, Any], Params]
   loss_fn: LossFn
   frozen_params: Any
-  sample_fn: SampleFn
+  sample_panels: dict[str, SampleFn]
+  sample_ws: tuple[float, ...]

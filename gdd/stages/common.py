@@ -1,6 +1,8 @@
 """Config → the pieces every stage shares: network, schedule, denoiser."""
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,9 @@ import ml_collections
 from gdd import data
 from gdd.diffusion import parameterization, samplers, schedules
 from gdd.models import UNet, UNetConfig
+
+# (params, labels [B], w) -> (z, λ) -> x̂: a model's denoiser at labels and w.
+DenoiserFactory = Callable[[Any, jnp.ndarray, Any], samplers.DenoiseFn]
 
 
 def build_model(
@@ -109,3 +114,42 @@ def run_sampler(
   raise ValueError(
     f"sampler={sampler!r}; allowed: 'ddim', 'ancestral', 'stochastic'."
   )
+
+
+def plain_denoiser(model: UNet, params, labels: jnp.ndarray, w):
+  """(z, λ) ↦ x̂(z, c[, w]): one network evaluation per call, no CFG pair.
+
+  A w-conditioned student gets w per example; a model without a w-embedding
+  (a single-w student, whose w was fixed in training) ignores it.
+  """
+  batch_w = (
+    jnp.broadcast_to(jnp.asarray(w, jnp.float32), labels.shape)
+    if model.config.use_w_embedding
+    else None
+  )
+  return lambda z, logsnr: predict_x(model, params, z, logsnr, labels, batch_w)
+
+
+def make_sample_fn(
+  config: ml_collections.ConfigDict,
+  model: UNet,
+  make_denoiser: DenoiserFactory,
+  *,
+  num_steps: int,
+  sampler: str = 'ddim',
+):
+  """(params, rng, labels, w) ↦ samples in [−1, 1] of `model`'s images."""
+  cfg = model.config
+  image_shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
+
+  def sample_fn(params, rng, labels, w):
+    return run_sampler(
+      config,
+      make_denoiser(params, labels, w),
+      rng,
+      labels.shape + image_shape,
+      num_steps=num_steps,
+      sampler=sampler,
+    )
+
+  return sample_fn

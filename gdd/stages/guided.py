@@ -17,6 +17,7 @@ from gdd import data
 from gdd.diffusion import guidance, losses, schedules
 from gdd.models import UNet
 from gdd.stages import Stage, common
+from gdd.stages import teacher as teacher_stage
 
 NAME = 'guided'
 
@@ -95,46 +96,24 @@ def loss_fn(
   return loss, {'loss': loss}
 
 
-def student_denoiser(student: UNet, params, labels, w):
-  """(z, λ) ↦ x̂(z, c, w): one network evaluation per call, no CFG pair."""
-  batch_w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), labels.shape)
-  return lambda z, logsnr: common.predict_x(
-    student, params, z, logsnr, labels, batch_w
-  )
-
-
-def make_sample_fn(
-  config: ml_collections.ConfigDict,
-  student: UNet,
-  *,
-  num_steps: int,
-  sampler: str = 'ddim',
-):
-  """(params, rng, labels, w) ↦ student samples in [−1, 1]."""
-  cfg = student.config
-  image_shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
-
-  def sample_fn(params, rng, labels, w):
-    return common.run_sampler(
-      config,
-      student_denoiser(student, params, labels, w),
-      rng,
-      labels.shape + image_shape,
-      num_steps=num_steps,
-      sampler=sampler,
-    )
-
-  return sample_fn
-
-
 def make_stage(
   config: ml_collections.ConfigDict, info: data.DatasetInfo, teacher_params
 ) -> Stage:
   """The stage-one `Stage`; `teacher_params` are the teacher's EMA params."""
   student = build_student(config, info)
   teacher = common.build_model(config, info)
-  sample_fn = make_sample_fn(
-    config, student, num_steps=config.eval.teacher_num_steps
+  num_steps = config.eval.teacher_num_steps
+  student_sample = common.make_sample_fn(
+    config,
+    student,
+    functools.partial(common.plain_denoiser, student),
+    num_steps=num_steps,
+  )
+  teacher_sample = common.make_sample_fn(
+    config,
+    teacher,
+    functools.partial(teacher_stage.guided_denoiser, teacher),
+    num_steps=num_steps,
   )
   return Stage(
     name=NAME,
@@ -144,7 +123,13 @@ def make_stage(
       loss_fn, student=student, teacher=teacher, config=config
     ),
     frozen_params=teacher_params,
-    sample_fn=lambda params, frozen, rng, labels, w: sample_fn(
-      params, rng, labels, w
-    ),
+    sample_ws=tuple(config.eval.sample_ws),
+    sample_panels={
+      f'teacher_{num_steps}step_ddim': lambda params, frozen, rng, labels, w: (
+        teacher_sample(frozen, rng, labels, w)
+      ),
+      f'student_{num_steps}step_ddim': lambda params, frozen, rng, labels, w: (
+        student_sample(params, rng, labels, w)
+      ),
+    },
   )

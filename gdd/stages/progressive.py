@@ -3,6 +3,10 @@
 Round N → N/2: the student starts as a copy of the N-step teacher (the
 stage-one model for the first round), and learns to take one DDIM step of
 length 2/N where the teacher takes two of length 1/N, at the same w.
+
+Also the paper's "single-w" baseline (method.md §8.3): the same rounds at one
+fixed w without stage one, so the first teacher is the CFG teacher itself
+(2 NFE per step) and each w needs its own chain of students.
 """
 
 import functools
@@ -13,7 +17,7 @@ import ml_collections
 
 from gdd import data
 from gdd.diffusion import distillation, losses, schedules
-from gdd.stages import Stage, common, guided
+from gdd.stages import Stage, common, guided, teacher
 
 TIME_GRIDS = ('fine', 'student')
 
@@ -21,6 +25,16 @@ TIME_GRIDS = ('fine', 'student')
 def stage_name(student_num_steps: int) -> str:
   """Workdir folder of the round that trains an N-step student."""
   return f'distill/{student_num_steps}steps'
+
+
+def single_w_root(w: float) -> str:
+  """Workdir folder holding the single-w rounds for guidance strength w."""
+  return f'single_w/w{w:g}'
+
+
+def single_w_stage_name(w: float, student_num_steps: int) -> str:
+  """Workdir folder of the single-w round that trains an N-step student."""
+  return f'{single_w_root(w)}/{student_num_steps}steps'
 
 
 def round_step_counts(config: ml_collections.ConfigDict) -> list[int]:
@@ -56,10 +70,15 @@ def loss_fn(
   rng: jax.Array,
   *,
   student,
+  teacher_denoiser: common.DenoiserFactory,
   teacher_num_steps: int,
   config: ml_collections.ConfigDict,
+  fixed_w: float | None = None,
 ):
-  """Student x̂ at z_t against the exact two-teacher-step target x̃."""
+  """Student x̂ at z_t against the exact two-teacher-step target x̃.
+
+  w ~ U[w_min, w_max] per example, or `fixed_w` for the single-w baseline.
+  """
   x, labels = batch['image'], batch['label']
   grid_rng, noise_rng, w_rng = jax.random.split(rng, 3)
   batch_size = x.shape[0]
@@ -71,18 +90,20 @@ def loss_fn(
   z = schedules.diffuse(
     x, jax.random.normal(noise_rng, x.shape, jnp.float32), logsnr
   )
-  w = guided.sample_w(w_rng, batch_size, config)
-  teacher_x = guided.student_denoiser(student, teacher_params, labels, w)
+  if fixed_w is None:
+    w = guided.sample_w(w_rng, batch_size, config)
+  else:
+    w = jnp.full((batch_size,), fixed_w, jnp.float32)
   target = jax.lax.stop_gradient(
     distillation.two_step_target(
-      teacher_x,
+      teacher_denoiser(teacher_params, labels, w),
       z,
       index,
       teacher_num_steps=teacher_num_steps,
       logsnr_fn=schedule,
     )
   )
-  x_pred = common.predict_x(student, params, z, logsnr, labels, w)
+  x_pred = common.plain_denoiser(student, params, labels, w)(z, logsnr)
   loss = jnp.mean(
     losses.weighted_loss(
       x_pred, target, logsnr, weighting=config.diffusion.loss_weighting
@@ -100,22 +121,106 @@ def make_stage(
 ) -> Stage:
   """The round that distils a 2N-step teacher into an N-step student."""
   student = guided.build_student(config, info)
-  sample_fn = guided.make_sample_fn(
-    config, student, num_steps=student_num_steps
-  )
-  return Stage(
+  return _make_round(
+    config,
     name=stage_name(student_num_steps),
+    student=student,
+    teacher_denoiser=functools.partial(common.plain_denoiser, student),
+    teacher_params=teacher_params,
+    student_num_steps=student_num_steps,
+    sample_ws=tuple(config.eval.sample_ws),
+  )
+
+
+def make_single_w_stage(
+  config: ml_collections.ConfigDict,
+  info: data.DatasetInfo,
+  teacher_params,
+  *,
+  student_num_steps: int,
+  from_cfg_teacher: bool,
+) -> Stage:
+  """A single-w round at w = config.single_w.w.
+
+  The student has the teacher's architecture (no w input). The first round
+  (`from_cfg_teacher`) distils the CFG teacher, whose guided x̂ costs two
+  evaluations; later rounds distil the previous single-w student.
+  """
+  model = common.build_model(config, info)
+  teacher_denoiser = functools.partial(
+    teacher.guided_denoiser if from_cfg_teacher else common.plain_denoiser,
+    model,
+  )
+  w = config.single_w.w
+  return _make_round(
+    config,
+    name=single_w_stage_name(w, student_num_steps),
+    student=model,
+    teacher_denoiser=teacher_denoiser,
+    teacher_params=teacher_params,
+    student_num_steps=student_num_steps,
+    sample_ws=(w,),
+    fixed_w=w,
+  )
+
+
+def _make_round(
+  config,
+  *,
+  name,
+  student,
+  teacher_denoiser,
+  teacher_params,
+  student_num_steps,
+  sample_ws,
+  fixed_w=None,
+) -> Stage:
+  return Stage(
+    name=name,
     train_config=config.distill,
     # The student starts as a copy of its teacher.
     init_params=lambda rng, frozen: jax.tree.map(jnp.copy, frozen),
     loss_fn=functools.partial(
       loss_fn,
       student=student,
+      teacher_denoiser=teacher_denoiser,
       teacher_num_steps=2 * student_num_steps,
       config=config,
+      fixed_w=fixed_w,
     ),
     frozen_params=teacher_params,
-    sample_fn=lambda params, frozen, rng, labels, w: sample_fn(
-      params, rng, labels, w
+    sample_panels=_sample_panels(
+      config, student, teacher_denoiser, student_num_steps
     ),
+    sample_ws=sample_ws,
   )
+
+
+def _sample_panels(config, student, teacher_denoiser, student_num_steps):
+  """Grid panels of an N-step round, all from the same noise.
+
+  The round's teacher at 2N DDIM steps, the student at N DDIM steps, and the
+  stochastic 2N-step sampler that this N-step model drives (method.md §7).
+  """
+  n = student_num_steps
+  student_denoiser = functools.partial(common.plain_denoiser, student)
+
+  def panel(num_steps, sampler, use_teacher):
+    sample_fn = common.make_sample_fn(
+      config,
+      student,
+      teacher_denoiser if use_teacher else student_denoiser,
+      num_steps=num_steps,
+      sampler=sampler,
+    )
+    return lambda params, frozen, rng, labels, w: sample_fn(
+      frozen if use_teacher else params, rng, labels, w
+    )
+
+  return {
+    f'teacher_{2 * n}step_ddim': panel(2 * n, 'ddim', use_teacher=True),
+    f'student_{n}step_ddim': panel(n, 'ddim', use_teacher=False),
+    f'student_{2 * n}step_stochastic': panel(
+      2 * n, 'stochastic', use_teacher=False
+    ),
+  }

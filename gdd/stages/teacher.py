@@ -56,35 +56,15 @@ def guided_denoiser(model: UNet, params, labels: jnp.ndarray, w):
   )
 
 
-def make_sample_fn(
-  config: ml_collections.ConfigDict,
-  model: UNet,
-  *,
-  num_steps: int,
-  sampler: str = 'ddim',
-):
-  """(params, rng, labels, w) ↦ guided teacher samples in [−1, 1]."""
-  cfg = model.config
-  image_shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
-
-  def sample_fn(params, rng, labels, w):
-    return common.run_sampler(
-      config,
-      guided_denoiser(model, params, labels, w),
-      rng,
-      labels.shape + image_shape,
-      num_steps=num_steps,
-      sampler=sampler,
-    )
-
-  return sample_fn
-
-
 def make_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
   """The teacher `Stage`: fresh init, CFG loss, guided DDIM sample grids."""
   model = common.build_model(config, info)
-  sample_fn = make_sample_fn(
-    config, model, num_steps=config.eval.teacher_num_steps
+  num_steps = config.eval.teacher_num_steps
+  sample_fn = common.make_sample_fn(
+    config,
+    model,
+    functools.partial(guided_denoiser, model),
+    num_steps=num_steps,
   )
   return Stage(
     name=NAME,
@@ -92,7 +72,10 @@ def make_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
     init_params=lambda rng, frozen: common.init_params(model, rng),
     loss_fn=functools.partial(loss_fn, model=model, config=config),
     frozen_params=None,
-    sample_fn=lambda params, frozen, rng, labels, w: sample_fn(
-      params, rng, labels, w
-    ),
+    sample_ws=tuple(config.eval.sample_ws),
+    sample_panels={
+      f'teacher_{num_steps}step_ddim': lambda params, frozen, rng, labels, w: (
+        sample_fn(params, rng, labels, w)
+      )
+    },
   )

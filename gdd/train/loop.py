@@ -128,7 +128,11 @@ def _grid_labels(num_classes: int, samples_per_class: int) -> np.ndarray:
 
 
 class _SampleGridWriter:
-  """Writes one sample grid per guidance strength w, from fixed noise."""
+  """Writes one sample grid per guidance strength w, from fixed noise.
+
+  Each grid shows the stage's panels left to right (e.g. teacher, student
+  DDIM, student stochastic), all drawn from the same initial noise.
+  """
 
   def __init__(
     self,
@@ -138,30 +142,43 @@ class _SampleGridWriter:
     mesh: jax.sharding.Mesh,
     stage_dir: str,
   ):
-    self._config = config
     self._stage_dir = stage_dir
     self._labels = _grid_labels(info.num_classes, config.eval.samples_per_class)
     self._num_devices = mesh.devices.size
     rep = sharding.replicated(mesh)
-    self._sample = jax.jit(
-      stage.sample_fn,
-      in_shardings=(rep, rep, rep, sharding.batch_sharded(mesh), rep),
-      out_shardings=rep,
+    self._panels = {
+      name: jax.jit(
+        sample_fn,
+        in_shardings=(rep, rep, rep, sharding.batch_sharded(mesh), rep),
+        out_shardings=rep,
+      )
+      for name, sample_fn in stage.sample_panels.items()
+    }
+    logging.info(
+      '[%s] sample grids, left to right: %s',
+      stage.name,
+      ', '.join(self._panels),
     )
     self._rng = jax.random.PRNGKey(config.seed)
+    self._sample_ws = stage.sample_ws
     self._upscale = images.display_scale(info.image_shape[0])
 
   def __call__(self, step: int, params, frozen_params, writer) -> None:
     n = len(self._labels)
     padded = np.pad(self._labels, (0, -n % self._num_devices), mode='edge')
     grids = {}
-    for w in self._config.eval.sample_ws:
-      samples = self._sample(
-        params, frozen_params, self._rng, padded, jnp.float32(w)
-      )
-      samples = images.to_uint8(jax.device_get(samples)[:n])
-      grid = images.make_grid(samples, num_rows=len(set(self._labels)))
-      grids[f'samples/w={w:g}'] = grid[None]
+    for w in self._sample_ws:
+      panels = []
+      for name, sample in self._panels.items():
+        samples = sample(
+          params, frozen_params, self._rng, padded, jnp.float32(w)
+        )
+        samples = images.to_uint8(jax.device_get(samples)[:n])
+        panels.append(
+          images.make_grid(samples, num_rows=len(set(self._labels)))
+        )
+        grids[f'samples/w={w:g}/{name}'] = panels[-1][None]
+      grid = images.side_by_side(panels)
       if jax.process_index() == 0:
         images.save_png(
           os.path.join(self._stage_dir, 'samples', f'step{step}_w{w:g}.png'),
@@ -252,13 +269,12 @@ def train_stage(
 
 
 def _run_steps(
-  stage, config, stage_dir, state, train_step, mesh, ckpt, writer
+  stage, config, stage_dir, state, frozen_params, train_step, mesh, ckpt, writer
 ) -> TrainState:
   """Steps from the state's step to num_train_steps, with side effects."""
   train_config = stage.train_config
   num_steps = train_config.num_train_steps
   start_step = int(state.step)
-  frozen_params = jax.device_put(stage.frozen_params, sharding.replicated(mesh))
   batches = data.train_batches(
     config.data,
     seed=config.seed,
