@@ -22,7 +22,7 @@ from sklearn import svm
 
 from gdd import data, sample
 
-DEFAULT_ROWS = (
+DEFAULT_ROWS = [
   'teacher:256:ddim',
   'teacher:64:ddim',
   'guided:64:ddim',
@@ -32,7 +32,7 @@ DEFAULT_ROWS = (
   'distill:1:ddim',
   'distill:8:stochastic',
   'distill:4:stochastic',
-)
+]
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A finished digits run.')
 _ROWS = flags.DEFINE_list('rows', DEFAULT_ROWS, 'stage:num_steps:sampler.')

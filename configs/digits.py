@@ -5,7 +5,7 @@ train a good guided teacher on a 2-core laptop CPU in minutes.
 
   python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits
 
-`--config=configs/digits.py:quick` is a ~1-minute smoke run.
+`--config=configs/digits.py:quick` is a smoke run of about a minute.
 """
 
 from gdd import config_lib
@@ -25,7 +25,8 @@ def get_config(variant: str = ''):
     mean_type='both',
   )
   config.teacher.update(
-    # ~0.13 s/step on a 2-core CPU (benchmarks/teacher_step_time.py).
+    # 0.13 s/step of compute (benchmarks/teacher_step_time.py), 0.21 s/step
+    # in the train loop on a 2-core CPU: 865 s in all (README).
     num_train_steps=4000,
     batch_size=64,
     ema_decay=0.999,
