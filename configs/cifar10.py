@@ -43,4 +43,8 @@ def get_config(variant: str = ''):
     grad_clip_norm=1.0,
   )
   config.eval.teacher_num_steps = 128
+  # FID reference: the whole train split (50k), as in the PD/GD papers.
+  config.evaluate.update(
+    ws=(0.0, 1.0, 2.0, 4.0), inception_weights='inception_fid.npz'
+  )
   return config_lib.apply_variant(config, variant)

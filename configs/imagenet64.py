@@ -42,4 +42,9 @@ def get_config(variant: str = ''):
     name='adam', learning_rate=3e-4, warmup_steps=1000, grad_clip_norm=1.0
   )
   config.eval.teacher_num_steps = 128
+  # FID reference: the whole validation split (50k). The first 50k of the
+  # 1.28M train examples in stored order would not be a uniform sample.
+  config.evaluate.update(
+    reference_split='validation', inception_weights='inception_fid.npz'
+  )
   return config_lib.apply_variant(config, variant)

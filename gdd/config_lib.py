@@ -5,6 +5,8 @@ run calls `validate(config)` before anything compiles, so a bad value fails
 in a second with a message that names the key, the value and what is allowed.
 """
 
+import importlib.util
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +21,7 @@ LR_DECAYS = ('constant', 'cosine', 'linear')
 SAMPLERS = ('ddim', 'ancestral', 'stochastic')
 STAGES = ('teacher', 'guided', 'distill', 'single_w')
 TIME_GRIDS = ('fine', 'student')
+FEATURE_EXTRACTORS = ('inception', 'digits')
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -139,6 +142,36 @@ def base_config() -> ml_collections.ConfigDict:
       'batch_size': 500,
       'seed': 0,
       'output': '',
+    }
+  )
+  # `--mode=evaluate`: every finished stage over models × samplers × steps ×
+  # w, scored by FID/IS (Inception-v3) or, on digits, by FD-digits.
+  config.evaluate = ml_collections.ConfigDict(
+    {
+      # 'inception' (FID/IS; needs inception_weights) or 'digits'.
+      'feature_extractor': 'inception',
+      # A converted weights file: python -m gdd.evaluation.inception_weights.
+      'inception_weights': '',
+      'num_samples': 50_000,
+      # Samples and Inception inputs per call; a multiple of the devices.
+      'batch_size': 512,
+      'ws': (0.0, 0.3, 1.0, 4.0),
+      'seed': 0,
+      # Reference statistics: this split, at most num_reference examples.
+      'reference_split': 'train',
+      'num_reference': 50_000,
+      # Real images of this split are scored like a model ('' to skip): the
+      # floor any model's FD can reach with num_samples images.
+      'real_split': '',
+      # Teacher rows: many steps (the reference) and few (DDIM baseline).
+      'teacher_num_steps': (1024, 256, 16, 8, 4),
+      'guided_num_steps': (256, 16, 8, 4),
+      # Stochastic rows for 2N steps up to this many (model distilled for N).
+      'max_stochastic_steps': 16,
+      # Teacher-vs-student wall time at one batch size ('()' to skip).
+      'speed_batch_size': 256,
+      'speed_teacher_num_steps': (256, 1024),
+      'speed_student_num_steps': 4,
     }
   )
   config.distributed = ml_collections.ConfigDict({'initialize': False})
@@ -293,11 +326,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'eval.teacher_num_steps', _positive_int, 'a positive int')
   _check(config, 'eval.samples_per_class', _positive_int, 'a positive int')
 
+  _validate_evaluate(config)
+
   _check(config, 'sample.stage', _one_of(STAGES), f'one of {STAGES}')
   _check(config, 'sample.sampler', _one_of(SAMPLERS), f'one of {SAMPLERS}')
   for key in ('num_steps', 'num_samples', 'batch_size'):
     _check(config, f'sample.{key}', _positive_int, 'a positive int')
   _check(config, 'sample.w', _non_negative_number, 'a number >= 0')
+
+
+def _validate_evaluate(config: ml_collections.ConfigDict) -> None:
+  _check(
+    config,
+    'evaluate.feature_extractor',
+    _one_of(FEATURE_EXTRACTORS),
+    f'one of {FEATURE_EXTRACTORS}',
+  )
+  for key in ('num_samples', 'batch_size', 'num_reference'):
+    _check(config, f'evaluate.{key}', _positive_int, 'a positive int')
+  _check(
+    config,
+    'evaluate.ws',
+    lambda v: len(v) > 0 and all(_non_negative_number(w) for w in v),
+    'a non-empty tuple of guidance strengths w >= 0',
+  )
+  for key in ('teacher_num_steps', 'guided_num_steps'):
+    _check(
+      config, f'evaluate.{key}', _positive_int_tuple, 'a tuple of positive ints'
+    )
+  _check(
+    config,
+    'evaluate.speed_teacher_num_steps',
+    _positive_int_tuple,
+    'a tuple of positive ints (empty: no speed benchmark)',
+  )
+  for key in ('max_stochastic_steps', 'speed_batch_size'):
+    _check(config, f'evaluate.{key}', _positive_int, 'a positive int')
+  _check(
+    config,
+    'evaluate.speed_student_num_steps',
+    _positive_int,
+    'a positive int',
+  )
 
 
 def make_quick(config: ml_collections.ConfigDict) -> None:
@@ -337,6 +407,17 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
   config.distill.initial_num_steps = 8
   config.eval.update(teacher_num_steps=8, samples_per_class=1)
   config.sample.update(num_steps=8, num_samples=20)
+  config.evaluate.update(
+    num_samples=100,
+    batch_size=50,
+    ws=(0.0, 4.0),
+    teacher_num_steps=(8, 2),
+    guided_num_steps=(2,),
+    max_stochastic_steps=4,
+    speed_batch_size=50,
+    speed_teacher_num_steps=(8,),
+    speed_student_num_steps=1,
+  )
 
 
 def apply_variant(
@@ -348,3 +429,17 @@ def apply_variant(
   elif variant:
     raise ValueError(f"Unknown variant {variant!r}; allowed: '' or 'quick'.")
   return config
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """A config from `FILE.py` or `FILE.py:variant`, as `--config=` reads it.
+
+  For notebooks and scripts, which have no absl flags.
+  """
+  filename, _, variant = path.partition(':')
+  if not os.path.isfile(filename):
+    raise FileNotFoundError(f'No config file {filename!r}.')
+  spec = importlib.util.spec_from_file_location('gdd_user_config', filename)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)

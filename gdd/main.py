@@ -1,8 +1,10 @@
-r"""Command line: train the stage chain or sample from it.
+r"""Command line: train the stage chain, sample from it or evaluate it.
 
   python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits
   python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits \
       --mode=sample --config.sample.num_steps=64 --config.sample.w=1
+  python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits \
+      --mode=evaluate
 """
 
 import logging
@@ -19,7 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.')
 _MODE = flags.DEFINE_enum(
-  'mode', 'all', pipeline.MODES, 'Which stages to run, or sample.'
+  'mode', 'all', pipeline.MODES, 'Which stages to run, or sample / evaluate.'
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 

@@ -16,10 +16,19 @@ import jax
 import ml_collections
 
 from gdd import config_lib, data, sample
+from gdd.evaluation import evaluate
 from gdd.stages import Stage, common, guided, progressive, teacher
 from gdd.train import loop
 
-MODES = ('all', 'teacher', 'guided', 'distill', 'distill_single_w', 'sample')
+MODES = (
+  'all',
+  'teacher',
+  'guided',
+  'distill',
+  'distill_single_w',
+  'sample',
+  'evaluate',
+)
 # Config sections that define each stage's training: a stage also depends on
 # everything its teacher depended on.
 _STAGE_SECTIONS = {
@@ -291,4 +300,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
     print(sample.sample_to_files(config, workdir))
     return
   data.check_available(config.data)
+  if mode == 'evaluate':
+    evaluate.run(config, workdir)
+    return
   run_chain(config, workdir, mode)

@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 
 import jax
@@ -67,7 +68,7 @@ def _resolve(
     if w is None:
       raise ValueError(
         "stage='single_w' needs w: each single-w model is trained for one "
-        f'w; trained: {_single_w_values(workdir) or "none"}.'
+        f'w; trained: {single_w_values(workdir) or "none"}.'
       )
     root = progressive.single_w_root(w)
     stage_name = functools.partial(progressive.single_w_stage_name, w)
@@ -108,7 +109,7 @@ def finished_rounds(workdir: str, root: str = 'distill') -> list[int]:
   return sorted(counts, reverse=True)
 
 
-def _single_w_values(workdir: str) -> list[float]:
+def single_w_values(workdir: str) -> list[float]:
   """The w of every single-w chain in the workdir."""
   root = stage_dir(workdir, 'single_w')
   if not os.path.isdir(root):
@@ -142,7 +143,10 @@ def load_sampler(
     `(rng, labels, w) -> images`: labels int [B] in [0, num_classes), w the
     guidance strength (GD's w; diffusers' guidance_scale is 1 + w), images
     [B, H, W, C] float32 in [−1, 1]. The first call for a batch size
-    compiles; later calls with that size do not.
+    compiles; later calls with that size do not. `sampler.compile(B)`
+    compiles ahead of time and returns the seconds it took, so that timed
+    calls measure sampling only; `sampler.compiled_batch_sizes()` lists the
+    (device-padded) batch sizes compiled so far.
   """
   folder = _resolve(workdir, stage, num_steps, sampler, w)
   config = load_stage_config(workdir, folder)
@@ -173,6 +177,24 @@ def load_sampler(
     out_shardings=sharding.batch_sharded(mesh),
   )
   num_devices = mesh.devices.size
+  executables = {}
+
+  def executable(padded_size: int):
+    """The compiled sampler for one padded batch size (compiled once)."""
+    if padded_size not in executables:
+      executables[padded_size] = jitted.lower(
+        params,
+        jax.random.PRNGKey(0),
+        np.zeros(padded_size, np.int32),
+        jnp.float32(0),
+      ).compile()
+    return executables[padded_size]
+
+  def compile_for(batch_size: int) -> float:
+    """Compiles for `batch_size` now; returns the seconds it took."""
+    start = time.perf_counter()
+    executable(batch_size + -batch_size % num_devices)
+    return time.perf_counter() - start
 
   def sample(rng: jax.Array, labels, w) -> jnp.ndarray:
     labels = np.asarray(labels, np.int32)
@@ -189,9 +211,10 @@ def load_sampler(
       )
     n = len(labels)
     padded = np.pad(labels, (0, -n % num_devices), mode='edge')
-    return jitted(params, rng, padded, jnp.float32(w))[:n]
+    return executable(len(padded))(params, rng, padded, jnp.float32(w))[:n]
 
-  sample.jitted = jitted
+  sample.compile = compile_for
+  sample.compiled_batch_sizes = lambda: sorted(executables)
   return sample
 
 

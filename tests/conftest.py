@@ -12,6 +12,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402  (after the flags above)
+import pytest  # noqa: E402
 
 # Stages rebuilt from the same config compile to the same programs; a
 # persistent cache lets the tests reuse them instead of recompiling.
@@ -21,3 +22,19 @@ jax.config.update(
 )
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+@pytest.fixture(scope='session')
+def chain_workdir(tmp_path_factory):
+  """teacher → guided → 4 → 2 → 1 steps on digits, 2 updates per stage.
+
+  Shared by the chain and evaluation tests; tests may add to it but must
+  not change what is there.
+  """
+  # Imported here: gdd must load after the XLA flags above.
+  from gdd import pipeline
+  from tests import helpers
+
+  workdir = str(tmp_path_factory.mktemp('chain'))
+  pipeline.run(helpers.quick_config(num_train_steps=2), workdir, 'all')
+  return workdir

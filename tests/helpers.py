@@ -1,6 +1,5 @@
 """Shared test fixtures: tiny configs that compile and run in seconds."""
 
-import importlib.util
 import os
 
 import ml_collections
@@ -13,10 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_config(name: str, variant: str = '') -> ml_collections.ConfigDict:
   """`configs/<name>.py`'s get_config(variant), as config_flags loads it."""
   path = os.path.join(REPO, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return config_lib.load_file(f'{path}:{variant}' if variant else path)
 
 
 def quick_config(

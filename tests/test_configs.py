@@ -54,6 +54,10 @@ def test_unknown_variant_is_rejected():
     ('sample.w', -1.0, 'config.sample.w=-1.0'),
     ('sample.sampler', 'euler', 'ddim'),
     ('eval.sample_ws', (), 'non-empty'),
+    ('evaluate.feature_extractor', 'clip', "one of \\('inception'"),
+    ('evaluate.ws', (-1.0,), 'guidance strengths w >= 0'),
+    ('evaluate.num_samples', 0, 'config.evaluate.num_samples=0'),
+    ('evaluate.teacher_num_steps', (0,), 'tuple of positive ints'),
   ],
 )
 def test_bad_values_are_rejected_with_key_value_and_allowed(
@@ -103,3 +107,14 @@ def test_cli_rejects_typos_and_bad_values(tmp_path):
   assert bad.returncode != 0
   assert 'config.teacher.num_train_steps=-1 is invalid' in bad.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_load_file_reads_variants_and_names_missing_files(tmp_path):
+  path = os.path.join(helpers.REPO, 'configs', 'digits.py')
+  quick = config_lib.load_file(path + ':quick')
+  assert (
+    quick.teacher.num_train_steps
+    < config_lib.load_file(path).teacher.num_train_steps
+  )
+  with pytest.raises(FileNotFoundError, match='nope.py'):
+    config_lib.load_file(str(tmp_path / 'nope.py'))

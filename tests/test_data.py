@@ -394,3 +394,16 @@ def test_check_available_passes_under_mock_data_with_metadata(tmp_path):
     pytest.raises(data.DatasetNotFoundError),
   ):
     data.check_available(_config('cifar10'))
+
+
+def test_split_sizes_come_from_metadata():
+  assert data.split_size(_config('digits'), 'train') == 1500
+  assert data.split_size(_config('digits'), 'test') == 297
+  with pytest.raises(ValueError, match='must be one of'):
+    data.split_size(_config('digits'), 'validation')
+  # Not prepared here: no splits, and the error says which exist.
+  with (
+    tfds.testing.mock_data(num_examples=8),
+    pytest.raises(ValueError, match="no split 'test'; its splits"),
+  ):
+    data.split_size(_config('cifar10'), 'test')

@@ -106,8 +106,14 @@ def test_load_sampler_is_jitted_and_deterministic(digits_workdir):
   second = sampler(jax.random.PRNGKey(0), labels, 4.0)
   again = sampler(jax.random.PRNGKey(0), labels, 1.0)
   np.testing.assert_array_equal(first, again)
-  assert sampler.jitted._cache_size() == 1  # w is traced: no recompile.
   assert not np.array_equal(first, second)
+  # w is traced: one executable per (device-padded) batch size serves every w.
+  padded = lambda n: n + -n % jax.device_count()
+  assert sampler.compiled_batch_sizes() == [padded(5)]
+  assert sampler.compile(11) > 0
+  assert sampler.compiled_batch_sizes() == [padded(5), padded(11)]
+  sampler(jax.random.PRNGKey(0), np.arange(11) % 10, 2.0)
+  assert sampler.compiled_batch_sizes() == [padded(5), padded(11)]
 
 
 def test_load_sampler_rejects_bad_requests(digits_workdir, tmp_path):
@@ -147,14 +153,6 @@ def test_missing_tfds_dataset_fails_before_compiling(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / 'empty')):
     pipeline.run(config, str(tmp_path / 'run'), 'teacher')
   assert not (tmp_path / 'run').exists()
-
-
-@pytest.fixture(scope='module')
-def chain_workdir(tmp_path_factory):
-  """teacher → guided → 4 → 2 → 1 steps on digits, 2 updates per stage."""
-  workdir = str(tmp_path_factory.mktemp('chain'))
-  pipeline.run(helpers.quick_config(num_train_steps=2), workdir, 'all')
-  return workdir
 
 
 def _params(stage_dir):

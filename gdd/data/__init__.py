@@ -209,3 +209,13 @@ def eval_arrays(
     split=split,
     num_examples=num_examples,
   )
+
+
+def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
+  """Examples in `split` (reads metadata only for TFDS data sets)."""
+  _validate(data_config)
+  if data_config.name == DIGITS:
+    return digits.split_size(split)
+  return _tfds().split_size(
+    data_config.name, data_config.get('data_dir'), split
+  )

@@ -55,6 +55,12 @@ def _load_splits() -> dict[str, dict[str, np.ndarray]]:
   return splits
 
 
+def split_size(split: str) -> int:
+  if split not in SPLITS:
+    raise ValueError(f'digits split must be one of {SPLITS}, got {split!r}.')
+  return NUM_TRAIN_EXAMPLES if split == 'train' else NUM_TEST_EXAMPLES
+
+
 def eval_arrays(
   *, split: str, num_examples: int | None = None
 ) -> dict[str, np.ndarray]:

@@ -203,6 +203,16 @@ def train_batches(
     skip_batches = 0
 
 
+def split_size(name: str, data_dir: str | None, split: str) -> int:
+  """Examples in a prepared split, from the builder's metadata."""
+  splits = _builder(name, data_dir).info.splits
+  if split not in splits:
+    raise ValueError(
+      f'{name!r} has no split {split!r}; its splits: {sorted(splits)}.'
+    )
+  return splits[split].num_examples
+
+
 def eval_arrays(
   name: str,
   data_dir: str | None,

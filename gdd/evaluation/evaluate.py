@@ -1,0 +1,343 @@
+"""`--mode=evaluate`: every finished stage of a workdir, scored like the paper.
+
+A row is (model, sampler, num_steps): the CFG teacher with many DDIM steps
+(the reference) and with few (the paper's DDIM baseline), the stage-one
+student, the distilled student deterministic and stochastic at every
+distilled step count, and the single-w baseline where present. Each row is
+sampled at every w of `config.evaluate.ws` from the same noise seeds, and
+scored against cached reference statistics of real data: Fréchet distance
+(FID with Inception-v3, FD-digits with the digits classifier), Inception
+Score (or its digits analogue), class accuracy where the extractor's classes
+are the data set's, NFE per sample, and seconds per sample measured after
+compilation. Results go to `<workdir>/eval/` (see `report`).
+"""
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from gdd import data, images, sample
+from gdd.evaluation import features, fid, report
+from gdd.stages import progressive
+
+# Real images scored as if they were a model (the floor of the metric).
+REAL = 'real'
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One sampler configuration to score."""
+
+  model: str  # 'teacher', 'guided', 'distill', 'single_w' or REAL.
+  sampler: str
+  num_steps: int
+  trained_w: float | None = None  # The single-w baseline's one w.
+
+  @property
+  def nfe(self) -> int:
+    """Network evaluations per sample: the CFG teacher makes 2 per step."""
+    if self.model == REAL:
+      return 0
+    return 2 * self.num_steps if self.model == 'teacher' else self.num_steps
+
+
+def eval_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'eval')
+
+
+def plan_rows(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
+  """The rows of the evaluation grid that this workdir's stages can serve."""
+  ev = config.evaluate
+  rows = []
+
+  def finished(stage: str) -> bool:
+    return os.path.isdir(os.path.join(workdir, stage, 'params'))
+
+  if finished('teacher'):
+    rows += [Row('teacher', 'ddim', n) for n in ev.teacher_num_steps]
+  if finished('guided'):
+    rows += [Row('guided', 'ddim', n) for n in ev.guided_num_steps]
+  rounds = sample.finished_rounds(workdir)
+  rows += [Row('distill', 'ddim', n) for n in rounds]
+  rows += [
+    Row('distill', 'stochastic', 2 * n)
+    for n in rounds
+    if 2 * n <= ev.max_stochastic_steps
+  ]
+  for w in sample.single_w_values(workdir):
+    root = progressive.single_w_root(w)
+    rows += [
+      Row('single_w', 'ddim', n, trained_w=w)
+      for n in sample.finished_rounds(workdir, root)
+    ]
+  return rows
+
+
+def _check_request(config, workdir: str, rows: list[Row]) -> None:
+  """Everything that can be wrong, checked before any sampling starts."""
+  if not rows:
+    raise FileNotFoundError(
+      f'No finished stage in {workdir}: --mode=evaluate scores trained '
+      'stages; train first (python -m gdd.main --config=... '
+      f'--workdir={workdir}).'
+    )
+  trained = sample.load_stage_config(workdir, 'teacher')
+  if trained.data.name != config.data.name:
+    raise ValueError(
+      f'config.data.name={config.data.name!r} but {workdir} was trained on '
+      f'{trained.data.name!r}; pass the config the workdir was trained with.'
+    )
+  if any(row.model in ('guided', 'distill') for row in rows):
+    student = sample.load_stage_config(workdir, 'guided').guided
+    ws = config.evaluate.ws
+    if any(not student.w_min <= w <= student.w_max for w in ws):
+      raise ValueError(
+        f'config.evaluate.ws={tuple(ws)} leaves the range '
+        f'the students were trained for [{student.w_min:g}, '
+        f'{student.w_max:g}]; choose ws inside it.'
+      )
+
+
+def _sample_ws(row: Row, ws: tuple[float, ...]) -> tuple[float, ...]:
+  # A single-w model exists for one w only.
+  return (row.trained_w,) if row.model == 'single_w' else ws
+
+
+def _generate(
+  sampler: sample.SamplerFn,
+  labels: np.ndarray,
+  w: float,
+  batch_size: int,
+  seed: int,
+) -> tuple[np.ndarray, float]:
+  """Samples for `labels` (uint8-quantised) and seconds per sample.
+
+  Batch k uses the noise key fold_in(seed, k) in every row, so rows differ
+  only by their model and sampler. The sampler must be compiled for the
+  batch sizes used; the seconds are sampling only.
+  """
+  chunks, seconds = [], 0.0
+  for index, begin in enumerate(range(0, len(labels), batch_size)):
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+    start = time.perf_counter()
+    batch = np.asarray(sampler(rng, labels[begin : begin + batch_size], w))
+    seconds += time.perf_counter() - start
+    chunks.append(batch)
+  # Scored as saved images are: quantised to 8 bits, as real data is.
+  quantised = images.to_uint8(np.concatenate(chunks))
+  return quantised.astype(np.float32) / 127.5 - 1.0, seconds / len(labels)
+
+
+def _score(
+  extractor: features.FeatureExtractor,
+  samples: np.ndarray,
+  labels: np.ndarray,
+  reference: tuple[np.ndarray, np.ndarray],
+  num_splits: int,
+) -> dict:
+  out = extractor.extract(samples)
+  mu, sigma = fid.gaussian_stats(out['features'])
+  is_mean, is_std = fid.inception_score(
+    out['logits'], num_splits=num_splits, from_logits=True
+  )
+  scores = {
+    'fd': fid.frechet_distance(mu, sigma, *reference),
+    'is': is_mean,
+    'is_std': is_std,
+    'accuracy': None,
+  }
+  if extractor.labels_are_classes:
+    predicted = np.argmax(out['logits'], axis=-1)
+    scores['accuracy'] = float(np.mean(predicted == labels))
+  return scores
+
+
+def _num_splits(num_samples: int) -> int:
+  """10 splits as is standard, fewer when there are few samples."""
+  return max(1, min(10, num_samples // 100))
+
+
+def _evaluate_row(
+  row: Row,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  extractor: features.FeatureExtractor,
+  reference: tuple[np.ndarray, np.ndarray],
+  labels: np.ndarray,
+) -> list[dict]:
+  """One record per w for a model row."""
+  ev = config.evaluate
+  sampler = sample.load_sampler(
+    workdir,
+    row.model,
+    num_steps=row.num_steps,
+    sampler=row.sampler,
+    w=row.trained_w,
+  )
+  compile_seconds = sampler.compile(min(ev.batch_size, len(labels)))
+  if len(labels) % ev.batch_size and len(labels) > ev.batch_size:
+    compile_seconds += sampler.compile(len(labels) % ev.batch_size)
+  records = []
+  for w in _sample_ws(row, tuple(ev.ws)):
+    samples, seconds = _generate(sampler, labels, w, ev.batch_size, ev.seed)
+    records.append(
+      dict(
+        dataclasses.asdict(row),
+        nfe=row.nfe,
+        w=float(w),
+        num_samples=len(labels),
+        seconds_per_sample=seconds,
+        compile_seconds=compile_seconds,
+        **_score(
+          extractor, samples, labels, reference, _num_splits(len(labels))
+        ),
+      )
+    )
+    print(report.format_record(records[-1]), flush=True)
+  return records
+
+
+def _evaluate_real(config, extractor, reference) -> dict:
+  """Real images of `evaluate.real_split` scored like a model's samples."""
+  ev = config.evaluate
+  split_size = data.split_size(config.data, ev.real_split)
+  real = data.eval_arrays(
+    config.data,
+    split=ev.real_split,
+    num_examples=min(ev.num_samples, split_size),
+  )
+  record = dict(
+    dataclasses.asdict(Row(REAL, ev.real_split, 0)),
+    nfe=0,
+    w=None,
+    num_samples=len(real['label']),
+    seconds_per_sample=None,
+    compile_seconds=None,
+    **_score(
+      extractor,
+      real['image'],
+      real['label'],
+      reference,
+      _num_splits(len(real['label'])),
+    ),
+  )
+  print(report.format_record(record), flush=True)
+  return record
+
+
+def _time_call(fn: Callable[[], object], min_seconds: float = 5.0) -> float:
+  """Seconds per call of a compiled sampler, after compilation.
+
+  A call shorter than `min_seconds` counts as warm-up (first-call effects
+  such as allocation and thread start-up are not negligible on it) and the
+  median of repeated calls filling `min_seconds` (at least 3) is returned;
+  a longer call is timed once.
+  """
+  start = time.perf_counter()
+  np.asarray(fn())
+  elapsed = time.perf_counter() - start
+  if elapsed >= min_seconds:
+    return elapsed
+  times = []
+  for _ in range(max(3, int(np.ceil(min_seconds / max(elapsed, 1e-4))))):
+    start = time.perf_counter()
+    np.asarray(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def measure_speed(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict | None:
+  """Wall time of the CFG teacher at many steps against the N-step student.
+
+  One process, one device set, one batch size, compiled before timing. The
+  ideal ratio is the ratio of network evaluations.
+  """
+  ev = config.evaluate
+  student_steps = ev.speed_student_num_steps
+  if not ev.speed_teacher_num_steps:
+    return None
+  if student_steps not in sample.finished_rounds(workdir):
+    print(f'speed: no finished {student_steps}-step round; skipped.')
+    return None
+  info = data.get_info(config.data)
+  labels = np.arange(ev.speed_batch_size, dtype=np.int32) % info.num_classes
+  rng = jax.random.PRNGKey(ev.seed)
+
+  def seconds(model: str, num_steps: int) -> float:
+    sampler = sample.load_sampler(workdir, model, num_steps=num_steps)
+    sampler.compile(len(labels))
+    return _time_call(lambda: sampler(rng, labels, 1.0))
+
+  student_seconds = seconds('distill', student_steps)
+  rows = []
+  for teacher_steps in ev.speed_teacher_num_steps:
+    teacher_seconds = seconds('teacher', teacher_steps)
+    rows.append(
+      {
+        'teacher_num_steps': teacher_steps,
+        'teacher_seconds': teacher_seconds,
+        'measured_ratio': teacher_seconds / student_seconds,
+        'ideal_ratio': 2 * teacher_steps / student_steps,
+      }
+    )
+    print(report.format_speed_row(rows[-1], student_steps), flush=True)
+  return {
+    'device': device_description(),
+    'batch_size': ev.speed_batch_size,
+    'student_num_steps': student_steps,
+    'student_seconds': student_seconds,
+    'rows': rows,
+  }
+
+
+def device_description() -> str:
+  devices = jax.devices()
+  return f'{devices[0].platform}:{devices[0].device_kind} x{len(devices)}'
+
+
+def check(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
+  """Validates an evaluate request (cheap); returns the rows it will score."""
+  rows = plan_rows(config, workdir)
+  _check_request(config, workdir, rows)
+  features.check_config(config)
+  return rows
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores every finished stage; writes results.json, results.md, plots."""
+  rows = check(config, workdir)
+  ev = config.evaluate
+  out_dir = eval_dir(workdir)
+  os.makedirs(out_dir, exist_ok=True)
+  extractor = features.make_extractor(config, out_dir)
+  reference = features.reference_stats(config, extractor, out_dir)
+  info = data.get_info(config.data)
+  labels = np.arange(ev.num_samples, dtype=np.int32) % info.num_classes
+  records = []
+  if ev.real_split:
+    records.append(_evaluate_real(config, extractor, reference))
+  for row in rows:
+    records += _evaluate_row(row, config, workdir, extractor, reference, labels)
+  results = {
+    'workdir': os.path.abspath(workdir),
+    'device': device_description(),
+    'metric': extractor.metric_name,
+    'extractor': extractor.about,
+    'reference': {
+      'split': ev.reference_split,
+      'num_examples': features.reference_size(config),
+    },
+    'config': json.loads(ev.to_json()),
+    'records': records,
+    'speed': measure_speed(config, workdir),
+  }
+  report.write(results, out_dir)
+  return results

@@ -1,0 +1,263 @@
+"""Evaluation output: results.json, a markdown table and PNG plots.
+
+Reads only the results dict that `evaluate.run` builds, so a report can be
+re-made from a saved results.json (`write(json.load(...), out_dir)`).
+"""
+
+import json
+import os
+
+import matplotlib
+from matplotlib import figure
+
+# Figures are built with matplotlib's object API and saved to files, never
+# through pyplot: no global backend is set, so a notebook that imports gdd
+# keeps its inline plots.
+
+# Plotted series: (model, sampler) → label.
+_SERIES = {
+  ('teacher', 'ddim'): 'CFG teacher, DDIM',
+  ('guided', 'ddim'): 'stage-one student, DDIM',
+  ('distill', 'ddim'): 'distilled, deterministic',
+  ('distill', 'stochastic'): 'distilled, stochastic',
+  ('single_w', 'ddim'): 'single-w baseline',
+}
+# One colour family per series in the quality-vs-w plot; darker = more steps.
+_COLORMAPS = {
+  ('teacher', 'ddim'): 'Blues',
+  ('guided', 'ddim'): 'Oranges',
+  ('distill', 'ddim'): 'Greens',
+  ('distill', 'stochastic'): 'Reds',
+}
+
+
+def _fmt(value, spec: str) -> str:
+  return '–' if value is None else format(value, spec)
+
+
+def row_name(record: dict) -> str:
+  if record['model'] == 'real':
+    return f'real data ({record["sampler"]} split)'
+  name = record['model']
+  if record['trained_w'] is not None:
+    name += f' (w={record["trained_w"]:g})'
+  return name
+
+
+def format_record(record: dict) -> str:
+  """One progress line, printed as each cell is scored."""
+  if record['model'] == 'real':
+    what = f'{row_name(record)}, {record["num_samples"]} images'
+  else:
+    what = (
+      f'{row_name(record)} {record["sampler"]} {record["num_steps"]} steps '
+      f'w={record["w"]:g}'
+    )
+  return (
+    f'{what}: '
+    f'FD {record["fd"]:.3f}, IS {record["is"]:.2f}, accuracy '
+    f'{_fmt(record["accuracy"], ".3f")}, '
+    f'{_fmt(record["seconds_per_sample"], ".2e")} s/sample'
+  )
+
+
+def format_speed_row(row: dict, student_num_steps: int) -> str:
+  return (
+    f'speed: teacher {row["teacher_num_steps"]} steps '
+    f'{row["teacher_seconds"]:.3f} s vs {student_num_steps}-step student: '
+    f'{row["measured_ratio"]:.1f}x (ideal {row["ideal_ratio"]:.0f}x)'
+  )
+
+
+def _row_keys(records: list[dict]) -> list[tuple]:
+  """Distinct rows in first-seen order."""
+  keys = []
+  for record in records:
+    key = (
+      record['model'],
+      record['sampler'],
+      record['num_steps'],
+      record['trained_w'],
+    )
+    if key not in keys:
+      keys.append(key)
+  return keys
+
+
+def _ws(records: list[dict]) -> list[float]:
+  return sorted({r['w'] for r in records if r['w'] is not None})
+
+
+def _metric_table(results: dict, metric: str, title: str, spec: str) -> str:
+  records = results['records']
+  ws = _ws(records)
+  lines = [
+    f'### {title}',
+    '',
+    '| model | sampler | steps | NFE | s/sample | '
+    + ' | '.join(f'w={w:g}' for w in ws)
+    + ' |',
+    '|' + ' --- |' * (5 + len(ws)),
+  ]
+  for key in _row_keys(records):
+    cells = [r for r in records if _row_keys([r])[0] == key]
+    by_w = {r['w']: r for r in cells}
+    # Real data has no w: its value stands in every w column.
+    values = [(by_w.get(w) or by_w.get(None) or {}).get(metric) for w in ws]
+    seconds = [
+      c['seconds_per_sample'] for c in cells if c['seconds_per_sample']
+    ]
+    first = cells[0]
+    lines.append(
+      f'| {row_name(first)} | {first["sampler"]} | {first["num_steps"]} | '
+      f'{first["nfe"]} | '
+      f'{_fmt(sum(seconds) / len(seconds) if seconds else None, ".2e")} | '
+      + ' | '.join(_fmt(v, spec) for v in values)
+      + ' |'
+    )
+  return '\n'.join(lines)
+
+
+def speed_table(speed: dict) -> str:
+  lines = [
+    '### Sampling speed',
+    '',
+    f'Device {speed["device"]}, batch {speed["batch_size"]}, one process, '
+    'compiled before timing (short calls: median of repeats after a '
+    'warm-up call); '
+    f'the {speed["student_num_steps"]}-step student takes '
+    f'{speed["student_seconds"]:.4f} s per batch.',
+    '',
+    '| teacher steps | teacher NFE | teacher s/batch | measured ratio | '
+    'ideal ratio (NFE) |',
+    '| --- | --- | --- | --- | --- |',
+  ]
+  for row in speed['rows']:
+    lines.append(
+      f'| {row["teacher_num_steps"]} | {2 * row["teacher_num_steps"]} | '
+      f'{row["teacher_seconds"]:.3f} | {row["measured_ratio"]:.1f}× | '
+      f'{row["ideal_ratio"]:.0f}× |'
+    )
+  return '\n'.join(lines)
+
+
+def markdown(results: dict) -> str:
+  """The whole report as markdown (what results.md holds)."""
+  records = results['records']
+  num_samples = max(r['num_samples'] for r in records)
+  metric = results['metric']
+  about = ', '.join(
+    f'{k}: {v:.4f}' if isinstance(v, float) else f'{k}: {v}'
+    for k, v in results['extractor'].items()
+  )
+  parts = [
+    f'## Evaluation of {results["workdir"]}',
+    '',
+    f'Device: {results["device"]}. {num_samples} samples per cell (classes '
+    f'cycled), scored against {results["reference"]["num_examples"]} real '
+    f'images of the {results["reference"]["split"]} split ({about}). NFE: '
+    'network evaluations per sample (the CFG teacher makes 2 per step). '
+    's/sample: sampling wall time after compilation, mean over w.',
+    '',
+    _metric_table(results, 'fd', f'{metric} (lower is better)', '.3f'),
+    '',
+    _metric_table(results, 'is', 'Inception Score (higher is better)', '.2f'),
+  ]
+  if any(r['accuracy'] is not None for r in records):
+    parts += ['', _metric_table(results, 'accuracy', 'Class accuracy', '.3f')]
+  if results.get('speed'):
+    parts += ['', speed_table(results['speed'])]
+  return '\n'.join(parts) + '\n'
+
+
+def _series(records: list[dict]) -> dict[tuple, list[dict]]:
+  out = {}
+  for record in records:
+    key = (record['model'], record['sampler'])
+    if key in _SERIES:
+      out.setdefault(key, []).append(record)
+  return out
+
+
+def plot_quality_vs_nfe(results: dict, path: str) -> None:
+  """FD and IS against NFE (log axis), one column per w."""
+  records = results['records']
+  ws = _ws(records)
+  real = [r for r in records if r['model'] == 'real']
+  fig = figure.Figure(figsize=(3.6 * len(ws), 6.4))
+  axes = fig.subplots(2, len(ws), squeeze=False)
+  for col, w in enumerate(ws):
+    cells = [r for r in records if r['w'] == w]
+    for row, (metric, label) in enumerate(
+      (('fd', results['metric']), ('is', 'IS'))
+    ):
+      ax = axes[row][col]
+      for key, points in _series(cells).items():
+        points = sorted(points, key=lambda r: r['nfe'])
+        ax.plot(
+          [p['nfe'] for p in points],
+          [p[metric] for p in points],
+          marker='o',
+          label=_SERIES[key],
+        )
+      for r in real:
+        ax.axhline(r[metric], color='gray', linestyle=':', label='real data')
+      ax.set_xscale('log', base=2)
+      ax.set_xlabel('NFE per sample')
+      ax.set_ylabel(label)
+      ax.set_title(f'w = {w:g}')
+      if metric == 'fd':
+        ax.set_yscale('log')
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def plot_quality_vs_w(results: dict, path: str) -> None:
+  """FD and IS against w, one line per (model, sampler, steps).
+
+  Each series has its own colour family, darker for more steps. Single-w
+  models have one w each and appear in the NFE plot only.
+  """
+  records = [r for r in results['records'] if r['w'] is not None]
+  fig = figure.Figure(figsize=(12, 4.6))
+  axes = fig.subplots(1, 2)
+  for key, points in _series(records).items():
+    if key not in _COLORMAPS:
+      continue
+    steps = sorted({p['num_steps'] for p in points})
+    colormap = matplotlib.colormaps[_COLORMAPS[key]]
+    for index, num_steps in enumerate(steps):
+      cells = sorted(
+        (p for p in points if p['num_steps'] == num_steps),
+        key=lambda p: p['w'],
+      )
+      shade = 0.35 + 0.65 * (index + 1) / len(steps)
+      for ax, metric in zip(axes, ('fd', 'is'), strict=True):
+        ax.plot(
+          [c['w'] for c in cells],
+          [c[metric] for c in cells],
+          marker='.',
+          color=colormap(shade),
+          label=f'{_SERIES[key]}, {num_steps} steps',
+        )
+  axes[0].set_ylabel(results['metric'])
+  axes[0].set_yscale('log')
+  axes[1].set_ylabel('IS')
+  for ax in axes:
+    ax.set_xlabel('guidance strength w')
+  axes[0].legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def write(results: dict, out_dir: str) -> None:
+  """results.json, results.md, quality_vs_nfe.png and quality_vs_w.png."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write(markdown(results))
+  plot_quality_vs_nfe(results, os.path.join(out_dir, 'quality_vs_nfe.png'))
+  plot_quality_vs_w(results, os.path.join(out_dir, 'quality_vs_w.png'))
+  print(f'evaluation written to {out_dir}: results.json, results.md, plots')

@@ -1,0 +1,582 @@
+"""The FID Inception: shapes, preprocessing, sharding, weight conversion.
+
+The network compiles once (8 fake devices, batch 8, 299×299) and every test
+reuses it through module-scoped fixtures. The architecture is checked
+against an independent transcription of pytorch-fid's state dict, and
+converted weights against torch's conv/linear semantics, so the round trips
+cannot pass by being consistently wrong in both directions.
+"""
+
+import collections
+import io
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from gdd.evaluation import inception, inception_weights
+
+BATCH_SIZE = 8
+
+# ----------------------------------------------------------------------------
+# Independent transcription of pytorch-fid's FID Inception state dict, from
+# torchvision's Inception3 / InceptionA–E definitions (conv: in, out, kH, kW).
+
+
+def _block_a(cin: int, pool: int) -> list[tuple]:
+  return [
+    ('branch1x1', cin, 64, 1, 1),
+    ('branch5x5_1', cin, 48, 1, 1),
+    ('branch5x5_2', 48, 64, 5, 5),
+    ('branch3x3dbl_1', cin, 64, 1, 1),
+    ('branch3x3dbl_2', 64, 96, 3, 3),
+    ('branch3x3dbl_3', 96, 96, 3, 3),
+    ('branch_pool', cin, pool, 1, 1),
+  ]
+
+
+def _block_c(c7: int) -> list[tuple]:
+  return [
+    ('branch1x1', 768, 192, 1, 1),
+    ('branch7x7_1', 768, c7, 1, 1),
+    ('branch7x7_2', c7, c7, 1, 7),
+    ('branch7x7_3', c7, 192, 7, 1),
+    ('branch7x7dbl_1', 768, c7, 1, 1),
+    ('branch7x7dbl_2', c7, c7, 7, 1),
+    ('branch7x7dbl_3', c7, c7, 1, 7),
+    ('branch7x7dbl_4', c7, c7, 7, 1),
+    ('branch7x7dbl_5', c7, 192, 1, 7),
+    ('branch_pool', 768, 192, 1, 1),
+  ]
+
+
+def _block_e(cin: int) -> list[tuple]:
+  return [
+    ('branch1x1', cin, 320, 1, 1),
+    ('branch3x3_1', cin, 384, 1, 1),
+    ('branch3x3_2a', 384, 384, 1, 3),
+    ('branch3x3_2b', 384, 384, 3, 1),
+    ('branch3x3dbl_1', cin, 448, 1, 1),
+    ('branch3x3dbl_2', 448, 384, 3, 3),
+    ('branch3x3dbl_3a', 384, 384, 1, 3),
+    ('branch3x3dbl_3b', 384, 384, 3, 1),
+    ('branch_pool', cin, 192, 1, 1),
+  ]
+
+
+def _pytorch_fid_shapes() -> dict[str, tuple[int, ...]]:
+  blocks = {
+    '': [
+      ('Conv2d_1a_3x3', 3, 32, 3, 3),
+      ('Conv2d_2a_3x3', 32, 32, 3, 3),
+      ('Conv2d_2b_3x3', 32, 64, 3, 3),
+      ('Conv2d_3b_1x1', 64, 80, 1, 1),
+      ('Conv2d_4a_3x3', 80, 192, 3, 3),
+    ],
+    'Mixed_5b.': _block_a(192, 32),
+    'Mixed_5c.': _block_a(256, 64),
+    'Mixed_5d.': _block_a(288, 64),
+    'Mixed_6a.': [
+      ('branch3x3', 288, 384, 3, 3),
+      ('branch3x3dbl_1', 288, 64, 1, 1),
+      ('branch3x3dbl_2', 64, 96, 3, 3),
+      ('branch3x3dbl_3', 96, 96, 3, 3),
+    ],
+    'Mixed_6b.': _block_c(128),
+    'Mixed_6c.': _block_c(160),
+    'Mixed_6d.': _block_c(160),
+    'Mixed_6e.': _block_c(192),
+    'Mixed_7a.': [
+      ('branch3x3_1', 768, 192, 1, 1),
+      ('branch3x3_2', 192, 320, 3, 3),
+      ('branch7x7x3_1', 768, 192, 1, 1),
+      ('branch7x7x3_2', 192, 192, 1, 7),
+      ('branch7x7x3_3', 192, 192, 7, 1),
+      ('branch7x7x3_4', 192, 192, 3, 3),
+    ],
+    'Mixed_7b.': _block_e(1280),
+    'Mixed_7c.': _block_e(2048),
+  }
+  shapes = {}
+  for prefix, convs in blocks.items():
+    for name, cin, cout, kh, kw in convs:
+      shapes[f'{prefix}{name}.conv.weight'] = (cout, cin, kh, kw)
+      for stat in ('weight', 'bias', 'running_mean', 'running_var'):
+        shapes[f'{prefix}{name}.bn.{stat}'] = (cout,)
+      shapes[f'{prefix}{name}.bn.num_batches_tracked'] = ()
+  shapes['fc.weight'] = (1008, 2048)
+  shapes['fc.bias'] = (1008,)
+  return shapes
+
+
+# ----------------------------------------------------------------------------
+# A writer of torch.save files that needs no torch: the test counterpart of
+# the reader, mimicking both of torch.save's layouts.
+
+
+class _TorchGlobal:
+  """Pickled as GLOBAL '<module>\\n<name>' (torch's classes and functions)."""
+
+  def __init__(self, module: str, name: str):
+    self.module, self.name = module, name
+
+  def __call__(self, *args):  # pickle's save_reduce wants a callable.
+    raise NotImplementedError
+
+
+_REBUILD_TENSOR_V2 = _TorchGlobal('torch._utils', '_rebuild_tensor_v2')
+_STORAGE_CLASSES = {
+  np.dtype(np.float32): _TorchGlobal('torch', 'FloatStorage'),
+  np.dtype(np.int64): _TorchGlobal('torch', 'LongStorage'),
+}
+
+
+class _FakeStorage:
+  def __init__(self, key: str, data: np.ndarray):
+    self.key, self.data = key, data
+
+
+class _FakeTensor:
+  def __init__(self, storage, offset, size, stride):
+    self.args = (storage, offset, size, stride)
+
+  def __reduce_ex__(self, protocol):
+    del protocol
+    # torch.Tensor reduces to _rebuild_tensor_v2(storage, storage_offset,
+    # size, stride, requires_grad, backward_hooks).
+    return _REBUILD_TENSOR_V2, (*self.args, False, collections.OrderedDict())
+
+
+class _TorchPickler(pickle._Pickler):  # The Python pickler can be extended.
+  dispatch = dict(pickle._Pickler.dispatch)
+
+  def __init__(self, file, legacy: bool):
+    super().__init__(file, protocol=2)
+    self.legacy = legacy
+
+  def persistent_id(self, obj):
+    if not isinstance(obj, _FakeStorage):
+      return None
+    pid = (
+      'storage',
+      _STORAGE_CLASSES[obj.data.dtype],
+      obj.key,
+      'cpu',
+      obj.data.size,
+    )
+    return (*pid, None) if self.legacy else pid  # legacy: + view_metadata.
+
+  def _save_torch_global(self, obj):
+    self.write(pickle.GLOBAL + f'{obj.module}\n{obj.name}\n'.encode())
+    self.memoize(obj)
+
+  dispatch[_TorchGlobal] = _save_torch_global
+
+
+def _fake_tensors(
+  state_dict: dict[str, np.ndarray], packed: bool
+) -> tuple[dict, list[_FakeStorage]]:
+  """State dict of _FakeTensors, and their storages.
+
+  Unpacked: one contiguous storage per tensor, as torch writes a state dict.
+  Packed: all tensors of a dtype share one storage at gapped offsets, stored
+  in reversed dimension order (Fortran strides), which exercises the reader's
+  offsets and strides.
+  """
+  out = collections.OrderedDict()
+  storages = []
+  if not packed:
+    for i, (name, value) in enumerate(state_dict.items()):
+      value = np.ascontiguousarray(value)
+      storage = _FakeStorage(str(i), value.ravel())
+      strides = tuple(s // value.itemsize for s in value.strides)
+      out[name] = _FakeTensor(storage, 0, value.shape, strides)
+      storages.append(storage)
+    return out, storages
+  by_dtype = collections.defaultdict(list)
+  for name, value in state_dict.items():
+    by_dtype[value.dtype].append(name)
+  for dtype, names in by_dtype.items():
+    chunks, offsets, position = [], {}, 0
+    for name in names:
+      value = state_dict[name]
+      chunks.append(np.full(3, -7, dtype))  # Gap: offsets must be honoured.
+      position += 3
+      offsets[name] = position
+      chunks.append(value.ravel(order='F'))
+      position += value.size
+    storage = _FakeStorage(str(len(storages)), np.concatenate(chunks))
+    storages.append(storage)
+    for name in names:
+      shape = state_dict[name].shape
+      strides = tuple(int(np.prod(shape[:i])) for i in range(len(shape)))
+      out[name] = _FakeTensor(storage, offsets[name], shape, strides)
+  return out, storages
+
+
+def _write_torch_zip(path, state_dict, packed: bool, prefix: str) -> None:
+  """torch.save's zip layout: <prefix>/data.pkl, data/<key>, version."""
+  tensors, storages = _fake_tensors(state_dict, packed)
+  tensors._metadata = collections.OrderedDict({'': {'version': 1}})
+  buf = io.BytesIO()
+  _TorchPickler(buf, legacy=False).dump(tensors)
+  with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zf:
+    zf.writestr(f'{prefix}/data.pkl', buf.getvalue())
+    zf.writestr(f'{prefix}/byteorder', 'little')
+    for storage in storages:
+      zf.writestr(f'{prefix}/data/{storage.key}', storage.data.tobytes())
+    zf.writestr(f'{prefix}/version', '3\n')
+
+
+def _write_torch_legacy(path, state_dict) -> None:
+  """torch.save(_use_new_zipfile_serialization=False)'s stream of pickles."""
+  tensors, storages = _fake_tensors(state_dict, packed=False)
+  sys_info = {
+    'protocol_version': 1001,
+    'little_endian': True,
+    'type_sizes': {'short': 2, 'int': 4, 'long': 4},
+  }
+  with open(path, 'wb') as f:
+    for header in (0x1950A86A20F9469CFC6C, 1001, sys_info):
+      pickle.dump(header, f, protocol=2)
+    _TorchPickler(f, legacy=True).dump(tensors)
+    keys = sorted(s.key for s in storages)
+    pickle.dump(keys, f, protocol=2)
+    by_key = {s.key: s for s in storages}
+    for key in keys:
+      f.write(np.int64(by_key[key].data.size).tobytes())
+      f.write(by_key[key].data.tobytes())
+
+
+# ----------------------------------------------------------------------------
+# Fixtures.
+
+
+@pytest.fixture(scope='module')
+def variables():
+  return inception.init_random_params(jax.random.key(0))
+
+
+@pytest.fixture(scope='module')
+def feature_fn(variables):
+  return inception.make_feature_fn(variables, batch_size=BATCH_SIZE)
+
+
+@pytest.fixture(scope='module')
+def images():
+  rng = np.random.default_rng(0)
+  return rng.uniform(-1, 1, size=(10, 32, 32, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope='module')
+def features(feature_fn, images):
+  # 10 images: one full batch and one padded with 6 blank images.
+  return feature_fn(images)
+
+
+@pytest.fixture(scope='module')
+def torch_state_dict(variables):
+  return inception_weights.flax_to_torch(variables)
+
+
+# ----------------------------------------------------------------------------
+# The model.
+
+
+def test_outputs_pool_and_logits(feature_fn, features, images):
+  gray = images[:2, :8, :8, :1]
+  out = feature_fn(gray)
+  assert out['pool'].shape == (2, inception.POOL_DIM) == (2, 2048)
+  assert out['logits'].shape == (2, inception.NUM_CLASSES) == (2, 1008)
+  assert features['pool'].shape == (10, 2048)
+  assert features['logits'].shape == (10, 1008)
+  for feats in (out, features):
+    assert feats['pool'].dtype == feats['logits'].dtype == np.float32
+    assert np.isfinite(feats['pool']).all()
+    assert np.isfinite(feats['logits']).all()
+    # pool3 averages post-ReLU maps; distinct images give distinct features.
+    assert (feats['pool'] >= 0).all() and feats['pool'].std() > 1e-3
+    assert np.abs(feats['pool'][0] - feats['pool'][1]).max() > 1e-3
+  # Grayscale is tiled to RGB.
+  tiled = feature_fn(np.repeat(gray, 3, axis=-1))
+  np.testing.assert_allclose(tiled['pool'], out['pool'], rtol=1e-5, atol=1e-5)
+
+
+def test_batching_and_padding_do_not_change_features(
+  feature_fn, features, images
+):
+  # Images 6..9 in one padded batch vs. split over two batches above.
+  out = feature_fn(images[6:])
+  for key in ('pool', 'logits'):
+    np.testing.assert_allclose(out[key], features[key][6:], atol=1e-4)
+  assert feature_fn(images[:0])['pool'].shape == (0, 2048)
+
+
+def test_sharded_features_match_single_device_apply(
+  variables, features, images
+):
+  # Resizing inside the model and on one device gives the same features as
+  # the jitted, batch-sharded path (tolerance: conv summation order).
+  out = jax.jit(inception.InceptionV3().apply)(variables, images[:2])
+  for key in ('pool', 'logits'):
+    np.testing.assert_allclose(
+      out[key], features[key][:2], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_make_feature_fn_validates_inputs(variables, feature_fn):
+  num_devices = len(jax.devices())
+  if num_devices == 1:
+    pytest.skip('needs more than one device')
+  with pytest.raises(ValueError, match='multiple of the number of devices'):
+    inception.make_feature_fn(variables, batch_size=num_devices + 1)
+  with pytest.raises(ValueError, match='C = 1 .* or 3'):
+    feature_fn(np.zeros((2, 8, 8, 2), np.float32))
+  with pytest.raises(ValueError, match=r'\[B, H, W, C\]'):
+    feature_fn(np.zeros((8, 8, 3), np.float32))
+
+
+def _torch_bilinear_reference(img: np.ndarray, size: int) -> np.ndarray:
+  """Literal float64 transcription of torch's upsample_bilinear2d kernel."""
+
+  def axis(in_size):
+    scale = in_size / size
+    src = np.maximum(scale * (np.arange(size) + 0.5) - 0.5, 0.0)
+    i0 = src.astype(np.int64)
+    step = (i0 < in_size - 1).astype(np.int64)
+    lam = src - i0
+    return i0, i0 + step, lam
+
+  h0, h1, lh = axis(img.shape[1])
+  w0, w1, lw = axis(img.shape[2])
+  img = img.astype(np.float64)
+  top = (
+    img[:, h0] * (1 - lh)[None, :, None, None]
+    + img[:, h1] * lh[None, :, None, None]
+  )
+  return (
+    top[:, :, w0] * (1 - lw)[None, None, :, None]
+    + top[:, :, w1] * lw[None, None, :, None]
+  )
+
+
+def test_resize_matches_torch_bilinear():
+  # F.interpolate([0, 1], size=4, mode='bilinear', align_corners=False)
+  # is [0, 0.25, 0.75, 1] (source coordinates clamped at the border).
+  x = jnp.asarray([0.0, 1.0]).reshape(1, 1, 2, 1)
+  y = inception.resize_bilinear(jnp.tile(x, (1, 2, 1, 1)), size=4)
+  np.testing.assert_allclose(y[0, 0, :, 0], [0.0, 0.25, 0.75, 1.0], atol=1e-7)
+  rng = np.random.default_rng(1)
+  for h, w in ((8, 8), (32, 20), (350, 317)):
+    img = rng.uniform(-1, 1, size=(1, h, w, 3)).astype(np.float32)
+    ours = inception.resize_bilinear(jnp.asarray(img), 299)
+    assert ours.shape == (1, 299, 299, 3)
+    ref = _torch_bilinear_reference(img, 299)
+    np.testing.assert_allclose(ours, ref, atol=2e-6)
+    if h < 299:
+      # Upsampling also equals JAX's half-pixel bilinear resize. (When
+      # downsampling, JAX's float32 sample positions differ by ~1e-5.)
+      jax_ref = jax.image.resize(
+        img, (1, 299, 299, 3), method='linear', antialias=False
+      )
+      np.testing.assert_allclose(ours, jax_ref, atol=1e-5)
+
+
+def test_pool_branches_follow_the_fid_variant():
+  # FIDInceptionA/C/E_1 average without counting pads: a constant map stays
+  # constant at the border; E_2 (Mixed_7c) max-pools.
+  x = jnp.ones((1, 5, 5, 1))
+  np.testing.assert_allclose(inception._avg_pool_3x3(x), x)
+  y = jnp.arange(25.0).reshape(1, 5, 5, 1)
+  np.testing.assert_allclose(inception._max_pool_3x3(y)[0, 0, 0, 0], 6.0)
+
+
+# ----------------------------------------------------------------------------
+# Weight conversion.
+
+
+def test_parameters_match_pytorch_fid_state_dict(variables, torch_state_dict):
+  expected = _pytorch_fid_shapes()
+  assert len(expected) == 94 * 6 + 2
+  got = {k: v.shape for k, v in torch_state_dict.items()}
+  assert got == expected
+  # torchvision's Inception3 has 27,161,264 parameters with its aux head
+  # (3,326,696) and 1000 classes; the FID net drops the head, has 1008.
+  num_params = sum(v.size for v in jax.tree.leaves(variables['params']))
+  assert num_params == 27_161_264 - 3_326_696 + 8 * 2048 + 8
+
+
+def test_converter_maps_every_key_of_the_initialised_tree(variables):
+  rng = np.random.default_rng(2)
+  fake = {
+    k: rng.normal(size=s).astype(np.float32)
+    for k, s in _pytorch_fid_shapes().items()
+  }
+  flat = inception_weights.torch_to_flax(fake)
+  init = traverse_util.flatten_dict(variables, sep='/')
+  assert set(flat) == set(init)
+  for key, value in flat.items():
+    assert value.shape == init[key].shape, key
+  np.testing.assert_array_equal(
+    flat['params/Mixed_6b/branch7x7_2/conv/kernel'],
+    fake['Mixed_6b.branch7x7_2.conv.weight'].transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+    flat['batch_stats/Mixed_7c/branch_pool/bn/var'],
+    fake['Mixed_7c.branch_pool.bn.running_var'],
+  )
+
+
+def test_converted_layouts_follow_torch_semantics():
+  # A torch conv (OIHW, cross-correlation) and Linear (y = x Wᵀ + b) compute
+  # the same as their converted Flax counterparts.
+  rng = np.random.default_rng(3)
+  weight = rng.normal(size=(5, 3, 1, 7)).astype(np.float32)  # (1, 7) kernel
+  x = rng.normal(size=(2, 3, 9, 11)).astype(np.float32)  # NCHW
+  ref = jax.lax.conv_general_dilated(
+    x,
+    weight,
+    (1, 1),
+    ((0, 0), (3, 3)),
+    dimension_numbers=('NCHW', 'OIHW', 'NCHW'),
+  )
+  kernel = inception_weights._torch_to_flax_layout(weight)
+  conv = jax.lax.conv_general_dilated(
+    x.transpose(0, 2, 3, 1),
+    kernel,
+    (1, 1),
+    ((0, 0), (3, 3)),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
+  np.testing.assert_allclose(conv.transpose(0, 3, 1, 2), ref, atol=1e-5)
+  w, b = rng.normal(size=(4, 6)), rng.normal(size=4)
+  v = rng.normal(size=(2, 6))
+  np.testing.assert_allclose(
+    v @ inception_weights._torch_to_flax_layout(w) + b, v @ w.T + b
+  )
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'zip', 'zip_packed', 'legacy'])
+def test_weights_round_trip(tmp_path, fmt, variables, torch_state_dict):
+  path = tmp_path / ('weights.npz' if fmt == 'npz' else 'weights.pth')
+  if fmt == 'npz':
+    np.savez(path, **torch_state_dict)
+  elif fmt == 'zip':
+    _write_torch_zip(path, torch_state_dict, packed=False, prefix='archive')
+  elif fmt == 'zip_packed':
+    _write_torch_zip(path, torch_state_dict, packed=True, prefix='weights')
+  else:
+    _write_torch_legacy(path, torch_state_dict)
+
+  read = inception_weights.read_state_dict(path)
+  assert set(read) == set(torch_state_dict)
+  for key, value in torch_state_dict.items():
+    assert read[key].dtype == value.dtype, key
+    np.testing.assert_array_equal(read[key], value, err_msg=key)
+
+  out = tmp_path / 'inception_fid.npz'
+  inception_weights.convert(path, out)
+  loaded = inception_weights.load_params(out)
+  expected = traverse_util.flatten_dict(variables)
+  got = traverse_util.flatten_dict(loaded)
+  assert set(got) == set(expected)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=str(key))
+  assert sorted(os.listdir(tmp_path)) == sorted([path.name, out.name])
+
+
+def test_converted_weights_give_identical_features(
+  tmp_path, torch_state_dict, features, images
+):
+  path = tmp_path / 'weights.pth'
+  _write_torch_zip(path, torch_state_dict, packed=False, prefix='archive')
+  inception_weights.convert(path, tmp_path / 'out.npz')
+  loaded = inception_weights.load_params(tmp_path / 'out.npz')
+  out = inception.make_feature_fn(loaded, batch_size=BATCH_SIZE)(images[:8])
+  for key in ('pool', 'logits'):
+    np.testing.assert_array_equal(out[key], features[key][:8])
+
+
+def test_cli_converts(tmp_path, torch_state_dict):
+  np.savez(tmp_path / 'in.npz', **torch_state_dict)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'gdd.evaluation.inception_weights',
+      f'--input={tmp_path / "in.npz"}',
+      f'--output={tmp_path / "out.npz"}',
+    ],
+    check=True,
+    env=env,
+    capture_output=True,
+  )
+  loaded = inception_weights.load_params(tmp_path / 'out.npz')
+  np.testing.assert_array_equal(
+    loaded['params']['fc']['kernel'], torch_state_dict['fc.weight'].T
+  )
+
+
+def test_load_params_errors_name_the_problem_and_the_fix(
+  tmp_path, torch_state_dict, variables
+):
+  with pytest.raises(FileNotFoundError, match='pt_inception-2015-12-05'):
+    inception_weights.load_params(tmp_path / 'nope.npz')
+  np.savez(tmp_path / 'torch_names.npz', **torch_state_dict)
+  with pytest.raises(ValueError, match='unconverted.*inception_weights'):
+    inception_weights.load_params(tmp_path / 'torch_names.npz')
+
+  flat = traverse_util.flatten_dict(variables, sep='/')
+  missing = dict(flat)
+  del missing['batch_stats/Mixed_6c/branch7x7_3/bn/mean']
+  np.savez(tmp_path / 'missing.npz', **missing)
+  with pytest.raises(
+    ValueError,
+    match='batch_stats/Mixed_6c/branch7x7_3/bn/mean.*--input=pt_inception',
+  ):
+    inception_weights.load_params(tmp_path / 'missing.npz')
+  wrong = dict(flat)
+  wrong['params/fc/kernel'] = np.zeros((2048, 1000), np.float32)
+  np.savez(tmp_path / 'wrong.npz', **wrong)
+  with pytest.raises(ValueError, match=r"'params/fc/kernel' has shape \(2048"):
+    inception_weights.load_params(tmp_path / 'wrong.npz')
+
+
+def test_converter_rejects_wrong_state_dicts(torch_state_dict):
+  sd = dict(torch_state_dict)
+  del sd['Mixed_5b.branch5x5_2.conv.weight']
+  with pytest.raises(ValueError, match='missing 1: Mixed_5b.branch5x5_2'):
+    inception_weights.torch_to_flax(sd)
+  sd = dict(torch_state_dict, **{'AuxLogits.fc.weight': np.zeros((1000, 768))})
+  with pytest.raises(ValueError, match='torchvision'):
+    inception_weights.torch_to_flax(sd)
+  sd = dict(torch_state_dict, **{'fc.weight': np.zeros((1000, 2048))})
+  with pytest.raises(ValueError, match=r'fc.weight has shape \(1000, 2048\)'):
+    inception_weights.torch_to_flax(sd)
+  # num_batches_tracked is optional: older state dicts lack it.
+  sd = {
+    k: v
+    for k, v in torch_state_dict.items()
+    if not k.endswith('num_batches_tracked')
+  }
+  assert len(inception_weights.torch_to_flax(sd)) == 94 * 5 + 2
+
+
+def test_torch_reader_refuses_arbitrary_globals(tmp_path):
+  class Exploit:
+    def __reduce__(self):
+      return os.system, ('echo pwned',)
+
+  path = tmp_path / 'evil.pth'
+  with zipfile.ZipFile(path, 'w') as zf:
+    zf.writestr('archive/data.pkl', pickle.dumps(Exploit(), protocol=2))
+  with pytest.raises(pickle.UnpicklingError, match='Refusing to load'):
+    inception_weights.read_torch_file(path)
