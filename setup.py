@@ -31,6 +31,7 @@ setuptools.setup(
     'orbax-checkpoint>=0.12.8,<0.13',
     'pillow>=10,<14',
     'scikit-learn>=1.5,<2',
+    'scipy>=1.11,<2',
     # clu's metric writers need TensorFlow and, since TF 2.21, tensorboard.
     'tensorboard>=2.20,<3',
     'tensorflow-cpu>=2.21,<2.22',
