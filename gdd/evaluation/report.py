@@ -69,19 +69,18 @@ def format_speed_row(row: dict, student_num_steps: int) -> str:
   )
 
 
+def _row_key(record: dict) -> tuple:
+  return (
+    record['model'],
+    record['sampler'],
+    record['num_steps'],
+    record['trained_w'],
+  )
+
+
 def _row_keys(records: list[dict]) -> list[tuple]:
   """Distinct rows in first-seen order."""
-  keys = []
-  for record in records:
-    key = (
-      record['model'],
-      record['sampler'],
-      record['num_steps'],
-      record['trained_w'],
-    )
-    if key not in keys:
-      keys.append(key)
-  return keys
+  return list(dict.fromkeys(_row_key(r) for r in records))
 
 
 def _ws(records: list[dict]) -> list[float]:
@@ -100,7 +99,7 @@ def _metric_table(results: dict, metric: str, title: str, spec: str) -> str:
     '|' + ' --- |' * (5 + len(ws)),
   ]
   for key in _row_keys(records):
-    cells = [r for r in records if _row_keys([r])[0] == key]
+    cells = [r for r in records if _row_key(r) == key]
     by_w = {r['w']: r for r in cells}
     # Real data has no w: its value stands in every w column.
     values = [(by_w.get(w) or by_w.get(None) or {}).get(metric) for w in ws]
