@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from gdd import errors
 from gdd.diffusion import losses, parameterization
 
 DATASETS = ('digits', 'cifar10', 'imagenet64')
@@ -178,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value is invalid; the message names key, value and the fix."""
 
 
