@@ -3,9 +3,13 @@
 Config files in `configs/` call `base_config()` and override values; every
 run calls `validate(config)` before anything compiles, so a bad value fails
 in a second with a message that names the key, the value and what is allowed.
+`TRAINING_KEYS` says which keys change what each stage learns: a workdir's
+stage is resumed or reused only while those keys keep their values.
 """
 
 import importlib.util
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -179,6 +183,114 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+# What a stage's training reads: the config keys whose values change the
+# params it learns, as dotted keys or sections (a section covers every key
+# under it). A stage learns from its teacher too, so each kind also lists its
+# teacher's keys. A stage folder's config.json is compared on these keys
+# only (`training_keys`), so a resumed or skipped stage is refused exactly
+# when the current config would train it differently.
+_TEACHER_TRAINING_KEYS = (
+  'seed',  # Init, per-step randomness and the order of the data.
+  'data.name',
+  'data.random_flip',
+  'data.shuffle_buffer',  # The order of a TFDS data set's examples.
+  'model',
+  'diffusion.logsnr_min',
+  'diffusion.logsnr_max',
+  'diffusion.loss_weighting',
+  'teacher.num_train_steps',
+  'teacher.batch_size',
+  'teacher.optimizer',
+  'teacher.ema_decay',
+  'teacher.p_uncond',
+)
+_GUIDED_TRAINING_KEYS = (
+  'guided.num_train_steps',
+  'guided.batch_size',
+  'guided.optimizer',
+  'guided.ema_decay',
+  # The w range is sampled in stage one and in every halving round, and
+  # w_max scales the student's w-embedding.
+  'guided.w_min',
+  'guided.w_max',
+)
+# The halving rounds, with w or at the single w (both use the distill block).
+_ROUND_TRAINING_KEYS = (
+  'distill.num_train_steps',
+  'distill.batch_size',
+  'distill.optimizer',
+  'distill.ema_decay',
+  # Sets the first round's teacher step count, so every later round's
+  # teacher descends from a different chain when it changes.
+  'distill.initial_num_steps',
+  'distill.time_grid',
+)
+TRAINING_KEYS = {
+  'teacher': _TEACHER_TRAINING_KEYS,
+  'guided': _TEACHER_TRAINING_KEYS + _GUIDED_TRAINING_KEYS,
+  'distill': (
+    _TEACHER_TRAINING_KEYS + _GUIDED_TRAINING_KEYS + _ROUND_TRAINING_KEYS
+  ),
+  # From the CFG teacher, no stage one: the guided keys do not matter.
+  'single_w': _TEACHER_TRAINING_KEYS + _ROUND_TRAINING_KEYS + ('single_w.w',),
+}
+_CADENCE_KEYS = {
+  'log_every': 'how often metrics are logged',
+  'eval_every': 'how often sample grids are written',
+  'checkpoint_every': 'how often the state is saved; resuming is exact',
+  'max_checkpoints_to_keep': 'how many checkpoints stay on disk',
+}
+# The keys that deliberately change no stage's training, and why. Every key
+# of `base_config()` is in TRAINING_KEYS or here (tests/test_configs.py).
+NOT_TRAINING_KEYS = {
+  'data.data_dir': 'where the data set is stored; data.name says which',
+  'diffusion.clip_x': 'clips x̂ in samplers only, never in training targets',
+  **{
+    f'{stage}.{key}': reason
+    for stage in ('teacher', 'guided', 'distill')
+    for key, reason in _CADENCE_KEYS.items()
+  },
+  'distill.final_num_steps': (
+    'where the chain stops; round N reads only its teacher step count 2N'
+  ),
+  'eval': 'the sample grids written during training',
+  'sample': 'read by --mode=sample only',
+  'evaluate': 'read by --mode=evaluate only',
+  'distributed': 'how processes connect, not what they compute',
+}
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+  """Dotted key → leaf value of a nested ConfigDict or dict (a config.json)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict | ml_collections.ConfigDict):
+      flat.update({f'{key}.{k}': v for k, v in flatten(value).items()})
+    else:
+      flat[key] = value
+  return flat
+
+
+def _in_entry(key: str, entry: str) -> bool:
+  """Whether the dotted `key` is `entry` or lies in the section `entry`."""
+  return key == entry or key.startswith(entry + '.')
+
+
+def training_keys(config_dict: dict, kind: str) -> dict:
+  """The entries of a config dict that a stage of `kind` learns from.
+
+  Dotted key → value, tuples as lists (as config.json stores them), so a
+  stored and a current config compare equal exactly when they would train
+  the stage alike. `kind` is a key of TRAINING_KEYS.
+  """
+  entries = TRAINING_KEYS[kind]
+  return {
+    key: list(value) if isinstance(value, tuple) else value
+    for key, value in flatten(config_dict).items()
+    if any(_in_entry(key, entry) for entry in entries)
+  }
+
+
 class ConfigError(errors.UserError, ValueError):
   """A config value is invalid; the message names key, value and the fix."""
 
@@ -244,8 +356,26 @@ def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
   )
 
 
+def _check_finite(config: ml_collections.ConfigDict) -> None:
+  """Every number, also inside tuples, is finite: no key means NaN or ±inf.
+
+  One walk over every key, so keys added later are covered too.
+  """
+  for key, value in flatten(config).items():
+    is_tuple = isinstance(value, tuple | list)
+    if any(
+      isinstance(v, numbers.Real) and not math.isfinite(v)
+      for v in (value if is_tuple else (value,))
+    ):
+      allowed = 'finite numbers' if is_tuple else 'a finite number'
+      raise ConfigError(
+        f'config.{key}={value!r} is invalid: allowed {allowed}.'
+      )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first invalid value; cheap, no JAX work."""
+  _check_finite(config)
   _check(config, 'seed', lambda v: isinstance(v, int), 'an int')
   _check(config, 'data.name', _one_of(DATASETS), f'one of {DATASETS}')
   _check(

@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
+from absl import logging
 
-from gdd import config_lib, data, sample
+from gdd import config_lib, data, errors, sample
 from gdd.evaluation import evaluate
 from gdd.stages import Stage, common, guided, progressive, teacher
-from gdd.train import loop
+from gdd.train import checkpointing, lock, loop, preemption, sharding
 
 MODES = (
   'all',
@@ -29,59 +30,9 @@ MODES = (
   'sample',
   'evaluate',
 )
-# Config sections that define each stage's training: a stage also depends on
-# everything its teacher depended on.
-_STAGE_SECTIONS = {
-  'teacher': ('seed', 'data', 'model', 'diffusion', 'teacher'),
-  'guided': ('seed', 'data', 'model', 'diffusion', 'teacher', 'guided'),
-  'distill': (
-    'seed',
-    'data',
-    'model',
-    'diffusion',
-    'teacher',
-    'guided',
-    'distill',
-  ),
-  'single_w': (
-    'seed',
-    'data',
-    'model',
-    'diffusion',
-    'teacher',
-    'distill',
-    'single_w',
-  ),
-}
-# Keys that do not change what a stage learns: logging cadence, retention,
-# and where the chain stops.
-_IGNORED_KEYS = (
-  'log_every',
-  'eval_every',
-  'checkpoint_every',
-  'max_checkpoints_to_keep',
-  'final_num_steps',
-)
 
 
-def _training_keys(config: dict, kind: str) -> dict:
-  """The flattened config entries that define how a `kind` stage trains."""
-  flat = {}
-
-  def flatten(prefix, value):
-    if isinstance(value, dict):
-      for k, v in value.items():
-        if k not in _IGNORED_KEYS:
-          flatten(f'{prefix}.{k}', v)
-    else:
-      flat[prefix] = list(value) if isinstance(value, tuple) else value
-
-  for section in _STAGE_SECTIONS[kind]:
-    flatten(section, config[section])
-  return flat
-
-
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(config_lib.ConfigError):
   """The workdir holds a stage trained with a different config."""
 
 
@@ -101,7 +52,8 @@ def record_stage_config(
   if os.path.exists(path):
     with open(path) as f:
       stored = json.load(f)
-    old, new = _training_keys(stored, kind), _training_keys(current, kind)
+    old = config_lib.training_keys(stored, kind)
+    new = config_lib.training_keys(current, kind)
     diffs = [
       f'config.{k}: {old.get(k)!r} in the workdir, {new.get(k)!r} now'
       for k in sorted(set(old) | set(new))
@@ -135,21 +87,53 @@ def _run_stage(
   abstract_params,
   trained_from: dict | None = None,
 ):
-  """Trains (or resumes) one stage unless finished; returns its params."""
+  """Trains (or resumes) one stage unless finished; returns its params.
+
+  Holds the stage folder's lock throughout, so a second run on the same
+  folder fails at once instead of writing the same checkpoints.
+  """
   stage_dir = os.path.join(workdir, name)
-  record_stage_config(config, stage_dir, kind, trained_from)
-  if os.path.exists(loop.params_dir(stage_dir)):
-    print(f'{name}: already finished ({stage_dir}); skipping.')
-    return loop.load_exported_params(stage_dir, abstract_params)
-  start = time.perf_counter()
-  params = loop.train_stage(make_stage(), config, stage_dir)
+  preemption.raise_if_requested(f'stage {name}')
+  with lock.hold(stage_dir):
+    record_stage_config(config, stage_dir, kind, trained_from)
+    params = _load_export(stage_dir, abstract_params)
+    if params is not None:
+      print(f'{name}: already finished ({stage_dir}); skipping.')
+      return params
+    start = time.perf_counter()
+    params = loop.train_stage(make_stage(), config, stage_dir)
   print(f'{name}: finished in {time.perf_counter() - start:.0f} s.')
   return params
 
 
+def _load_export(stage_dir: str, abstract_params):
+  """A finished stage's params, or None when it must (re-)train or export.
+
+  An export that cannot be read is moved to `<stage_dir>/unreadable/`;
+  training then restores the stage's final checkpoint and exports again.
+  """
+  if not os.path.exists(loop.params_dir(stage_dir)):
+    return None
+  try:
+    return loop.load_exported_params(stage_dir, abstract_params)
+  except checkpointing.UnreadableCheckpointError as error:
+    moved = checkpointing.move_aside(
+      loop.params_dir(stage_dir),
+      os.path.join(stage_dir, checkpointing.UNREADABLE_DIR),
+    )
+    logging.warning(
+      'The params export of %s cannot be read (%s); moved it to %s and '
+      'exporting it again from the final checkpoint.',
+      stage_dir,
+      errors.first_line(error.__cause__ or error),
+      moved,
+    )
+    return None
+
+
 def _require_finished(workdir: str, name: str, mode: str) -> None:
   if not os.path.isdir(loop.params_dir(os.path.join(workdir, name))):
-    raise FileNotFoundError(
+    raise checkpointing.MissingExportError(
       f'--mode={mode} needs a finished {name!r} stage in {workdir}; run '
       f'--mode={"teacher" if name == "teacher" else "guided"} (or the '
       'default --mode=all) first.'
@@ -185,11 +169,22 @@ def run_chain(
   if mode == 'teacher':
     return
   student_abstract = common.abstract_params(student_model)
+
+  def guided_stage() -> Stage:
+    # --mode=distill loads the teacher only if stage one must (re)export.
+    frozen = teacher_params
+    if frozen is None:
+      frozen = loop.load_exported_params(
+        os.path.join(workdir, teacher.NAME),
+        common.abstract_params(teacher_model),
+      )
+    return guided.make_stage(config, info, frozen)
+
   params = _run_stage(
     config,
     workdir,
     'guided',
-    lambda: guided.make_stage(config, info, teacher_params),
+    guided_stage,
     name=guided.NAME,
     abstract_params=student_abstract,
     trained_from={
@@ -291,16 +286,45 @@ def finished_summary(workdir: str) -> str:
   return f'distilled step counts {rounds} in {workdir}/distill'
 
 
+# The config sections whose batch_size each training --mode splits evenly
+# over the devices (samplers pad their batches and need no check).
+_MODE_BATCH_SECTIONS = {
+  'all': ('teacher', 'guided', 'distill'),
+  'teacher': ('teacher',),
+  'guided': ('guided',),
+  'distill': ('distill',),
+  'distill_single_w': ('distill',),
+}
+
+
+def _check_batch_sizes(config: ml_collections.ConfigDict, mode: str) -> None:
+  """Every batch that `mode` will split over the devices, before any stage."""
+  sections = _MODE_BATCH_SECTIONS.get(mode, ())
+  if mode == 'evaluate' and config.evaluate.feature_extractor == 'inception':
+    sections = ('evaluate',)  # Inception's batches are split over devices.
+  mesh = sharding.make_mesh()
+  for section in sections:
+    sharding.check_batch_size(
+      config[section].batch_size, mesh, f'{section}.batch_size'
+    )
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
-  """Validates everything cheap first, then runs the stages of `mode`."""
+  """Validates everything cheap first, then runs the stages of `mode`.
+
+  While stages train, SIGTERM/SIGINT stop the run cleanly after saving
+  (`preemption.InterruptedRunError`).
+  """
   if mode not in MODES:
-    raise ValueError(f'--mode={mode!r}; allowed: {MODES}.')
+    raise config_lib.ConfigError(f'--mode={mode!r}; allowed: {MODES}.')
   config_lib.validate(config)
   if mode == 'sample':
     print(sample.sample_to_files(config, workdir))
     return
+  _check_batch_sizes(config, mode)
   data.check_available(config.data)
   if mode == 'evaluate':
     evaluate.run(config, workdir)
     return
-  run_chain(config, workdir, mode)
+  with preemption.catch_signals():
+    run_chain(config, workdir, mode)

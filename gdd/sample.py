@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gdd import data, images
+from gdd import data, errors, images
 from gdd.stages import common, guided, progressive, teacher
 from gdd.train import loop, sharding
 
@@ -33,6 +33,14 @@ STAGE_SAMPLERS = {
 MAX_PNG_SAMPLES = 100
 
 
+class SampleRequestError(errors.UserError, ValueError):
+  """A sampling request the workdir's models cannot serve; says what can."""
+
+
+class StageNotFoundError(errors.UserError, FileNotFoundError):
+  """The workdir has no trained stage where a request needs one."""
+
+
 def stage_dir(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage)
 
@@ -41,7 +49,7 @@ def load_stage_config(workdir: str, stage: str) -> ml_collections.ConfigDict:
   """The config a stage was trained with (its `config.json`)."""
   path = os.path.join(stage_dir(workdir, stage), 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise StageNotFoundError(
       f'No {stage!r} stage in {workdir} ({path} is missing). Train it first: '
       f'python -m gdd.main --config=... --workdir={workdir} --mode={stage}'
     )
@@ -54,9 +62,11 @@ def _resolve(
 ) -> str:
   """The stage folder that serves a request; errors name what exists."""
   if stage not in STAGE_SAMPLERS:
-    raise ValueError(f'stage={stage!r}; allowed: {tuple(STAGE_SAMPLERS)}.')
+    raise SampleRequestError(
+      f'stage={stage!r}; allowed: {tuple(STAGE_SAMPLERS)}.'
+    )
   if sampler not in STAGE_SAMPLERS[stage]:
-    raise ValueError(
+    raise SampleRequestError(
       f'sampler={sampler!r} is not available for stage {stage!r}; '
       f'allowed: {STAGE_SAMPLERS[stage]}.'
     )
@@ -66,7 +76,7 @@ def _resolve(
     root, stage_name = 'distill', progressive.stage_name
   else:
     if w is None:
-      raise ValueError(
+      raise SampleRequestError(
         "stage='single_w' needs w: each single-w model is trained for one "
         f'w; trained: {single_w_values(workdir) or "none"}.'
       )
@@ -76,13 +86,13 @@ def _resolve(
   model_steps = num_steps // 2 if sampler == 'stochastic' else num_steps
   folder = stage_name(model_steps)
   if sampler == 'stochastic' and num_steps % 2:
-    raise ValueError(
+    raise SampleRequestError(
       f'num_steps={num_steps}: the stochastic sampler needs an even step '
       'count (it uses the model distilled for num_steps / 2).'
     )
   if not os.path.isdir(loop.params_dir(stage_dir(workdir, folder))):
     distilled = finished_rounds(workdir, root)
-    raise ValueError(
+    raise SampleRequestError(
       f'No finished distillation round for {model_steps} steps in '
       f'{os.path.join(workdir, root)}; distilled step counts: '
       f'{distilled or "none"}. '
@@ -140,7 +150,8 @@ def load_sampler(
       sampler then accepts only that w.
 
   Returns:
-    `(rng, labels, w) -> images`: labels int [B] in [0, num_classes), w the
+    `(rng, labels, w) -> images`: rng one key (`jax.random.key(seed)` or
+    `jax.random.PRNGKey(seed)`), labels int [B] in [0, num_classes), w the
     guidance strength (GD's w; diffusers' guidance_scale is 1 + w), images
     [B, H, W, C] float32 in [−1, 1]. The first call for a batch size
     compiles; later calls with that size do not. `sampler.compile(B)`
@@ -197,14 +208,15 @@ def load_sampler(
     return time.perf_counter() - start
 
   def sample(rng: jax.Array, labels, w) -> jnp.ndarray:
+    rng = _raw_key(rng)
     labels = np.asarray(labels, np.int32)
     if labels.ndim != 1 or labels.min() < 0 or labels.max() >= info.num_classes:
-      raise ValueError(
+      raise SampleRequestError(
         f'labels must be a 1-D int array in [0, {info.num_classes}); got '
         f'shape {labels.shape}, range [{labels.min()}, {labels.max()}].'
       )
     if not w_range[0] <= w <= w_range[1]:
-      raise ValueError(
+      raise SampleRequestError(
         f'w={w!r} is outside the range this {stage} model allows '
         f'[{w_range[0]:g}, {w_range[1]:g}]; students are trained for '
         'config.guided.w_min..w_max only, a single-w model for its one w.'
@@ -216,6 +228,25 @@ def load_sampler(
   sample.compile = compile_for
   sample.compiled_batch_sizes = lambda: sorted(executables)
   return sample
+
+
+def _raw_key(rng: jax.Array) -> jax.Array:
+  """`rng` as the uint32[2] raw key the sampler is compiled for.
+
+  Accepts `jax.random.key(seed)` (typed, unwrapped here) as well as
+  `jax.random.PRNGKey(seed)`, so callers need not know which one it wants.
+  """
+  dtype = getattr(rng, 'dtype', None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+    dtype = rng.dtype
+  if dtype != np.uint32 or np.shape(rng) != (2,):
+    raise SampleRequestError(
+      'rng must be one key, jax.random.key(seed) or jax.random.PRNGKey(seed); '
+      f'got {type(rng).__name__ if dtype is None else dtype}'
+      f'{list(np.shape(rng))}.'
+    )
+  return rng
 
 
 def default_output(workdir: str, sample_config) -> str:
@@ -248,6 +279,10 @@ def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> str:
   samples = np.concatenate(chunks)
 
   output = c.output or default_output(workdir, c)
+  # np.savez would add the suffix itself; add it here so the path returned
+  # is the file written.
+  if not output.endswith('.npz'):
+    output += '.npz'
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   np.savez(output, images=samples, labels=labels)
   shown = samples[:MAX_PNG_SAMPLES]

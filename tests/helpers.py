@@ -1,10 +1,12 @@
 """Shared test fixtures: tiny configs that compile and run in seconds."""
 
+import contextlib
 import os
 
 import ml_collections
+import pytest
 
-from gdd import config_lib
+from gdd import config_lib, errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -13,6 +15,17 @@ def load_config(name: str, variant: str = '') -> ml_collections.ConfigDict:
   """`configs/<name>.py`'s get_config(variant), as config_flags loads it."""
   path = os.path.join(REPO, 'configs', f'{name}.py')
   return config_lib.load_file(f'{path}:{variant}' if variant else path)
+
+
+@contextlib.contextmanager
+def raises_user_error(builtin: type[Exception], match: str):
+  """pytest.raises(builtin) that also wants a `gdd.errors.UserError`.
+
+  The CLI prints a UserError's message alone; callers still catch `builtin`.
+  """
+  with pytest.raises(builtin, match=match) as info:
+    yield info
+  assert isinstance(info.value, errors.UserError), repr(info.value)
 
 
 def quick_config(

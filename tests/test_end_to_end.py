@@ -117,15 +117,35 @@ def test_load_sampler_is_jitted_and_deterministic(digits_workdir):
 
 
 def test_load_sampler_rejects_bad_requests(digits_workdir, tmp_path):
-  with pytest.raises(FileNotFoundError, match='Train it first'):
+  with helpers.raises_user_error(FileNotFoundError, match='Train it first'):
     sample.load_sampler(str(tmp_path), 'teacher', num_steps=2)
-  with pytest.raises(ValueError, match="stage='student'"):
+  with helpers.raises_user_error(ValueError, match="stage='student'"):
     sample.load_sampler(digits_workdir, 'student', num_steps=2)
   sampler = sample.load_sampler(digits_workdir, 'teacher', num_steps=2)
-  with pytest.raises(ValueError, match='labels'):
+  with helpers.raises_user_error(ValueError, match='labels'):
     sampler(jax.random.PRNGKey(0), np.array([10]), 1.0)
-  with pytest.raises(ValueError, match='w=-1'):
+  with helpers.raises_user_error(ValueError, match='w=-1'):
     sampler(jax.random.PRNGKey(0), np.array([1]), -1.0)
+  keys = jax.random.split(jax.random.PRNGKey(0))
+  with helpers.raises_user_error(ValueError, match=r'uint32\[2, 2\]'):
+    sampler(keys, np.array([1]), 1.0)
+
+
+def test_sampler_takes_typed_and_raw_keys_alike(digits_workdir):
+  sampler = sample.load_sampler(digits_workdir, 'teacher', num_steps=2)
+  labels = np.arange(4)
+  np.testing.assert_array_equal(
+    sampler(jax.random.key(0), labels, 1.0),
+    sampler(jax.random.PRNGKey(0), labels, 1.0),
+  )
+
+
+def test_sample_to_files_returns_the_file_it_wrote(digits_workdir, tmp_path):
+  config = _teacher_config()
+  config.sample.output = str(tmp_path / 'noext')
+  written = sample.sample_to_files(config, digits_workdir)
+  assert written == str(tmp_path / 'noext.npz')
+  assert sorted(os.listdir(tmp_path)) == ['noext.npz', 'noext.png']
 
 
 @pytest.mark.parametrize('name', ['cifar10', 'imagenet64'])
@@ -150,7 +170,9 @@ def test_teacher_runs_on_mocked_tfds(name, tmp_path):
 def test_missing_tfds_dataset_fails_before_compiling(tmp_path):
   config = helpers.quick_config('cifar10')
   config.data.data_dir = str(tmp_path / 'empty')
-  with pytest.raises(FileNotFoundError, match=str(tmp_path / 'empty')):
+  with helpers.raises_user_error(
+    FileNotFoundError, match=str(tmp_path / 'empty')
+  ):
     pipeline.run(config, str(tmp_path / 'run'), 'teacher')
   assert not (tmp_path / 'run').exists()
 
@@ -204,9 +226,11 @@ def test_guided_student_samples_at_any_step_count(chain_workdir):
 
 
 def test_undistilled_requests_are_rejected(chain_workdir):
-  with pytest.raises(ValueError, match=r'distilled step counts: \[4, 2, 1\]'):
+  with helpers.raises_user_error(
+    ValueError, match=r'distilled step counts: \[4, 2, 1\]'
+  ):
     sample.load_sampler(chain_workdir, 'distill', num_steps=8)
-  with pytest.raises(ValueError, match='even step count'):
+  with helpers.raises_user_error(ValueError, match='even step count'):
     sample.load_sampler(
       chain_workdir, 'distill', num_steps=3, sampler='stochastic'
     )

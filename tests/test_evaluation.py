@@ -96,15 +96,15 @@ def test_plan_rows_follows_the_finished_stages(tmp_path):
 
 def test_evaluate_fails_fast_on_bad_requests(tmp_path):
   config = helpers.quick_config()
-  with pytest.raises(FileNotFoundError, match='No finished stage'):
+  with helpers.raises_user_error(FileNotFoundError, match='No finished stage'):
     evaluate.check(config, str(tmp_path))
   cifar = helpers.quick_config('cifar10')
   cifar.evaluate.feature_extractor = 'digits'
-  with pytest.raises(ValueError, match='scores digits only'):
+  with helpers.raises_user_error(ValueError, match='scores digits only'):
     features.check_config(cifar)
   cifar.evaluate.feature_extractor = 'inception'
   cifar.evaluate.inception_weights = str(tmp_path / 'missing.npz')
-  with pytest.raises(FileNotFoundError, match='inception_weights'):
+  with helpers.raises_user_error(FileNotFoundError, match='inception_weights'):
     features.check_config(cifar)
 
 
@@ -212,8 +212,8 @@ def test_evaluate_mode_on_a_tiny_chain(chain_workdir):
 def test_evaluate_checks_the_request_against_the_workdir(chain_workdir):
   config = helpers.quick_config(num_train_steps=2)
   config.evaluate.ws = (0.0, 5.0)
-  with pytest.raises(ValueError, match='leaves the range'):
+  with helpers.raises_user_error(ValueError, match='leaves the range'):
     evaluate.check(config, chain_workdir)
   cifar = helpers.quick_config('cifar10')
-  with pytest.raises(ValueError, match="trained on 'digits'"):
+  with helpers.raises_user_error(ValueError, match="trained on 'digits'"):
     evaluate.check(cifar, chain_workdir)

@@ -143,9 +143,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
   )
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
-  tmp_path, monkeypatch
-):
+def test_non_finite_data_stops_and_keeps_the_good_state(tmp_path, monkeypatch):
   config = helpers.quick_config(num_train_steps=8)
   config.teacher.update(checkpoint_every=2, log_every=2)
   real_batches = data.train_batches
@@ -158,13 +156,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
 
   monkeypatch.setattr(data, 'train_batches', poisoned_batches)
   stage_dir = str(tmp_path / 'nan')
-  with pytest.raises(loop.NonFiniteLossError, match='step 4'):
+  # Step 4's params are fine; the batch of step 5 is not: the data is
+  # blamed, and checkpoint 4 is kept.
+  with pytest.raises(
+    loop.NonFiniteLossError, match='batch of step 5 holds NaN.*Checkpoint 4'
+  ):
     loop.train_stage(_tiny_teacher(config), config, stage_dir)
   ckpt = checkpointing.Checkpointer(
     loop.checkpoints_dir(stage_dir), max_to_keep=3
   )
   assert ckpt.all_steps() == [2, 4]
+  state = jax.device_get(ckpt.restore(4, None))
   ckpt.close()
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
   assert not os.path.exists(loop.params_dir(stage_dir))
 
 

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from gdd import errors
 from gdd.data import digits
 
 DIGITS = 'digits'
@@ -28,7 +29,7 @@ TFDS_NAMES = ('cifar10', 'imagenet64')
 NAMES = (DIGITS, *TFDS_NAMES)
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(errors.UserError, FileNotFoundError):
   """A data set is not prepared where the config says it is."""
 
 

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gdd import data, images, sample
+from gdd import config_lib, data, images, sample
 from gdd.evaluation import features, fid, report
 from gdd.stages import progressive
 
@@ -82,14 +82,14 @@ def plan_rows(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
 def _check_request(config, workdir: str, rows: list[Row]) -> None:
   """Everything that can be wrong, checked before any sampling starts."""
   if not rows:
-    raise FileNotFoundError(
+    raise sample.StageNotFoundError(
       f'No finished stage in {workdir}: --mode=evaluate scores trained '
       'stages; train first (python -m gdd.main --config=... '
       f'--workdir={workdir}).'
     )
   trained = sample.load_stage_config(workdir, 'teacher')
   if trained.data.name != config.data.name:
-    raise ValueError(
+    raise config_lib.ConfigError(
       f'config.data.name={config.data.name!r} but {workdir} was trained on '
       f'{trained.data.name!r}; pass the config the workdir was trained with.'
     )
@@ -97,7 +97,7 @@ def _check_request(config, workdir: str, rows: list[Row]) -> None:
     student = sample.load_stage_config(workdir, 'guided').guided
     ws = config.evaluate.ws
     if any(not student.w_min <= w <= student.w_max for w in ws):
-      raise ValueError(
+      raise config_lib.ConfigError(
         f'config.evaluate.ws={tuple(ws)} leaves the range '
         f'the students were trained for [{student.w_min:g}, '
         f'{student.w_max:g}]; choose ws inside it.'

@@ -14,10 +14,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from gdd import data
+from gdd import config_lib, data, errors
 from gdd.evaluation import digits_features, fid
 
 ExtractFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+class WeightsNotFoundError(errors.UserError, FileNotFoundError):
+  """config.evaluate.inception_weights names no file; says how to make it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +41,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Cheap checks of the extractor settings; fails before any sampling."""
   ev = config.evaluate
   if ev.feature_extractor == 'digits' and config.data.name != data.DIGITS:
-    raise ValueError(
+    raise config_lib.ConfigError(
       "config.evaluate.feature_extractor='digits' scores digits only; use "
       "'inception' (with config.evaluate.inception_weights) for "
       f'{config.data.name!r}.'
@@ -45,7 +49,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if ev.feature_extractor == 'inception' and not os.path.isfile(
     ev.inception_weights
   ):
-    raise FileNotFoundError(
+    raise WeightsNotFoundError(
       f'config.evaluate.inception_weights={ev.inception_weights!r} is not a '
       'file. FID needs the FID Inception-v3 weights converted once: python '
       '-m gdd.evaluation.inception_weights --input=pt_inception-2015-12-05-'

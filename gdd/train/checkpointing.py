@@ -2,26 +2,70 @@
 
 Checkpoint N holds the train state after N updates. Orbax writes each save
 into a temporary folder and renames it when complete, so a kill mid-save
-never replaces a good checkpoint. A stage's final (EMA) params are also
-exported params-only to `<stage_dir>/params`, which later stages and the
-sampler load.
+never replaces a good checkpoint (the writer removes such leftovers when it
+starts). A stage's final (EMA) params are also exported params-only to
+`<stage_dir>/params`, which later stages and the sampler load.
+
+Nothing here deletes data that could be good: a checkpoint or export that
+cannot be read is moved into `<stage_dir>/unreadable/`, and only once
+something older has been read in its place.
 """
 
+import datetime
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from gdd import errors
+
+UNREADABLE_DIR = 'unreadable'
+
+
+class UnreadableCheckpointError(errors.UserError, RuntimeError):
+  """No checkpoint or params export of a stage can be read."""
+
+
+def move_aside(path: str, aside_dir: str) -> str:
+  """Moves `path` into `aside_dir` under a new name; returns where it went.
+
+  Process 0 moves; every process waits for it, so all see the same files.
+  """
+  stamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
+  parent = os.path.basename(os.path.dirname(path))
+  name = f'{parent}_{os.path.basename(path)}_{stamp}'
+  destination = os.path.join(aside_dir, name)
+  if jax.process_index() == 0:
+    os.makedirs(aside_dir, exist_ok=True)
+    shutil.move(path, destination)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'gdd_move_aside:{path}')
+  return destination
 
 
 class Checkpointer:
-  """Periodic, retained, asynchronous train-state checkpoints of one stage."""
+  """Periodic, retained, asynchronous train-state checkpoints of one stage.
+
+  Only the run that holds the stage's lock (`gdd.train.lock`) may create
+  one: it removes unfinished saves left by a killed run.
+  """
 
   def __init__(self, directory: str, *, max_to_keep: int):
-    self._manager = ocp.CheckpointManager(
-      os.path.abspath(directory),
+    self._directory = os.path.abspath(directory)
+    self._max_to_keep = max_to_keep
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+      self._directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=True
+        max_to_keep=self._max_to_keep,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
       ),
     )
 
@@ -40,6 +84,53 @@ class Checkpointer:
     return self._manager.restore(
       step, args=ocp.args.StandardRestore(abstract_tree_like(target))
     )
+
+  def restore_latest(self, target: Any) -> Any | None:
+    """The newest checkpoint that can be read, or None if there is none.
+
+    A checkpoint that fails to restore is reported and the next older one
+    tried. Once one restores, the newer unreadable ones are moved to
+    `<stage_dir>/unreadable/` (never deleted) so that training can save
+    those steps again. If none restores, nothing is moved.
+
+    Raises:
+      UnreadableCheckpointError: checkpoints exist but none can be read.
+    """
+    failed = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, target)
+      except Exception as error:  # Orbax/TensorStore raise many types.
+        logging.warning(
+          'Checkpoint %d in %s cannot be read (%s); trying the one before.',
+          step,
+          self._directory,
+          errors.first_line(error),
+        )
+        failed.append((step, error))
+        continue
+      if failed:
+        self._move_aside([step for step, _ in failed])
+        logging.warning('Resuming from checkpoint %d instead.', step)
+      return state
+    if failed:
+      steps, newest = [step for step, _ in failed], failed[0][1]
+      raise UnreadableCheckpointError(
+        f'No checkpoint in {self._directory} can be read (steps {steps}; '
+        f'newest: {errors.first_line(newest)}). Nothing was moved or '
+        'deleted. If the files are damaged, move that folder away and '
+        're-run to train the stage again (training is deterministic); '
+        '--verbose shows the traceback.'
+      ) from newest
+    return None
+
+  def _move_aside(self, steps: list[int]) -> None:
+    aside_dir = os.path.join(os.path.dirname(self._directory), UNREADABLE_DIR)
+    self._manager.close()
+    for step in steps:
+      moved = move_aside(os.path.join(self._directory, str(step)), aside_dir)
+      logging.warning('Moved unreadable checkpoint %d to %s.', step, moved)
+    self._manager = self._open()
 
   def reached_preemption(self, step: int) -> bool:
     """True when the cluster signalled preemption (multi-host runs)."""
@@ -76,6 +167,10 @@ def export_params(path: str, params: Any) -> None:
     checkpointer.wait_until_finished()
 
 
+class MissingExportError(errors.UserError, FileNotFoundError):
+  """A stage has no params export: it has not finished."""
+
+
 def load_params(path: str, target: Any | None = None) -> Any:
   """Loads a params export; `target` (abstract or concrete) fixes shardings.
 
@@ -84,11 +179,18 @@ def load_params(path: str, target: Any | None = None) -> Any:
   """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(
+    raise MissingExportError(
       f'No params export at {path}. Train the stage first (gdd.main '
       '--mode=...), or point --workdir at a finished run.'
     )
-  with ocp.StandardCheckpointer() as checkpointer:
-    if target is None:
-      return checkpointer.restore(path)
-    return checkpointer.restore(path, abstract_tree_like(target))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      if target is None:
+        return checkpointer.restore(path)
+      return checkpointer.restore(path, abstract_tree_like(target))
+  except Exception as error:  # Orbax/TensorStore raise many types.
+    raise UnreadableCheckpointError(
+      f'The params export {path} cannot be read ({errors.first_line(error)}). '
+      'Re-run the training command on this workdir: it moves the broken '
+      "export aside and writes it again from the stage's final checkpoint."
+    ) from error

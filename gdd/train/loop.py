@@ -8,10 +8,12 @@ depends only on (seed, k), so resuming from checkpoint N continues exactly
 as an uninterrupted run would.
 """
 
+import dataclasses
 import functools
 import math
 import os
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,17 +24,17 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from gdd import data, images
+from gdd import data, errors, images
 from gdd.stages import Stage
-from gdd.train import checkpointing, optim, sharding
+from gdd.train import checkpointing, optim, preemption, sharding
 from gdd.train.state import TrainState, update_ema
 
 # Sample grids show at most this many classes (rows).
 MAX_GRID_CLASSES = 10
 
 
-class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN/Inf; the last good checkpoint is kept."""
+class NonFiniteLossError(errors.UserError, FloatingPointError):
+  """Training diverged (NaN/Inf); only states known to be good are kept."""
 
 
 def stage_key(seed: int, stage_name: str) -> jax.Array:
@@ -188,35 +190,111 @@ class _SampleGridWriter:
     writer.write_images(step, grids)
 
 
-def _check_finite(metrics: dict[str, float], step: int, last_good: int):
-  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-  if bad:
-    raise NonFiniteLossError(
-      f'Non-finite metrics {bad} in the steps up to {step}. Stopped; the '
-      f'last good checkpoint (step {last_good}) is kept and a re-run resumes '
-      'from it. Usual fixes: lower the learning rate, lower '
-      'optimizer.grad_clip_norm, or use a float32 model dtype.'
-    )
+def _all_finite(tree) -> jax.Array:
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def _restore_or_init(
-  stage, ckpt, mesh, tx, init_rng, frozen_params
-) -> TrainState:
-  """The latest checkpoint's state if there is one, else a fresh state."""
+def _health_check(stage: Stage, mesh, step_key: jax.Array):
+  """Jitted `(state, frozen_params, next_batch) -> {params, batch, loss}`.
+
+  Three booleans: the state's params and EMA params are finite; the next
+  step's batch is finite; the loss the next step will compute from the
+  state (same batch, same random numbers) is finite. A finite but diverged
+  state (params of 1e28 after a learning-rate blow-up) passes the first and
+  fails the last, so it is never saved.
+  """
+
+  def health(state, frozen_params, next_batch):
+    rng = jax.random.fold_in(step_key, state.step)
+    loss, _ = stage.loss_fn(state.params, frozen_params, next_batch, rng)
+    return {
+      'params': _all_finite((state.params, state.ema_params)),
+      'batch': _all_finite(next_batch),
+      'loss': _all_finite(loss),
+    }
+
   rep = sharding.replicated(mesh)
-  create_state = jax.jit(
-    lambda rng, frozen: TrainState.create(stage.init_params(rng, frozen), tx),
+  return jax.jit(
+    health,
+    in_shardings=(rep, rep, sharding.batch_sharded(mesh)),
     out_shardings=rep,
   )
-  start_step = ckpt.latest_step()
-  if start_step is None:
-    return create_state(init_rng, frozen_params)
-  logging.info('[%s] resuming from checkpoint %d', stage.name, start_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StageRun:
+  """Everything the step loop of one stage uses besides the train state."""
+
+  stage: Stage
+  config: ml_collections.ConfigDict
+  stage_dir: str
+  mesh: jax.sharding.Mesh
+  frozen_params: Any
+  train_step: Callable
+  health: Callable
+  ckpt: checkpointing.Checkpointer
+  writer: metric_writers.MetricWriter
+
+  def diverged(self, what: str) -> NonFiniteLossError:
+    """The error for a diverged run; names the checkpoint that is kept."""
+    latest = self.ckpt.latest_step()
+    kept = (
+      f'checkpoint {latest}, the newest state known to be good, is kept'
+      if latest is not None
+      else 'no checkpoint was written (no state was known to be good)'
+    )
+    return NonFiniteLossError(
+      f'[{self.stage.name}] {what}. Stopped; {kept}. Training is '
+      'deterministic, so re-running this config diverges again: start a new '
+      '--workdir with a lower learning rate (or a lower '
+      'optimizer.grad_clip_norm, more warmup_steps, a float32 model dtype).'
+    )
+
+  def save(self, step: int, state: TrainState, next_batch) -> None:
+    """Checkpoints `state` as step `step` if it is good, else raises.
+
+    Bad data (NaN/Inf in the next batch) is told apart from a diverged
+    state: the state is saved if its params are finite, then the run stops.
+    """
+    health = jax.device_get(self.health(state, self.frozen_params, next_batch))
+    if not health['params']:
+      raise self.diverged(f'the params after update {step} are not finite')
+    if health['batch'] and not health['loss']:
+      raise self.diverged(
+        f'the state after update {step} gives a non-finite loss'
+      )
+    self.ckpt.save(step, state)
+    if not health['batch']:
+      raise NonFiniteLossError(
+        f'[{self.stage.name}] the batch of step {step + 1} holds NaN or Inf '
+        f'values: the data is bad, not the training. Checkpoint {step} is '
+        'saved; fix the data pipeline (or data set) and re-run to resume.'
+      )
+
+
+def _restore_or_init(run: _StageRun, tx, init_rng) -> TrainState:
+  """The newest readable checkpoint's state if any, else a fresh state."""
+  rep = sharding.replicated(run.mesh)
+  create_state = jax.jit(
+    lambda rng, frozen: TrainState.create(
+      run.stage.init_params(rng, frozen), tx
+    ),
+    out_shardings=rep,
+  )
   target = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-    jax.eval_shape(create_state, init_rng, frozen_params),
+    jax.eval_shape(create_state, init_rng, run.frozen_params),
   )
-  return ckpt.restore(start_step, target)
+  state = run.ckpt.restore_latest(target)
+  if state is None:
+    return create_state(init_rng, run.frozen_params)
+  logging.info('[%s] resuming from checkpoint %d', run.stage.name, state.step)
+  return state
 
 
 def train_stage(
@@ -227,7 +305,9 @@ def train_stage(
   """Trains `stage` to `num_train_steps`, resuming from its checkpoints.
 
   Returns the final EMA params, which are also exported to
-  `<stage_dir>/params`.
+  `<stage_dir>/params`. The caller holds the stage folder's lock
+  (`gdd.train.lock`). SIGTERM/SIGINT finish the current step, save it and
+  raise `preemption.InterruptedRunError`.
   """
   train_config = stage.train_config
   mesh = sharding.make_mesh()
@@ -236,89 +316,127 @@ def train_stage(
   )
   init_rng, step_key = jax.random.split(stage_key(config.seed, stage.name))
   tx, train_step = build_train_step(stage, mesh, step_key)
-  ckpt = checkpointing.Checkpointer(
-    checkpoints_dir(stage_dir),
-    max_to_keep=train_config.max_checkpoints_to_keep,
+  run = _StageRun(
+    stage=stage,
+    config=config,
+    stage_dir=stage_dir,
+    mesh=mesh,
+    frozen_params=jax.device_put(
+      stage.frozen_params, sharding.replicated(mesh)
+    ),
+    train_step=train_step,
+    health=_health_check(stage, mesh, step_key),
+    ckpt=checkpointing.Checkpointer(
+      checkpoints_dir(stage_dir),
+      max_to_keep=train_config.max_checkpoints_to_keep,
+    ),
+    writer=metric_writers.create_default_writer(
+      stage_dir, just_logging=jax.process_index() > 0
+    ),
   )
-  writer = metric_writers.create_default_writer(
-    stage_dir, just_logging=jax.process_index() > 0
-  )
-  frozen_params = jax.device_put(stage.frozen_params, sharding.replicated(mesh))
   try:
-    state = _restore_or_init(stage, ckpt, mesh, tx, init_rng, frozen_params)
-    state = _run_steps(
-      stage,
-      config,
-      stage_dir,
-      state,
-      frozen_params,
-      train_step,
-      mesh,
-      ckpt,
-      writer,
-    )
+    with preemption.catch_signals():
+      state = _run_steps(run, _restore_or_init(run, tx, init_rng))
   finally:
     # Saves already started hold good states: let them commit even when the
     # run dies, so a re-run resumes from the newest one.
-    ckpt.wait_until_finished()
-    ckpt.close()
-    writer.flush()
+    run.ckpt.wait_until_finished()
+    run.ckpt.close()
+    run.writer.flush()
   if not os.path.exists(params_dir(stage_dir)):
     checkpointing.export_params(params_dir(stage_dir), state.ema_params)
   return state.ema_params
 
 
-def _run_steps(
-  stage, config, stage_dir, state, frozen_params, train_step, mesh, ckpt, writer
-) -> TrainState:
-  """Steps from the state's step to num_train_steps, with side effects."""
-  train_config = stage.train_config
-  num_steps = train_config.num_train_steps
-  start_step = int(state.step)
+def _global_batches(run: _StageRun, start_step: int):
+  """Global batches of steps start_step + 1, … (batch k feeds step k + 1)."""
   batches = data.train_batches(
-    config.data,
-    seed=config.seed,
-    global_batch_size=train_config.batch_size,
+    run.config.data,
+    seed=run.config.seed,
+    global_batch_size=run.stage.train_config.batch_size,
     start_step=start_step,
   )
+  for batch in batches:
+    yield sharding.global_batch(batch, run.mesh)
+
+
+def _run_steps(run: _StageRun, state: TrainState) -> TrainState:
+  """Steps from the state's step to num_train_steps, with side effects.
+
+  The next step's batch is fetched right after a step is dispatched: the
+  host prepares it while the device computes, and a checkpoint's health
+  check needs it.
+  """
+  train_config = run.stage.train_config
+  num_steps = train_config.num_train_steps
+  start_step = int(state.step)
+  if start_step >= num_steps:
+    return state
+  batches = _global_batches(run, start_step)
   report = periodic_actions.ReportProgress(
     num_train_steps=num_steps,
-    writer=writer,
+    writer=run.writer,
     every_steps=train_config.log_every,
   )
   write_grids = _SampleGridWriter(
-    stage, config, data.get_info(config.data), mesh, stage_dir
+    run.stage,
+    run.config,
+    data.get_info(run.config.data),
+    run.mesh,
+    run.stage_dir,
   )
-  metric_sums, num_summed, last_good = None, 0, start_step
+  metrics = _MetricMeans()
+  batch = next(batches)
   for step in range(start_step + 1, num_steps + 1):
-    batch = sharding.global_batch(next(batches), mesh)
-    state, metrics = train_step(state, frozen_params, batch)
-    metric_sums = (
-      metrics
-      if metric_sums is None
-      else jax.tree.map(jnp.add, metric_sums, metrics)
-    )
-    num_summed += 1
+    state, step_metrics = run.train_step(state, run.frozen_params, batch)
+    batch = next(batches)
+    metrics.add(step_metrics)
     report(step)
+    stop = preemption.requested() or (
+      run.ckpt.reached_preemption(step) and 'cluster preemption'
+    )
     is_last = step == num_steps
-    save_now = step % train_config.checkpoint_every == 0 or is_last
+    save_now = step % train_config.checkpoint_every == 0 or is_last or stop
     if step % train_config.log_every == 0 or save_now:
-      # Pulling metrics here (not every step) keeps the device queue full.
-      means = {
-        k: float(v) / num_summed for k, v in jax.device_get(metric_sums).items()
-      }
-      _check_finite(means, step, last_good)
-      writer.write_scalars(step, means)
-      metric_sums, num_summed = None, 0
+      means = metrics.pop()
+      bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+      if bad:
+        raise run.diverged(
+          f'non-finite metrics {bad} in the steps up to {step}'
+        )
+      run.writer.write_scalars(step, means)
     if save_now:
-      ckpt.save(step, state)
-      last_good = step
+      run.save(step, state, batch)
     if step % train_config.eval_every == 0 or is_last:
-      write_grids(step, state.ema_params, frozen_params, writer)
-    if ckpt.reached_preemption(step):
-      if not save_now:
-        ckpt.save(step, state)
-      raise SystemExit(
-        f'[{stage.name}] preempted at step {step}; re-run to resume.'
+      write_grids(step, state.ema_params, run.frozen_params, run.writer)
+    if stop:
+      raise preemption.InterruptedRunError(
+        f'[{run.stage.name}] stopped by {stop} after step {step}; checkpoint '
+        f'{step} is saved in {checkpoints_dir(run.stage_dir)}. Re-run the '
+        'same command to resume from it.'
       )
   return state
+
+
+class _MetricMeans:
+  """Sums step metrics on device; pulls their means to the host on demand.
+
+  Pulling only at log steps (not every step) keeps the device queue full.
+  """
+
+  def __init__(self):
+    self._sums, self._count = None, 0
+
+  def add(self, metrics: dict[str, jax.Array]) -> None:
+    self._sums = (
+      metrics
+      if self._sums is None
+      else jax.tree.map(jnp.add, self._sums, metrics)
+    )
+    self._count += 1
+
+  def pop(self) -> dict[str, float]:
+    sums = jax.device_get(self._sums)
+    means = {k: float(v) / self._count for k, v in sums.items()}
+    self._sums, self._count = None, 0
+    return means

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gdd import config_lib
+
 DATA_AXIS = 'data'
 
 
@@ -31,7 +33,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, key: str) -> None:
   """Fails early (before compiling) if the batch cannot be split evenly."""
   num_devices = mesh.devices.size
   if batch_size % num_devices:
-    raise ValueError(
+    raise config_lib.ConfigError(
       f'config.{key}={batch_size} is not divisible by the {num_devices} '
       f'devices of the mesh; use a multiple of {num_devices}.'
     )

@@ -1,0 +1,312 @@
+"""Faults and bad input a long run meets, and what gdd promises for each.
+
+Divergence, damaged checkpoints and exports, a second run on one workdir,
+SIGTERM, a full disk, user errors on the command line, batch sizes that do
+not split over the devices. Each test reproduces one defect found by a fault
+probe and checks the promise the README's "Resuming" section makes about it.
+`:quick` sizes and a few steps keep them fast.
+"""
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from gdd import config_lib, data, errors, pipeline, sample
+from gdd.stages import teacher
+from gdd.train import checkpointing, lock, loop, preemption
+from tests import helpers
+
+
+def _config(**teacher_overrides):
+  """An 8-step `:quick` teacher that checkpoints every 2 steps, keeps all."""
+  config = helpers.quick_config(num_train_steps=8)
+  config.teacher.update(checkpoint_every=2, max_checkpoints_to_keep=10)
+  config.teacher.update(**teacher_overrides)
+  return config
+
+
+def _steps(stage_dir: str) -> list[int]:
+  ckpt = checkpointing.Checkpointer(
+    loop.checkpoints_dir(stage_dir), max_to_keep=10
+  )
+  steps = sorted(ckpt.all_steps())
+  ckpt.close()
+  return steps
+
+
+def _export(stage_dir: str):
+  return jax.device_get(checkpointing.load_params(loop.params_dir(stage_dir)))
+
+
+def _truncate_files(folder: str) -> None:
+  """Halves every file under `folder`, as a damaged disk or copy would."""
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      os.truncate(path, os.path.getsize(path) // 2)
+
+
+@pytest.fixture(scope='module')
+def finished_workdir(tmp_path_factory):
+  """A workdir whose teacher ran 8 steps uninterrupted (the reference)."""
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  pipeline.run(_config(), workdir, 'teacher')
+  return workdir
+
+
+def _copy(workdir: str, tmp_path) -> str:
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  return copy
+
+
+def _stage(config):
+  return teacher.make_stage(config, data.get_info(config.data))
+
+
+@pytest.mark.parametrize(
+  'warmup_steps, kept, message',
+  [
+    # lr rises by 2.5e28 per step: the params after update 2 are finite
+    # (~2.5e28) but step 3's loss is not, so only checkpoint 1 is good.
+    (40, [1], 'checkpoint 1, the newest state known to be good, is kept'),
+    # Diverged by the first update: no state may be kept.
+    (0, [], 'no checkpoint was written'),
+  ],
+)
+def test_a_diverged_state_is_never_checkpointed(
+  tmp_path, warmup_steps, kept, message
+):
+  config = _config(checkpoint_every=1, log_every=1)
+  config.teacher.optimizer.update(learning_rate=1e30, warmup_steps=warmup_steps)
+  stage_dir = str(tmp_path / 'teacher')
+  with pytest.raises(loop.NonFiniteLossError, match=message):
+    loop.train_stage(_stage(config), config, stage_dir)
+  assert _steps(stage_dir) == kept
+  for step in kept:
+    ckpt = checkpointing.Checkpointer(
+      loop.checkpoints_dir(stage_dir), max_to_keep=10
+    )
+    state = jax.device_get(ckpt.restore(step, None))
+    ckpt.close()
+    for leaf in jax.tree.leaves((state['params'], state['ema_params'])):
+      assert np.all(np.isfinite(leaf)) and np.abs(leaf).max() < 1e6
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_one(
+  finished_workdir, tmp_path, monkeypatch, caplog
+):
+  config = _config()
+  stage_dir = str(tmp_path / 'teacher')
+  real_batches = data.train_batches
+
+  def dying_batches(*args, **kwargs):
+    for index, batch in enumerate(real_batches(*args, **kwargs)):
+      if index == 6:  # Fetched after step 6 is dispatched: dies in step 6.
+        raise KeyboardInterrupt('killed')
+      yield batch
+
+  monkeypatch.setattr(data, 'train_batches', dying_batches)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_stage(_stage(config), config, stage_dir)
+  monkeypatch.setattr(data, 'train_batches', real_batches)
+  assert _steps(stage_dir) == [2, 4]
+  _truncate_files(os.path.join(loop.checkpoints_dir(stage_dir), '4'))
+
+  with caplog.at_level(logging.WARNING):
+    loop.train_stage(_stage(config), config, stage_dir)
+  assert 'Checkpoint 4 in' in caplog.text
+  assert 'Resuming from checkpoint 2 instead' in caplog.text
+  aside = os.listdir(os.path.join(stage_dir, checkpointing.UNREADABLE_DIR))
+  assert [name.split('_')[:2] for name in aside] == [['checkpoints', '4']]
+  chex.assert_trees_all_equal(
+    _export(stage_dir), _export(os.path.join(finished_workdir, 'teacher'))
+  )
+
+
+def test_a_broken_params_export_is_written_again(
+  finished_workdir, tmp_path, caplog
+):
+  workdir = _copy(finished_workdir, tmp_path)
+  stage_dir = os.path.join(workdir, 'teacher')
+  _truncate_files(loop.params_dir(stage_dir))
+  with pytest.raises(checkpointing.UnreadableCheckpointError, match='Re-run'):
+    sample.load_sampler(workdir, 'teacher', num_steps=2)
+
+  with caplog.at_level(logging.WARNING):
+    pipeline.run(_config(), workdir, 'teacher')
+  assert 'params export of' in caplog.text
+  aside = os.listdir(os.path.join(stage_dir, checkpointing.UNREADABLE_DIR))
+  assert [name.split('_')[:2] for name in aside] == [['teacher', 'params']]
+  chex.assert_trees_all_equal(
+    _export(stage_dir), _export(os.path.join(finished_workdir, 'teacher'))
+  )
+
+
+def test_nothing_readable_is_one_error_that_names_the_folder(
+  finished_workdir, tmp_path
+):
+  workdir = _copy(finished_workdir, tmp_path)
+  checkpoints = loop.checkpoints_dir(os.path.join(workdir, 'teacher'))
+  _truncate_files(checkpoints)
+  _truncate_files(loop.params_dir(os.path.join(workdir, 'teacher')))
+  with pytest.raises(checkpointing.UnreadableCheckpointError) as error:
+    pipeline.run(_config(), workdir, 'teacher')
+  assert f'No checkpoint in {checkpoints} can be read' in str(error.value)
+  assert sorted(os.listdir(checkpoints)) == ['2', '4', '6', '8']
+
+
+def test_sigterm_saves_the_current_step_and_resumes_exactly(
+  finished_workdir, tmp_path, monkeypatch
+):
+  config = _config()
+  stage_dir = str(tmp_path / 'teacher')
+  real_batches = data.train_batches
+
+  def batches_then_sigterm(*args, **kwargs):
+    for index, batch in enumerate(real_batches(*args, **kwargs)):
+      if index == 5:  # Fetched after step 5: between checkpoints 4 and 6.
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(data, 'train_batches', batches_then_sigterm)
+  with pytest.raises(preemption.InterruptedRunError, match='after step 5'):
+    loop.train_stage(_stage(config), config, stage_dir)
+  monkeypatch.setattr(data, 'train_batches', real_batches)
+  assert _steps(stage_dir) == [2, 4, 5]
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+  loop.train_stage(_stage(config), config, stage_dir)
+  chex.assert_trees_all_equal(
+    _export(stage_dir), _export(os.path.join(finished_workdir, 'teacher'))
+  )
+
+
+def _python(*args, **kwargs) -> subprocess.Popen:
+  return subprocess.Popen(
+    [sys.executable, *args],
+    cwd=helpers.REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', GDD_VERBOSE=''),
+    **kwargs,
+  )
+
+
+def _gdd(workdir, *overrides) -> subprocess.Popen:
+  return _python(
+    '-m',
+    'gdd.main',
+    '--config=configs/digits.py:quick',
+    f'--workdir={workdir}',
+    '--mode=teacher',
+    *overrides,
+  )
+
+
+def test_a_second_run_on_a_workdir_fails_at_once_and_sigterm_exits_75(
+  tmp_path,
+):
+  workdir = tmp_path / 'run'
+  first = _gdd(workdir, '--config.teacher.num_train_steps=100000')
+  lock_file = workdir / 'teacher' / lock.LOCK_FILE
+  deadline = time.time() + 300
+  while not (lock_file.exists() and lock_file.read_text()):
+    assert first.poll() is None, first.communicate()
+    assert time.time() < deadline
+    time.sleep(0.5)
+
+  second = _gdd(workdir)
+  _, stderr = second.communicate(timeout=300)
+  assert second.returncode == 1, stderr
+  assert f'pid {first.pid} on host' in stderr
+  assert 'Traceback' not in stderr
+
+  first.send_signal(signal.SIGTERM)
+  _, stderr = first.communicate(timeout=300)
+  assert first.returncode == preemption.EXIT_CODE, stderr
+  assert 'stopped by SIGTERM after step' in stderr
+  step = int(stderr.split('after step ')[1].split(';')[0])
+  assert _steps(str(workdir / 'teacher'))[-1] == step
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+  stage_dir = str(tmp_path / 'teacher')
+  holder = _python(
+    '-c',
+    'import time; from gdd.train import lock\n'
+    f'with lock.hold({stage_dir!r}):\n'
+    "  print('held', flush=True); time.sleep(600)",
+  )
+  assert holder.stdout.readline().strip() == 'held'
+  held = pytest.raises(lock.LockHeldError, match=f'pid {holder.pid} on host')
+  with held, lock.hold(stage_dir):
+    pass
+  holder.kill()  # SIGKILL: no clean-up code runs in the holder.
+  holder.wait()
+  with lock.hold(stage_dir):
+    pass
+
+
+def test_cli_prints_user_errors_in_one_message(tmp_path):
+  def run(*flags):
+    process = _python(
+      '-m',
+      'gdd.main',
+      '--config=configs/digits.py:quick',
+      f'--workdir={tmp_path}/run',
+      *flags,
+    )
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
+
+  code, stderr = run('--config.teacher.num_train_step=5')
+  assert code == 2
+  assert 'Did you mean "num_train_steps"' in stderr
+  assert 'Traceback' not in stderr and len(stderr.splitlines()) <= 3
+  code, stderr = run('--config.teacher.batch_size=12')
+  assert code == 1
+  assert 'config.teacher.batch_size=12 is not divisible' in stderr
+  assert 'Traceback' not in stderr
+  code, stderr = run('--config.teacher.batch_size=12', '--verbose')
+  assert code == 1 and 'Traceback' in stderr
+
+
+def test_a_full_disk_is_reported_as_such():
+  try:
+    try:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    except OSError as full:
+      raise ValueError('Orbax: commit failed') from full
+  except ValueError as wrapped:
+    message = errors.user_message(wrapped)
+  assert message.startswith('No space left on device')
+  assert 'resumes from the newest one' in message
+  assert errors.user_message(ValueError('a bug')) is None
+
+
+@pytest.mark.parametrize(
+  'mode, section',
+  [('all', 'distill'), ('guided', 'guided'), ('distill_single_w', 'distill')],
+)
+def test_every_batch_a_mode_will_use_is_checked_before_any_stage(
+  tmp_path, mode, section
+):
+  config = helpers.quick_config()
+  config[section].batch_size = 12  # Not a multiple of the 8 test devices.
+  with pytest.raises(
+    config_lib.ConfigError, match=f'config.{section}.batch_size=12'
+  ):
+    pipeline.run(config, str(tmp_path / 'run'), mode)
+  assert not (tmp_path / 'run').exists()
