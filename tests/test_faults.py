@@ -127,8 +127,13 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_one(
     loop.train_stage(_stage(config), config, stage_dir)
   assert 'Checkpoint 4 in' in caplog.text
   assert 'Resuming from checkpoint 2 instead' in caplog.text
+  _assert_recovered(stage_dir, finished_workdir, moved=['checkpoints', '4'])
+
+
+def _assert_recovered(stage_dir, finished_workdir, *, moved: list[str]):
+  """One thing was moved aside, and the export equals the reference run's."""
   aside = os.listdir(os.path.join(stage_dir, checkpointing.UNREADABLE_DIR))
-  assert [name.split('_')[:2] for name in aside] == [['checkpoints', '4']]
+  assert [name.split('_')[:2] for name in aside] == [moved]
   chex.assert_trees_all_equal(
     _export(stage_dir), _export(os.path.join(finished_workdir, 'teacher'))
   )
@@ -146,11 +151,7 @@ def test_a_broken_params_export_is_written_again(
   with caplog.at_level(logging.WARNING):
     pipeline.run(_config(), workdir, 'teacher')
   assert 'params export of' in caplog.text
-  aside = os.listdir(os.path.join(stage_dir, checkpointing.UNREADABLE_DIR))
-  assert [name.split('_')[:2] for name in aside] == [['teacher', 'params']]
-  chex.assert_trees_all_equal(
-    _export(stage_dir), _export(os.path.join(finished_workdir, 'teacher'))
-  )
+  _assert_recovered(stage_dir, finished_workdir, moved=['teacher', 'params'])
 
 
 def test_nothing_readable_is_one_error_that_names_the_folder(
