@@ -14,20 +14,26 @@ class UserError(Exception):
   """A problem with the user's input, files or machine, with its fix."""
 
 
-def chain(error: BaseException):
-  """The error, its cause, the cause's cause, …"""
+def chain(error: BaseException, *, implicit: bool = True):
+  """The error, its cause, the cause's cause, …
+
+  With `implicit`, also errors that were being handled when one was raised
+  (`__context__`), as tracebacks show them.
+  """
   while error is not None:
     yield error
-    error = error.__cause__ or error.__context__
+    error = error.__cause__ or (error.__context__ if implicit else None)
 
 
 def user_message(error: BaseException) -> str | None:
   """The message to show for an error the user can fix, else None.
 
-  Covers `UserError`s and a full disk, which reaches gdd wrapped in Orbax's
-  and TensorStore's own exceptions.
+  Covers `UserError`s (the error itself or what it was explicitly raised
+  from: an unexpected error raised while handling a user error stays
+  unexpected) and a full disk, which reaches gdd wrapped in Orbax's and
+  TensorStore's own exceptions.
   """
-  for cause in chain(error):
+  for cause in chain(error, implicit=False):
     if isinstance(cause, UserError):
       return str(cause)
   for cause in chain(error):

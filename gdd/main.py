@@ -58,10 +58,8 @@ class _QuietOrbaxLogs(logging.Filter):
     return record.levelno >= logging.WARNING
 
 
-def _verbose(argv: list[str]) -> bool:
-  return os.environ.get('GDD_VERBOSE', '') not in ('', '0') or any(
-    arg in ('--verbose', '--verbose=true', '--verbose=True') for arg in argv
-  )
+def _verbose_from_env() -> bool:
+  return os.environ.get('GDD_VERBOSE', '') not in ('', '0')
 
 
 def _fail(message: str, code: int) -> None:
@@ -80,17 +78,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as error:
     _fail(f'{error}\nPass --helpshort or --helpfull to see the flags.', 2)
   except (AttributeError, KeyError, TypeError, ValueError) as error:
-    if _verbose(argv):
+    # Flags are not parsed yet, so --verbose is looked for by hand.
+    if _verbose_from_env() or '--verbose' in argv:
       raise
-    _fail(_override_message(error), 2)
+    _fail(_config_flag_message(error), 2)
 
 
-def _override_message(error: Exception) -> str:
+def _config_flag_message(error: Exception) -> str:
+  """One line for an error in the config file or a --config.* override."""
   missing = [
     cause for cause in errors.chain(error) if isinstance(cause, KeyError)
   ]
   if not missing:
-    return f'bad --config.* override: {error}'
+    return f'bad --config (file or override): {errors.first_line(error)}'
   # The outermost KeyError carries ml_collections' "Did you mean" hint.
   key, _, hint = str(missing[0].args[0]).partition('\n')
   return ' '.join(
@@ -108,7 +108,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   for handler in logging.getLogger().handlers:
-    handler.addFilter(_QuietOrbaxLogs(_verbose(sys.argv)))
+    handler.addFilter(_QuietOrbaxLogs(_VERBOSE.value or _verbose_from_env()))
   config = _CONFIG.value
   try:
     if config.distributed.initialize:
@@ -118,7 +118,7 @@ def main(argv):
     _fail(str(stop), preemption.EXIT_CODE)
   except Exception as error:
     message = errors.user_message(error)
-    if message is None or _verbose(sys.argv):
+    if message is None or _VERBOSE.value or _verbose_from_env():
       raise
     _fail(f'error: {message}\n(--verbose shows the traceback)', 1)
 

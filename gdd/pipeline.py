@@ -101,32 +101,32 @@ def _run_stage(
       print(f'{name}: already finished ({stage_dir}); skipping.')
       return params
     start = time.perf_counter()
-    params = loop.train_stage(make_stage(), config, stage_dir)
+    params = loop.train_stage(
+      make_stage(),
+      config,
+      stage_dir,
+      replace_export=os.path.exists(loop.params_dir(stage_dir)),
+    )
   print(f'{name}: finished in {time.perf_counter() - start:.0f} s.')
   return params
 
 
 def _load_export(stage_dir: str, abstract_params):
-  """A finished stage's params, or None when it must (re-)train or export.
+  """A finished stage's params, or None when it must train or export again.
 
-  An export that cannot be read is moved to `<stage_dir>/unreadable/`;
-  training then restores the stage's final checkpoint and exports again.
+  An export that cannot be read stays where it is for now: training
+  restores the stage's final checkpoint and only then replaces it.
   """
   if not os.path.exists(loop.params_dir(stage_dir)):
     return None
   try:
     return loop.load_exported_params(stage_dir, abstract_params)
   except checkpointing.UnreadableCheckpointError as error:
-    moved = checkpointing.move_aside(
-      loop.params_dir(stage_dir),
-      os.path.join(stage_dir, checkpointing.UNREADABLE_DIR),
-    )
     logging.warning(
-      'The params export of %s cannot be read (%s); moved it to %s and '
-      'exporting it again from the final checkpoint.',
+      'The params export of %s cannot be read (%s); exporting it again from '
+      'the final checkpoint.',
       stage_dir,
       errors.first_line(error.__cause__ or error),
-      moved,
     )
     return None
 
@@ -170,21 +170,13 @@ def run_chain(
     return
   student_abstract = common.abstract_params(student_model)
 
-  def guided_stage() -> Stage:
-    # --mode=distill loads the teacher only if stage one must (re)export.
-    frozen = teacher_params
-    if frozen is None:
-      frozen = loop.load_exported_params(
-        os.path.join(workdir, teacher.NAME),
-        common.abstract_params(teacher_model),
-      )
-    return guided.make_stage(config, info, frozen)
-
   params = _run_stage(
     config,
     workdir,
     'guided',
-    guided_stage,
+    functools.partial(
+      _guided_stage, config, workdir, info, teacher_model, teacher_params
+    ),
     name=guided.NAME,
     abstract_params=student_abstract,
     trained_from={
@@ -206,6 +198,17 @@ def run_chain(
     w_record={'w_range': [config.guided.w_min, config.guided.w_max]},
   )
   print(f'chain finished: {finished_summary(workdir)}')
+
+
+def _guided_stage(config, workdir, info, teacher_model, teacher_params):
+  """Stage one; --mode=distill loads the teacher only if stage one must
+  export again (its `teacher_params` are None)."""
+  if teacher_params is None:
+    teacher_params = loop.load_exported_params(
+      os.path.join(workdir, teacher.NAME),
+      common.abstract_params(teacher_model),
+    )
+  return guided.make_stage(config, info, teacher_params)
 
 
 def _run_single_w_rounds(config, workdir, info, teacher_model) -> None:

@@ -165,6 +165,35 @@ def test_nothing_readable_is_one_error_that_names_the_folder(
     pipeline.run(_config(), workdir, 'teacher')
   assert f'No checkpoint in {checkpoints} can be read' in str(error.value)
   assert sorted(os.listdir(checkpoints)) == ['2', '4', '6', '8']
+  stage_dir = os.path.join(workdir, 'teacher')
+  assert os.path.isdir(loop.params_dir(stage_dir))
+  assert not os.path.exists(
+    os.path.join(stage_dir, checkpointing.UNREADABLE_DIR)
+  )
+
+
+def test_bad_data_between_checkpoints_is_blamed_on_the_data(
+  tmp_path, monkeypatch
+):
+  config = _config()
+  real_batches = data.train_batches
+
+  def poisoned_batches(*args, **kwargs):
+    for index, batch in enumerate(real_batches(*args, **kwargs)):
+      # Feeds step 4; no save checks it beforehand (the health check at
+      # checkpoint 2 looks at batch 2), so the step's own metrics must.
+      if index == 3:
+        batch = dict(batch, image=np.full_like(batch['image'], np.inf))
+      yield batch
+
+  monkeypatch.setattr(data, 'train_batches', poisoned_batches)
+  stage_dir = str(tmp_path / 'teacher')
+  with pytest.raises(
+    loop.NonFiniteLossError,
+    match='a batch of the steps up to 4 holds NaN or Inf.*Checkpoint 2 is kept',
+  ):
+    loop.train_stage(_stage(config), config, stage_dir)
+  assert _steps(stage_dir) == [2]
 
 
 def test_sigterm_saves_the_current_step_and_resumes_exactly(
@@ -295,6 +324,14 @@ def test_a_full_disk_is_reported_as_such():
   assert message.startswith('No space left on device')
   assert 'resumes from the newest one' in message
   assert errors.user_message(ValueError('a bug')) is None
+  try:
+    try:
+      raise config_lib.ConfigError('a user error')
+    except config_lib.ConfigError:
+      raise OSError(errno.EACCES, 'Permission denied')  # noqa: B904
+  except OSError as unexpected:
+    # Raised while handling a user error, not from it: keeps its traceback.
+    assert errors.user_message(unexpected) is None
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ something older has been read in its place.
 """
 
 import datetime
+import glob
 import os
 import shutil
 from typing import Any
@@ -56,14 +57,10 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int):
     self._directory = os.path.abspath(directory)
-    self._max_to_keep = max_to_keep
-    self._manager = self._open()
-
-  def _open(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
+    self._manager = ocp.CheckpointManager(
       self._directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=self._max_to_keep,
+        max_to_keep=max_to_keep,
         enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
       ),
@@ -126,11 +123,10 @@ class Checkpointer:
 
   def _move_aside(self, steps: list[int]) -> None:
     aside_dir = os.path.join(os.path.dirname(self._directory), UNREADABLE_DIR)
-    self._manager.close()
     for step in steps:
       moved = move_aside(os.path.join(self._directory, str(step)), aside_dir)
       logging.warning('Moved unreadable checkpoint %d to %s.', step, moved)
-    self._manager = self._open()
+    self._manager.reload()  # Orbax's step list, without the moved steps.
 
   def reached_preemption(self, step: int) -> bool:
     """True when the cluster signalled preemption (multi-host runs)."""
@@ -155,13 +151,21 @@ def abstract_tree_like(tree: Any) -> Any:
 
 
 def export_params(path: str, params: Any) -> None:
-  """Writes a params-only export (blocking); refuses to overwrite one."""
+  """Writes a params-only export (blocking); refuses to overwrite one.
+
+  Removes what an interrupted export of `path` left (Orbax writes into
+  `<path>.orbax-checkpoint-tmp*` and renames when complete): only the run
+  holding the stage's lock exports.
+  """
   path = os.path.abspath(path)
   if os.path.exists(path):
     raise FileExistsError(
       f'{path} exists; params exports are never overwritten. Delete it by '
       'hand if you really mean to replace it.'
     )
+  if jax.process_index() == 0:
+    for leftover in glob.glob(glob.escape(path) + '.orbax-checkpoint-tmp*'):
+      shutil.rmtree(leftover)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, params)
     checkpointer.wait_until_finished()

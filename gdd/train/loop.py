@@ -83,6 +83,8 @@ def _train_step(
     metrics,
     grad_norm=optax.global_norm(grads),
     learning_rate=learning_rate_fn(state.step),
+    # Not logged: tells bad data from a diverged run (`_StageRun.check`).
+    batch_finite=_all_finite(batch).astype(jnp.float32),
   )
   new_state = state.replace(
     step=state.step + 1,
@@ -240,6 +242,28 @@ class _StageRun:
   ckpt: checkpointing.Checkpointer
   writer: metric_writers.MetricWriter
 
+  @classmethod
+  def open(cls, stage, config, stage_dir, mesh, step_key, train_step):
+    """Opens the stage's checkpoints and writer; the caller closes them."""
+    return cls(
+      stage=stage,
+      config=config,
+      stage_dir=stage_dir,
+      mesh=mesh,
+      frozen_params=jax.device_put(
+        stage.frozen_params, sharding.replicated(mesh)
+      ),
+      train_step=train_step,
+      health=_health_check(stage, mesh, step_key),
+      ckpt=checkpointing.Checkpointer(
+        checkpoints_dir(stage_dir),
+        max_to_keep=stage.train_config.max_checkpoints_to_keep,
+      ),
+      writer=metric_writers.create_default_writer(
+        stage_dir, just_logging=jax.process_index() > 0
+      ),
+    )
+
   def diverged(self, what: str) -> NonFiniteLossError:
     """The error for a diverged run; names the checkpoint that is kept."""
     latest = self.ckpt.latest_step()
@@ -254,6 +278,23 @@ class _StageRun:
       '--workdir with a lower learning rate (or a lower '
       'optimizer.grad_clip_norm, more warmup_steps, a float32 model dtype).'
     )
+
+  def bad_data(self, where: str) -> NonFiniteLossError:
+    """The error for NaN/Inf in the data, told apart from divergence."""
+    return NonFiniteLossError(
+      f'[{self.stage.name}] {where} holds NaN or Inf values: the data is '
+      f'bad, not the training. Checkpoint {self.ckpt.latest_step()} is kept; '
+      'fix the data pipeline (or data set) and re-run to resume.'
+    )
+
+  def check(self, means: dict[str, float], step: int) -> dict[str, float]:
+    """The logged metrics of the steps up to `step`, if all are finite."""
+    if means.pop('batch_finite') < 1:
+      raise self.bad_data(f'a batch of the steps up to {step}')
+    bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+    if bad:
+      raise self.diverged(f'non-finite metrics {bad} in the steps up to {step}')
+    return means
 
   def save(self, step: int, state: TrainState, next_batch) -> None:
     """Checkpoints `state` as step `step` if it is good, else raises.
@@ -270,11 +311,7 @@ class _StageRun:
       )
     self.ckpt.save(step, state)
     if not health['batch']:
-      raise NonFiniteLossError(
-        f'[{self.stage.name}] the batch of step {step + 1} holds NaN or Inf '
-        f'values: the data is bad, not the training. Checkpoint {step} is '
-        'saved; fix the data pipeline (or data set) and re-run to resume.'
-      )
+      raise self.bad_data(f'the batch of step {step + 1}')
 
 
 def _restore_or_init(run: _StageRun, tx, init_rng) -> TrainState:
@@ -301,40 +338,33 @@ def train_stage(
   stage: Stage,
   config: ml_collections.ConfigDict,
   stage_dir: str,
+  *,
+  replace_export: bool = False,
 ) -> Any:
   """Trains `stage` to `num_train_steps`, resuming from its checkpoints.
 
   Returns the final EMA params, which are also exported to
   `<stage_dir>/params`. The caller holds the stage folder's lock
   (`gdd.train.lock`). SIGTERM/SIGINT finish the current step, save it and
-  raise `preemption.InterruptedRunError`.
+  raise `preemption.InterruptedRunError`. `replace_export`: the existing
+  export cannot be read; once the final state exists it is moved to
+  `<stage_dir>/unreadable/` and a new export written.
   """
-  train_config = stage.train_config
   mesh = sharding.make_mesh()
   sharding.check_batch_size(
-    train_config.batch_size, mesh, f'{stage.name}.batch_size'
+    stage.train_config.batch_size, mesh, f'{stage.name}.batch_size'
   )
   init_rng, step_key = jax.random.split(stage_key(config.seed, stage.name))
   tx, train_step = build_train_step(stage, mesh, step_key)
-  run = _StageRun(
-    stage=stage,
-    config=config,
-    stage_dir=stage_dir,
-    mesh=mesh,
-    frozen_params=jax.device_put(
-      stage.frozen_params, sharding.replicated(mesh)
-    ),
-    train_step=train_step,
-    health=_health_check(stage, mesh, step_key),
-    ckpt=checkpointing.Checkpointer(
-      checkpoints_dir(stage_dir),
-      max_to_keep=train_config.max_checkpoints_to_keep,
-    ),
-    writer=metric_writers.create_default_writer(
-      stage_dir, just_logging=jax.process_index() > 0
-    ),
-  )
+  run = _StageRun.open(stage, config, stage_dir, mesh, step_key, train_step)
   try:
+    if replace_export and run.ckpt.latest_step() is None:
+      raise checkpointing.UnreadableCheckpointError(
+        f'The params export {params_dir(stage_dir)} cannot be read and '
+        f'{checkpoints_dir(stage_dir)} has no checkpoint to export again '
+        'from. Nothing was moved; move the stage folder away to train it '
+        'again.'
+      )
     with preemption.catch_signals():
       state = _run_steps(run, _restore_or_init(run, tx, init_rng))
   finally:
@@ -343,9 +373,19 @@ def train_stage(
     run.ckpt.wait_until_finished()
     run.ckpt.close()
     run.writer.flush()
-  if not os.path.exists(params_dir(stage_dir)):
-    checkpointing.export_params(params_dir(stage_dir), state.ema_params)
+  _export(stage_dir, state.ema_params, replace=replace_export)
   return state.ema_params
+
+
+def _export(stage_dir: str, ema_params, *, replace: bool) -> None:
+  """Writes the params export, moving an unreadable one aside first."""
+  path = params_dir(stage_dir)
+  if replace and os.path.exists(path):
+    aside = os.path.join(stage_dir, checkpointing.UNREADABLE_DIR)
+    moved = checkpointing.move_aside(path, aside)
+    logging.warning('Moved the unreadable params export to %s.', moved)
+  if not os.path.exists(path):
+    checkpointing.export_params(path, ema_params)
 
 
 def _global_batches(run: _StageRun, start_step: int):
@@ -378,12 +418,9 @@ def _run_steps(run: _StageRun, state: TrainState) -> TrainState:
     writer=run.writer,
     every_steps=train_config.log_every,
   )
+  info = data.get_info(run.config.data)
   write_grids = _SampleGridWriter(
-    run.stage,
-    run.config,
-    data.get_info(run.config.data),
-    run.mesh,
-    run.stage_dir,
+    run.stage, run.config, info, run.mesh, run.stage_dir
   )
   metrics = _MetricMeans()
   batch = next(batches)
@@ -392,22 +429,15 @@ def _run_steps(run: _StageRun, state: TrainState) -> TrainState:
     batch = next(batches)
     metrics.add(step_metrics)
     report(step)
-    stop = preemption.requested() or (
-      run.ckpt.reached_preemption(step) and 'cluster preemption'
-    )
+    stop = _stop_request(run, step)
     is_last = step == num_steps
     save_now = step % train_config.checkpoint_every == 0 or is_last or stop
     if step % train_config.log_every == 0 or save_now:
-      means = metrics.pop()
-      bad = {k: v for k, v in means.items() if not math.isfinite(v)}
-      if bad:
-        raise run.diverged(
-          f'non-finite metrics {bad} in the steps up to {step}'
-        )
-      run.writer.write_scalars(step, means)
+      run.writer.write_scalars(step, run.check(metrics.pop(), step))
     if save_now:
       run.save(step, state, batch)
-    if step % train_config.eval_every == 0 or is_last:
+    # A stop skips the grids: a scheduler's grace period is short.
+    if (step % train_config.eval_every == 0 or is_last) and not stop:
       write_grids(step, state.ema_params, run.frozen_params, run.writer)
     if stop:
       raise preemption.InterruptedRunError(
@@ -416,6 +446,13 @@ def _run_steps(run: _StageRun, state: TrainState) -> TrainState:
         'same command to resume from it.'
       )
   return state
+
+
+def _stop_request(run: _StageRun, step: int) -> str | None:
+  """Why the run must stop after `step` (a signal, cluster preemption)."""
+  if run.ckpt.reached_preemption(step):  # A sync point: every host calls it.
+    return 'cluster preemption'
+  return preemption.requested()
 
 
 class _MetricMeans:
