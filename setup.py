@@ -43,6 +43,8 @@ setuptools.setup(
       'nbclient>=0.10,<0.12',
       'nbformat>=5.10,<6',
       'pytest>=8,<10',
+      # Runs the suite on two workers (README command 2).
+      'pytest-xdist>=3.6,<4',
       'ruff>=0.8,<0.18',
     ],
   },

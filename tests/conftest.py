@@ -24,6 +24,22 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+# Modules that share the session-scoped `chain_workdir`.
+_CHAIN_MODULES = ('test_end_to_end', 'test_evaluation')
+
+
+def pytest_collection_modifyitems(items):
+  """Under pytest-xdist (`-n 2 --dist loadgroup`), one worker per module.
+
+  Module-scoped fixtures are then built once, and the modules that use the
+  session's chain workdir share one worker, so it is trained once too.
+  """
+  for item in items:
+    module = item.module.__name__.rsplit('.', 1)[-1]
+    group = 'chain' if module in _CHAIN_MODULES else module
+    item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope='session')
 def chain_workdir(tmp_path_factory):
   """teacher → guided → 4 → 2 → 1 steps on digits, 2 updates per stage.

@@ -104,30 +104,21 @@ def test_a_diverged_state_is_never_checkpointed(
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_one(
-  finished_workdir, tmp_path, monkeypatch, caplog
+  finished_workdir, tmp_path, caplog
 ):
+  stage_dir = os.path.join(_copy(finished_workdir, tmp_path), 'teacher')
+  # As if the run had died after saving checkpoint 8, before exporting, and
+  # checkpoint 8's files were damaged.
+  shutil.rmtree(loop.params_dir(stage_dir))
+  _truncate_files(os.path.join(loop.checkpoints_dir(stage_dir), '8'))
+
   config = _config()
-  stage_dir = str(tmp_path / 'teacher')
-  real_batches = data.train_batches
-
-  def dying_batches(*args, **kwargs):
-    for index, batch in enumerate(real_batches(*args, **kwargs)):
-      if index == 6:  # Fetched after step 6 is dispatched: dies in step 6.
-        raise KeyboardInterrupt('killed')
-      yield batch
-
-  monkeypatch.setattr(data, 'train_batches', dying_batches)
-  with pytest.raises(KeyboardInterrupt):
-    loop.train_stage(_stage(config), config, stage_dir)
-  monkeypatch.setattr(data, 'train_batches', real_batches)
-  assert _steps(stage_dir) == [2, 4]
-  _truncate_files(os.path.join(loop.checkpoints_dir(stage_dir), '4'))
-
   with caplog.at_level(logging.WARNING):
     loop.train_stage(_stage(config), config, stage_dir)
-  assert 'Checkpoint 4 in' in caplog.text
-  assert 'Resuming from checkpoint 2 instead' in caplog.text
-  _assert_recovered(stage_dir, finished_workdir, moved=['checkpoints', '4'])
+  assert 'Checkpoint 8 in' in caplog.text
+  assert 'Resuming from checkpoint 6 instead' in caplog.text
+  assert _steps(stage_dir) == [2, 4, 6, 8]  # 8 was trained and saved again.
+  _assert_recovered(stage_dir, finished_workdir, moved=['checkpoints', '8'])
 
 
 def _assert_recovered(stage_dir, finished_workdir, *, moved: list[str]):
@@ -229,7 +220,8 @@ def _python(*args, **kwargs) -> subprocess.Popen:
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
-    env=dict(os.environ, JAX_PLATFORMS='cpu', GDD_VERBOSE=''),
+    # One CPU device: compiles faster than the tests' 8 fake devices.
+    env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', GDD_VERBOSE=''),
     **kwargs,
   )
 
@@ -287,30 +279,6 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
   holder.wait()
   with lock.hold(stage_dir):
     pass
-
-
-def test_cli_prints_user_errors_in_one_message(tmp_path):
-  def run(*flags):
-    process = _python(
-      '-m',
-      'gdd.main',
-      '--config=configs/digits.py:quick',
-      f'--workdir={tmp_path}/run',
-      *flags,
-    )
-    _, stderr = process.communicate(timeout=300)
-    return process.returncode, stderr
-
-  code, stderr = run('--config.teacher.num_train_step=5')
-  assert code == 2
-  assert 'Did you mean "num_train_steps"' in stderr
-  assert 'Traceback' not in stderr and len(stderr.splitlines()) <= 3
-  code, stderr = run('--config.teacher.batch_size=12')
-  assert code == 1
-  assert 'config.teacher.batch_size=12 is not divisible' in stderr
-  assert 'Traceback' not in stderr
-  code, stderr = run('--config.teacher.batch_size=12', '--verbose')
-  assert code == 1 and 'Traceback' in stderr
 
 
 def test_a_full_disk_is_reported_as_such():
