@@ -11,6 +11,7 @@ import importlib.util
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,6 +29,12 @@ STAGES = ('teacher', 'guided', 'distill', 'single_w')
 TIME_GRIDS = ('fine', 'student')
 FEATURE_EXTRACTORS = ('inception', 'digits')
 DTYPES = ('float32', 'bfloat16')
+# What `nn.remat` recomputes in the backward pass (gdd/models/layers.py):
+# 'none' stores every activation; 'full' stores only each residual and
+# attention block's inputs; 'dots_saveable' also stores matmul outputs.
+REMAT_POLICIES = ('none', 'full', 'dots_saveable')
+# How a param whose path matches a `memory.fsdp_rules` regex is laid out.
+FSDP_RULES = ('fsdp', 'replicate')
 
 
 def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -62,6 +69,9 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
       'eval_every': 5000,
       'checkpoint_every': 1000,
       'max_checkpoints_to_keep': 3,
+      # Micro-batches per step, summed inside the jitted step (lax.scan):
+      # the same update as one pass over batch_size, in less memory.
+      'grad_accum_steps': 1,
     }
   )
   train.update(overrides)
@@ -91,7 +101,26 @@ def base_config() -> ml_collections.ConfigDict:
       'head_dim': 64,
       'dropout': 0.0,
       'mean_type': 'both',
+      # Compute dtype; params, optimiser state, EMA, softmax, normalisation
+      # statistics and the loss stay float32 ('bfloat16': mixed precision).
       'dtype': 'float32',
+    }
+  )
+  # How params and activations are laid out in device memory; the same
+  # computation (up to summation order) whatever is chosen here.
+  config.memory = ml_collections.ConfigDict(
+    {
+      # Size of the mesh's `fsdp` axis: params, optimiser state, EMA and a
+      # frozen teacher are split over it (ZeRO-3 style); the batch is split
+      # over all devices. 1: plain data parallelism (everything replicated).
+      'fsdp': 1,
+      # Arrays with fewer elements stay replicated (big_vision's threshold).
+      'fsdp_min_size': 2**20,
+      # (regex on the param path 'a/b/kernel', 'fsdp' | 'replicate'), first
+      # match wins; 'fsdp' splits the largest axis divisible by `fsdp`.
+      'fsdp_rules': (('.*', 'fsdp'),),
+      # One of REMAT_POLICIES.
+      'remat': 'none',
     }
   )
   config.diffusion = ml_collections.ConfigDict(
@@ -179,7 +208,32 @@ def base_config() -> ml_collections.ConfigDict:
       'speed_student_num_steps': 4,
     }
   )
-  config.distributed = ml_collections.ConfigDict({'initialize': False})
+  # `--mode=plan`: memory and FLOPs per device for a target accelerator.
+  config.plan = ml_collections.ConfigDict(
+    {
+      # e.g. '8xH100', 'v5e-64', 'v4-32'; '' plans for the devices present.
+      'target': '',
+      # The model FLOP utilisation the time-per-step estimate assumes.
+      'assumed_mfu': 0.4,
+    }
+  )
+  # Trace this many training steps of each stage with jax.profiler (after
+  # the first two, which compile), into STAGE/profile; 0: no trace.
+  config.profile_steps = 0
+  # Multi-process runs: gdd calls jax.distributed.initialize() with the keys
+  # that are set; unset (None) keys are auto-detected (Cloud TPU, SLURM,
+  # Open MPI). launch/README.md has recipes.
+  config.distributed = ml_collections.ConfigDict(
+    {
+      'initialize': False,
+      'coordinator_address': config_dict.placeholder(str),
+      'num_processes': config_dict.placeholder(int),
+      'process_id': config_dict.placeholder(int),
+      # e.g. (0, 1, 2, 3): the local GPUs this process drives. Unset on a
+      # SLURM GPU job would mean only GPU SLURM_LOCALID (JAX's detection).
+      'local_device_ids': config_dict.placeholder(tuple),
+    }
+  )
   return config
 
 
@@ -239,6 +293,9 @@ _CADENCE_KEYS = {
   'eval_every': 'how often sample grids are written',
   'checkpoint_every': 'how often the state is saved; resuming is exact',
   'max_checkpoints_to_keep': 'how many checkpoints stay on disk',
+  'grad_accum_steps': (
+    'micro-batches per step: the same update up to summation order'
+  ),
 }
 # The keys that deliberately change no stage's training, and why. Every key
 # of `base_config()` is in TRAINING_KEYS or here (tests/test_configs.py).
@@ -257,6 +314,12 @@ NOT_TRAINING_KEYS = {
   'sample': 'read by --mode=sample only',
   'evaluate': 'read by --mode=evaluate only',
   'distributed': 'how processes connect, not what they compute',
+  'memory': (
+    'the layout over devices and memory (FSDP, remat): the same result up '
+    'to summation order'
+  ),
+  'plan': 'read by --mode=plan only',
+  'profile_steps': 'a profiler trace changes no result',
 }
 
 
@@ -337,8 +400,15 @@ def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
     'eval_every',
     'checkpoint_every',
     'max_checkpoints_to_keep',
+    'grad_accum_steps',
   ):
     _check(config, f'{stage}.{key}', _positive_int, 'a positive int')
+  _check(
+    config,
+    f'{stage}.grad_accum_steps',
+    lambda v: config[stage].batch_size % v == 0,
+    f'a divisor of {stage}.batch_size={config[stage].batch_size}',
+  )
   _check(config, f'{stage}.ema_decay', lambda v: 0 <= v < 1, 'in [0, 1)')
   opt = f'{stage}.optimizer'
   _check(config, f'{opt}.name', _one_of(OPTIMIZERS), f'one of {OPTIMIZERS}')
@@ -458,12 +528,97 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config, 'eval.samples_per_class', _positive_int, 'a positive int')
 
   _validate_evaluate(config)
+  _validate_memory(config)
+  _validate_distributed(config)
+  _check(config, 'plan.target', lambda v: isinstance(v, str), 'a string')
+  _check(config, 'plan.assumed_mfu', lambda v: 0 < v <= 1, 'in (0, 1]')
+  _check(
+    config,
+    'profile_steps',
+    lambda v: v == 0 or _positive_int(v),
+    'an int >= 0',
+  )
 
   _check(config, 'sample.stage', _one_of(STAGES), f'one of {STAGES}')
   _check(config, 'sample.sampler', _one_of(SAMPLERS), f'one of {SAMPLERS}')
   for key in ('num_steps', 'num_samples', 'batch_size'):
     _check(config, f'sample.{key}', _positive_int, 'a positive int')
   _check(config, 'sample.w', _non_negative_number, 'a number >= 0')
+
+
+def _is_rule(rule: Any) -> bool:
+  """A (regex, 'fsdp' | 'replicate') pair whose regex compiles."""
+  pattern, how = rule
+  re.compile(pattern)
+  return isinstance(pattern, str) and how in FSDP_RULES
+
+
+def _validate_memory(config: ml_collections.ConfigDict) -> None:
+  _check(config, 'memory.fsdp', _positive_int, 'a positive int')
+  _check(
+    config,
+    'memory.fsdp_min_size',
+    lambda v: v == 0 or _positive_int(v),
+    'an int >= 0 (array elements)',
+  )
+  _check(
+    config,
+    'memory.fsdp_rules',
+    lambda v: isinstance(v, tuple | list) and all(map(_is_rule, v)),
+    f'a tuple of (regex, rule) pairs, rule one of {FSDP_RULES}, e.g. '
+    "(('.*', 'fsdp'),)",
+  )
+  _check(
+    config,
+    'memory.remat',
+    _one_of(REMAT_POLICIES),
+    f'one of {REMAT_POLICIES}',
+  )
+
+
+def _validate_distributed(config: ml_collections.ConfigDict) -> None:
+  unset_or = lambda predicate: lambda v: v is None or predicate(v)
+  _check(
+    config,
+    'distributed.initialize',
+    lambda v: isinstance(v, bool),
+    'True or False',
+  )
+  _check(
+    config,
+    'distributed.coordinator_address',
+    unset_or(lambda v: re.fullmatch(r'[^:\s]+:\d+', v)),
+    "'HOST:PORT' (e.g. '10.0.0.2:1234') or unset (auto-detect)",
+  )
+  _check(
+    config,
+    'distributed.num_processes',
+    unset_or(_positive_int),
+    'a positive int or unset (auto-detect)',
+  )
+  num_processes = config.distributed.num_processes
+  _check(
+    config,
+    'distributed.process_id',
+    unset_or(
+      lambda v: (
+        isinstance(v, int)
+        and 0 <= v < (num_processes if num_processes else v + 1)
+      )
+    ),
+    'an int in [0, distributed.num_processes) or unset (auto-detect)',
+  )
+  _check(
+    config,
+    'distributed.local_device_ids',
+    unset_or(
+      lambda v: (
+        isinstance(v, tuple | list)
+        and all(isinstance(i, int) and i >= 0 for i in v)
+      )
+    ),
+    'a tuple of local device indices, e.g. (0, 1, 2, 3), or unset',
+  )
 
 
 def _validate_evaluate(config: ml_collections.ConfigDict) -> None:

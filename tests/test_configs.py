@@ -84,8 +84,13 @@ def _set(config, key: str, value) -> None:
   config[leaf] = value
 
 
-def _changed(value):
-  """Another value of the same type, to change one key of a config."""
+def _changed(value, field_type=None):
+  """Another value of the same type, to change one key of a config.
+
+  An unset placeholder (None) gets a value of its declared `field_type`.
+  """
+  if value is None:
+    return {str: 'x', int: 1, tuple: (1,)}[field_type]
   if isinstance(value, bool):
     return not value
   if isinstance(value, int):
@@ -143,7 +148,9 @@ def test_keys_a_stage_does_not_learn_from_may_change(kind, tmp_path):
   changed = copy.deepcopy(config)
   for key, value in config_lib.flatten(config).items():
     if key not in trained:
-      _set(changed, key, _changed(value))
+      section, _, name = key.rpartition('.')
+      field_type = (config[section] if section else config).get_type(name)
+      _set(changed, key, _changed(value, field_type))
   pipeline.record_stage_config(changed, str(tmp_path), kind)
 
 
