@@ -7,18 +7,18 @@ in a second with a message that names the key, the value and what is allowed.
 stage is resumed or reused only while those keys keep their values.
 """
 
-import importlib.util
 import math
 import numbers
 import os
 import re
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from gdd import errors
+from gdd import errors, paths
 from gdd.diffusion import losses, parameterization
 
 DATASETS = ('digits', 'cifar10', 'imagenet64')
@@ -549,8 +549,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _is_rule(rule: Any) -> bool:
   """A (regex, 'fsdp' | 'replicate') pair whose regex compiles."""
   pattern, how = rule
-  re.compile(pattern)
-  return isinstance(pattern, str) and how in FSDP_RULES
+  try:
+    re.compile(pattern)
+  except re.error:
+    return False
+  return how in FSDP_RULES
 
 
 def _validate_memory(config: ml_collections.ConfigDict) -> None:
@@ -720,12 +723,15 @@ def apply_variant(
 def load_file(path: str) -> ml_collections.ConfigDict:
   """A config from `FILE.py` or `FILE.py:variant`, as `--config=` reads it.
 
-  For notebooks and scripts, which have no absl flags.
+  For notebooks and scripts, which have no absl flags. FILE may also be a
+  URL (gs://bucket/config.py:variant).
   """
-  filename, _, variant = path.partition(':')
-  if not os.path.isfile(filename):
-    raise FileNotFoundError(f'No config file {filename!r}.')
-  spec = importlib.util.spec_from_file_location('gdd_user_config', filename)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  url_scheme, url_sep, rest = path.rpartition('://')
+  filename, _, variant = rest.partition(':')
+  file = paths.resolve(url_scheme + url_sep + filename)
+  if not file.is_file():
+    raise FileNotFoundError(f'No config file {os.fspath(file)!r}.')
+  module = types.ModuleType('gdd_user_config')
+  module.__file__ = os.fspath(file)
+  exec(compile(file.read_text(), module.__file__, 'exec'), module.__dict__)
   return module.get_config(variant)

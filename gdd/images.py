@@ -1,9 +1,10 @@
 """Image conversions and sample grids shared by training logs and sampling."""
 
-import os
-
 import numpy as np
+from etils import epath
 from PIL import Image
+
+from gdd import paths
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -46,14 +47,16 @@ def side_by_side(grids: list[np.ndarray], gap: int = 2) -> np.ndarray:
   return np.concatenate(parts, axis=1)
 
 
-def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
+def save_png(path: epath.PathLike, image: np.ndarray, upscale: int = 1) -> None:
   """Writes a uint8 [H, W, C] image, optionally upscaled (nearest)."""
   if upscale > 1:
     image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
   if image.shape[-1] == 1:
     image = image[..., 0]
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image).save(path)
+  path = paths.resolve(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    Image.fromarray(image).save(f, format='PNG')
 
 
 def display_scale(image_size: int) -> int:

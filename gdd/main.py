@@ -18,11 +18,10 @@ import logging
 import os
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdd import errors, pipeline
+from gdd import config_lib, distributed, errors, pipeline
 from gdd.train import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -111,8 +110,9 @@ def main(argv):
     handler.addFilter(_QuietOrbaxLogs(_VERBOSE.value or _verbose_from_env()))
   config = _CONFIG.value
   try:
-    if config.distributed.initialize:
-      jax.distributed.initialize()
+    # Validated here too: a bad distributed.* key fails before connecting.
+    config_lib.validate(config)
+    distributed.initialize(config.distributed)
     pipeline.run(config, _WORKDIR.value, _MODE.value)
   except preemption.InterruptedRunError as stop:
     _fail(str(stop), preemption.EXIT_CODE)

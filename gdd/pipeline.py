@@ -15,8 +15,9 @@ from collections.abc import Callable
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
-from gdd import config_lib, data, errors, sample
+from gdd import config_lib, data, errors, paths, sample
 from gdd.evaluation import evaluate
 from gdd.stages import Stage, common, guided, progressive, teacher
 from gdd.train import checkpointing, lock, loop, preemption, sharding
@@ -38,7 +39,7 @@ class ConfigMismatchError(config_lib.ConfigError):
 
 def record_stage_config(
   config: ml_collections.ConfigDict,
-  stage_dir: str,
+  stage_dir: epath.PathLike,
   kind: str,
   trained_from: dict | None = None,
 ) -> None:
@@ -47,11 +48,11 @@ def record_stage_config(
   `trained_from` records the stage's inputs (teacher folder, step counts,
   w range) in `stage.json` for people and tools reading the workdir.
   """
-  path = os.path.join(stage_dir, 'config.json')
+  stage_dir = paths.resolve(stage_dir)
+  path = stage_dir / 'config.json'
   current = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
+  if path.exists():
+    stored = json.loads(path.read_text())
     old = config_lib.training_keys(stored, kind)
     new = config_lib.training_keys(current, kind)
     diffs = [
@@ -67,19 +68,14 @@ def record_stage_config(
       )
     return
   if jax.process_index() == 0:
-    os.makedirs(stage_dir, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(config.to_json(indent=2))
-    os.replace(tmp, path)
+    paths.write_atomically(path, config.to_json(indent=2).encode())
     if trained_from is not None:
-      with open(os.path.join(stage_dir, 'stage.json'), 'w') as f:
-        json.dump(trained_from, f, indent=2)
+      (stage_dir / 'stage.json').write_text(json.dumps(trained_from, indent=2))
 
 
 def _run_stage(
   config: ml_collections.ConfigDict,
-  workdir: str,
+  workdir: epath.PathLike,
   kind: str,
   make_stage: Callable[[], Stage],
   *,
@@ -92,7 +88,7 @@ def _run_stage(
   Holds the stage folder's lock throughout, so a second run on the same
   folder fails at once instead of writing the same checkpoints.
   """
-  stage_dir = os.path.join(workdir, name)
+  stage_dir = sample.stage_dir(workdir, name)
   preemption.raise_if_requested(f'stage {name}')
   with lock.hold(stage_dir):
     record_stage_config(config, stage_dir, kind, trained_from)
@@ -105,19 +101,19 @@ def _run_stage(
       make_stage(),
       config,
       stage_dir,
-      replace_export=os.path.exists(loop.params_dir(stage_dir)),
+      replace_export=loop.params_dir(stage_dir).exists(),
     )
   print(f'{name}: finished in {time.perf_counter() - start:.0f} s.')
   return params
 
 
-def _load_export(stage_dir: str, abstract_params):
+def _load_export(stage_dir: epath.Path, abstract_params):
   """A finished stage's params, or None when it must train or export again.
 
   An export that cannot be read stays where it is for now: training
   restores the stage's final checkpoint and only then replaces it.
   """
-  if not os.path.exists(loop.params_dir(stage_dir)):
+  if not loop.params_dir(stage_dir).exists():
     return None
   try:
     return loop.load_exported_params(stage_dir, abstract_params)
@@ -131,8 +127,8 @@ def _load_export(stage_dir: str, abstract_params):
     return None
 
 
-def _require_finished(workdir: str, name: str, mode: str) -> None:
-  if not os.path.isdir(loop.params_dir(os.path.join(workdir, name))):
+def _require_finished(workdir: epath.PathLike, name: str, mode: str) -> None:
+  if not loop.params_dir(sample.stage_dir(workdir, name)).is_dir():
     raise checkpointing.MissingExportError(
       f'--mode={mode} needs a finished {name!r} stage in {workdir}; run '
       f'--mode={"teacher" if name == "teacher" else "guided"} (or the '
@@ -141,7 +137,7 @@ def _require_finished(workdir: str, name: str, mode: str) -> None:
 
 
 def run_chain(
-  config: ml_collections.ConfigDict, workdir: str, mode: str
+  config: ml_collections.ConfigDict, workdir: epath.PathLike, mode: str
 ) -> None:
   """Teacher → guided student → halving rounds, or the part `mode` names."""
   info = data.get_info(config.data)
@@ -180,7 +176,7 @@ def run_chain(
     name=guided.NAME,
     abstract_params=student_abstract,
     trained_from={
-      'teacher': os.path.join(workdir, teacher.NAME),
+      'teacher': os.fspath(sample.stage_dir(workdir, teacher.NAME)),
       'w_range': [config.guided.w_min, config.guided.w_max],
     },
   )
@@ -205,7 +201,7 @@ def _guided_stage(config, workdir, info, teacher_model, teacher_params):
   export again (its `teacher_params` are None)."""
   if teacher_params is None:
     teacher_params = loop.load_exported_params(
-      os.path.join(workdir, teacher.NAME),
+      sample.stage_dir(workdir, teacher.NAME),
       common.abstract_params(teacher_model),
     )
   return guided.make_stage(config, info, teacher_params)
@@ -215,7 +211,8 @@ def _run_single_w_rounds(config, workdir, info, teacher_model) -> None:
   """The single-w baseline: halving rounds at w = config.single_w.w."""
   w = config.single_w.w
   teacher_params = loop.load_exported_params(
-    os.path.join(workdir, teacher.NAME), common.abstract_params(teacher_model)
+    sample.stage_dir(workdir, teacher.NAME),
+    common.abstract_params(teacher_model),
   )
   first_round = progressive.round_step_counts(config)[0]
 
@@ -242,13 +239,13 @@ def _run_single_w_rounds(config, workdir, info, teacher_model) -> None:
   rounds = sample.finished_rounds(workdir, progressive.single_w_root(w))
   print(
     f'single-w chain finished: step counts {rounds} in '
-    f'{os.path.join(workdir, progressive.single_w_root(w))}'
+    f'{sample.stage_dir(workdir, progressive.single_w_root(w))}'
   )
 
 
 def _run_rounds(
   config,
-  workdir: str,
+  workdir: epath.PathLike,
   params,
   *,
   first_teacher: str,
@@ -274,7 +271,7 @@ def _run_rounds(
       name=stage_name(student_steps),
       abstract_params=abstract_params,
       trained_from={
-        'teacher': os.path.join(workdir, teacher_dir),
+        'teacher': os.fspath(sample.stage_dir(workdir, teacher_dir)),
         'teacher_num_steps': teacher_steps,
         'student_num_steps': student_steps,
         **w_record,
@@ -284,9 +281,10 @@ def _run_rounds(
     teacher_steps, teacher_dir = student_steps, stage_name(student_steps)
 
 
-def finished_summary(workdir: str) -> str:
+def finished_summary(workdir: epath.PathLike) -> str:
   rounds = sample.finished_rounds(workdir)
-  return f'distilled step counts {rounds} in {workdir}/distill'
+  distill_dir = sample.stage_dir(workdir, 'distill')
+  return f'distilled step counts {rounds} in {distill_dir}'
 
 
 # The config sections whose batch_size each training --mode splits evenly
@@ -305,14 +303,19 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, mode: str) -> None:
   sections = _MODE_BATCH_SECTIONS.get(mode, ())
   if mode == 'evaluate' and config.evaluate.feature_extractor == 'inception':
     sections = ('evaluate',)  # Inception's batches are split over devices.
-  mesh = sharding.make_mesh()
+  mesh = sharding.mesh_for(config)
   for section in sections:
     sharding.check_batch_size(
-      config[section].batch_size, mesh, f'{section}.batch_size'
+      config[section].batch_size,
+      mesh,
+      f'{section}.batch_size',
+      config[section].get('grad_accum_steps', 1),
     )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
+def run(
+  config: ml_collections.ConfigDict, workdir: epath.PathLike, mode: str
+) -> None:
   """Validates everything cheap first, then runs the stages of `mode`.
 
   While stages train, SIGTERM/SIGINT stop the run cleanly after saving
@@ -320,6 +323,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
   """
   if mode not in MODES:
     raise config_lib.ConfigError(f'--mode={mode!r}; allowed: {MODES}.')
+  workdir = paths.resolve(workdir)  # A local path, or a URL such as gs://.
   config_lib.validate(config)
   if mode == 'sample':
     print(sample.sample_to_files(config, workdir))

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
-from gdd import data, errors, images
+from gdd import data, errors, images, paths
+from gdd.evaluation import npz
 from gdd.stages import common, guided, progressive, teacher
 from gdd.train import loop, sharding
 
@@ -41,24 +43,29 @@ class StageNotFoundError(errors.UserError, FileNotFoundError):
   """The workdir has no trained stage where a request needs one."""
 
 
-def stage_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage)
+def stage_dir(workdir: epath.PathLike, stage: str) -> epath.Path:
+  return paths.resolve(workdir) / stage
 
 
-def load_stage_config(workdir: str, stage: str) -> ml_collections.ConfigDict:
+def load_stage_config(
+  workdir: epath.PathLike, stage: str
+) -> ml_collections.ConfigDict:
   """The config a stage was trained with (its `config.json`)."""
-  path = os.path.join(stage_dir(workdir, stage), 'config.json')
-  if not os.path.exists(path):
+  path = stage_dir(workdir, stage) / 'config.json'
+  if not path.exists():
     raise StageNotFoundError(
       f'No {stage!r} stage in {workdir} ({path} is missing). Train it first: '
       f'python -m gdd.main --config=... --workdir={workdir} --mode={stage}'
     )
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def _resolve(
-  workdir: str, stage: str, num_steps: int, sampler: str, w: float | None
+  workdir: epath.PathLike,
+  stage: str,
+  num_steps: int,
+  sampler: str,
+  w: float | None,
 ) -> str:
   """The stage folder that serves a request; errors name what exists."""
   if stage not in STAGE_SAMPLERS:
@@ -90,11 +97,11 @@ def _resolve(
       f'num_steps={num_steps}: the stochastic sampler needs an even step '
       'count (it uses the model distilled for num_steps / 2).'
     )
-  if not os.path.isdir(loop.params_dir(stage_dir(workdir, folder))):
+  if not loop.params_dir(stage_dir(workdir, folder)).is_dir():
     distilled = finished_rounds(workdir, root)
     raise SampleRequestError(
       f'No finished distillation round for {model_steps} steps in '
-      f'{os.path.join(workdir, root)}; distilled step counts: '
+      f'{stage_dir(workdir, root)}; distilled step counts: '
       f'{distilled or "none"}. '
       + (
         'The stochastic sampler needs the round for num_steps / 2.'
@@ -105,30 +112,31 @@ def _resolve(
   return folder
 
 
-def finished_rounds(workdir: str, root: str = 'distill') -> list[int]:
+def finished_rounds(
+  workdir: epath.PathLike, root: str = 'distill'
+) -> list[int]:
   """Student step counts of the finished rounds under `root`, descending."""
   root = stage_dir(workdir, root)
-  if not os.path.isdir(root):
+  if not root.is_dir():
     return []
   counts = [
-    int(name.removesuffix('steps'))
-    for name in os.listdir(root)
-    if name.endswith('steps')
-    and os.path.isdir(loop.params_dir(os.path.join(root, name)))
+    int(folder.name.removesuffix('steps'))
+    for folder in root.iterdir()
+    if folder.name.endswith('steps') and loop.params_dir(folder).is_dir()
   ]
   return sorted(counts, reverse=True)
 
 
-def single_w_values(workdir: str) -> list[float]:
+def single_w_values(workdir: epath.PathLike) -> list[float]:
   """The w of every single-w chain in the workdir."""
   root = stage_dir(workdir, 'single_w')
-  if not os.path.isdir(root):
+  if not root.is_dir():
     return []
-  return sorted(float(name[1:]) for name in os.listdir(root))
+  return sorted(float(folder.name[1:]) for folder in root.iterdir())
 
 
 def load_sampler(
-  workdir: str,
+  workdir: epath.PathLike,
   stage: str,
   *,
   num_steps: int,
@@ -182,10 +190,11 @@ def load_sampler(
   )
   mesh = sharding.make_mesh()
   rep = sharding.replicated(mesh)
+  batch = sharding.batch_sharded(mesh)
+  # Samples come back replicated: on a multi-host mesh every process can
+  # then read all of them (to save, score or show).
   jitted = jax.jit(
-    sample_fn,
-    in_shardings=(rep, rep, sharding.batch_sharded(mesh), rep),
-    out_shardings=sharding.batch_sharded(mesh),
+    sample_fn, in_shardings=(rep, rep, batch, rep), out_shardings=rep
   )
   num_devices = mesh.devices.size
   executables = {}
@@ -223,7 +232,14 @@ def load_sampler(
       )
     n = len(labels)
     padded = np.pad(labels, (0, -n % num_devices), mode='edge')
-    return executable(len(padded))(params, rng, padded, jnp.float32(w))[:n]
+    # Global arrays: jit refuses host arrays with a sharding on many hosts.
+    samples = executable(len(padded))(
+      params,
+      sharding.from_host(rng, rep),
+      sharding.from_host(padded, batch),
+      sharding.from_host(np.float32(w), rep),
+    )
+    return samples[:n]
 
   sample.compile = compile_for
   sample.compiled_batch_sizes = lambda: sorted(executables)
@@ -249,13 +265,15 @@ def _raw_key(rng: jax.Array) -> jax.Array:
   return rng
 
 
-def default_output(workdir: str, sample_config) -> str:
+def default_output(workdir: epath.PathLike, sample_config) -> epath.Path:
   c = sample_config
   name = f'{c.stage}_{c.sampler}_{c.num_steps}steps_w{c.w:g}.npz'
-  return os.path.join(workdir, 'samples', name)
+  return paths.resolve(workdir) / 'samples' / name
 
 
-def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> str:
+def sample_to_files(
+  config: ml_collections.ConfigDict, workdir: epath.PathLike
+) -> str:
   """`--mode=sample`: writes an .npz (images uint8, labels) and a PNG grid.
 
   Labels cycle through the classes 0..K−1. Returns the npz path.
@@ -275,21 +293,22 @@ def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> str:
   for index, start in enumerate(range(0, c.num_samples, c.batch_size)):
     batch_labels = labels[start : start + c.batch_size]
     batch = sampler(jax.random.fold_in(rng, index), batch_labels, c.w)
-    chunks.append(images.to_uint8(jax.device_get(batch)))
+    chunks.append(images.to_uint8(sharding.to_host(batch)))
   samples = np.concatenate(chunks)
 
-  output = c.output or default_output(workdir, c)
-  # np.savez would add the suffix itself; add it here so the path returned
+  output = paths.resolve(c.output or default_output(workdir, c))
+  # The suffix np.savez would add to a file name, so that the path returned
   # is the file written.
-  if not output.endswith('.npz'):
-    output += '.npz'
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  np.savez(output, images=samples, labels=labels)
+  if not output.name.endswith('.npz'):
+    output = output.with_name(output.name + '.npz')
+  if jax.process_index() > 0:  # Every process holds the samples; one writes.
+    return os.fspath(output)
+  npz.atomic_savez(output, images=samples, labels=labels)
   shown = samples[:MAX_PNG_SAMPLES]
   num_cols = min(info.num_classes, 10, len(shown))
   images.save_png(
-    os.path.splitext(output)[0] + '.png',
+    output.with_suffix('.png'),
     images.make_grid(shown, num_rows=math.ceil(len(shown) / num_cols)),
     upscale=images.display_scale(info.image_shape[0]),
   )
-  return output
+  return os.fspath(output)

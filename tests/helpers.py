@@ -47,3 +47,47 @@ def quick_config(
   config.sample.update(num_steps=2, num_samples=12, batch_size=8)
   config_lib.validate(config)
   return config
+
+
+def train_steps(
+  stage,
+  mesh,
+  num_steps: int,
+  *,
+  memory_config: ml_collections.ConfigDict | None = None,
+  data_config: ml_collections.ConfigDict | None = None,
+):
+  """`num_steps` train steps of `stage` on `mesh`, from a fixed init.
+
+  Returns (state, last step's metrics) on the host. Batches are digits
+  training batches of the stage's batch size, laid out as the loop does.
+  """
+  # Imported here: gdd must load after conftest's XLA flags.
+  import jax
+
+  from gdd import data
+  from gdd.train import loop, sharding
+  from gdd.train.state import TrainState
+
+  data_config = data_config or quick_config().data
+  info = data.get_info(data_config)
+  tx, step, layout = loop.build_train_step(
+    stage,
+    mesh,
+    jax.random.PRNGKey(1),
+    max_pixel_value=info.max_pixel_value,
+    memory_config=memory_config,
+  )
+  frozen = jax.device_put(stage.frozen_params, layout.frozen)
+  state = jax.jit(
+    lambda rng, f: TrainState.create(stage.init_params(rng, f), tx),
+    out_shardings=layout.state,
+  )(jax.random.PRNGKey(0), frozen)
+  batches = data.train_batches(
+    data_config, seed=0, global_batch_size=stage.train_config.batch_size
+  )
+  for _ in range(num_steps):
+    state, metrics = step(
+      state, frozen, sharding.global_batch(next(batches), mesh)
+    )
+  return jax.device_get(state), jax.device_get(metrics)

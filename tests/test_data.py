@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from gdd import data
 
 NUM_DIGITS = 1797
 NUM_TRAIN = 1500
+DIGITS_MAX = 16
+TFDS_MAX = 255
 
 
 def _config(name='digits', **overrides):
@@ -39,6 +42,59 @@ def _rows(images):
   return collections.Counter(image.tobytes() for image in images)
 
 
+# The formulas that turned pixels into floats before batches carried raw
+# pixels, copied from that code: numpy for digits, TensorFlow for TFDS.
+def _digits_floats_before(pixels):
+  return pixels.astype(np.float32) / 8.0 - 1.0
+
+
+def _tfds_floats_before(pixels):
+  import tensorflow as tf
+
+  return (tf.cast(pixels, tf.float32) / 127.5 - 1.0).numpy()
+
+
+_jitted_to_model_range = jax.jit(data.to_model_range, static_argnums=1)
+
+
+def _assert_scales_as_before(pixels, max_pixel_value, floats_before):
+  """Numpy and jitted to_model_range reproduce the old floats bit for bit."""
+  expected = floats_before(pixels)
+  for scale in (data.to_model_range, _jitted_to_model_range):
+    actual = np.asarray(scale(pixels, max_pixel_value))
+    assert actual.dtype == np.float32
+    np.testing.assert_array_equal(
+      actual.view(np.int32), expected.view(np.int32)
+    )
+
+
+# ------------------------------------------------------- to_model_range ---
+
+
+@pytest.mark.parametrize(
+  'max_pixel_value, floats_before',
+  [(DIGITS_MAX, _digits_floats_before), (TFDS_MAX, _tfds_floats_before)],
+)
+def test_to_model_range_matches_old_formula_on_every_pixel_value(
+  max_pixel_value, floats_before
+):
+  pixels = np.arange(max_pixel_value + 1, dtype=np.uint8)
+  _assert_scales_as_before(pixels, max_pixel_value, floats_before)
+  scaled = data.to_model_range(pixels, max_pixel_value)
+  assert scaled[0] == -1.0 and scaled[-1] == 1.0
+
+
+def test_to_model_range_errors():
+  with pytest.raises(TypeError, match='integer pixels'):
+    data.to_model_range(np.zeros(3, np.float32), TFDS_MAX)
+  with pytest.raises(ValueError, match='max_pixel_value'):
+    data.to_model_range(np.zeros(3, np.uint8), 0)
+  too_bright = np.array([DIGITS_MAX + 1], np.uint8)
+  with pytest.raises(IndexError):
+    data.to_model_range(too_bright, DIGITS_MAX)
+  assert np.isnan(_jitted_to_model_range(too_bright, DIGITS_MAX)).all()
+
+
 # ---------------------------------------------------------------- digits ---
 
 
@@ -61,20 +117,34 @@ def test_digits_info():
     image_shape=(8, 8, 1),
     num_classes=10,
     num_train_examples=NUM_TRAIN,
+    max_pixel_value=DIGITS_MAX,
   )
 
 
 def test_digits_batch_shapes_dtypes_and_ranges():
   batch = next(data.train_batches(_config(), seed=0, global_batch_size=32))
   assert batch['image'].shape == (32, 8, 8, 1)
-  assert batch['image'].dtype == np.float32
+  assert batch['image'].dtype == np.uint8
   assert batch['label'].shape == (32,)
   assert batch['label'].dtype == np.int32
-  assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
+  # A batch of 32 digits reaches both ends of the pixel range.
+  assert batch['image'].min() == 0 and batch['image'].max() == DIGITS_MAX
   assert batch['label'].min() >= 0 and batch['label'].max() < 10
 
 
+def test_digits_train_pixels_scale_to_the_floats_of_the_data_set():
+  # Scaled training batches hold exactly the old floats of the train split.
+  batches = _take(
+    data.train_batches(_config(), seed=4, global_batch_size=500), 3
+  )
+  pixels = np.concatenate([b['image'] for b in batches])
+  _assert_scales_as_before(pixels, DIGITS_MAX, _digits_floats_before)
+  train = data.eval_arrays(_config(), split='train')
+  assert _rows(data.to_model_range(pixels, DIGITS_MAX)) == _rows(train['image'])
+
+
 def test_digits_splits_partition_the_data_stratified():
+  # eval_arrays' floats are bit-identical to the old formula's.
   from sklearn.datasets import load_digits
 
   train = data.eval_arrays(_config(), split='train')
@@ -83,8 +153,9 @@ def test_digits_splits_partition_the_data_stratified():
   assert len(test['label']) == NUM_DIGITS - NUM_TRAIN
   # Together exactly the full data set scaled by x / 8 - 1, each image once:
   # a disjoint split (the digits hold no duplicate images).
-  full = load_digits().images.astype(np.float32) / 8.0 - 1.0
+  full = _digits_floats_before(load_digits().images)
   both = np.concatenate([train['image'], test['image']])[..., 0]
+  assert both.dtype == np.float32
   assert _rows(both) == _rows(full)
   # Stratified: every class holds its share of the test set, ±1.
   expected = np.bincount(load_digits().target) * len(test['label']) / NUM_DIGITS
@@ -174,7 +245,9 @@ def test_digits_every_example_once_per_epoch(batch_size):
     data.train_batches(_config(), seed=7, global_batch_size=batch_size),
     num_steps,
   )
-  stream = np.concatenate([b['image'] for b in batches])
+  stream = data.to_model_range(
+    np.concatenate([b['image'] for b in batches]), DIGITS_MAX
+  )
   assert _rows(stream[:NUM_TRAIN]) == train
   assert _rows(stream[NUM_TRAIN : 2 * NUM_TRAIN]) == train
   # Consecutive epochs are different permutations.
@@ -250,7 +323,7 @@ def _indexed_as_dataset(self, split, decoders=None, **kwargs):
 
 def _example_ids_and_flips(images):
   """(index of each image's example, whether it came out flipped)."""
-  pixels = np.round((images[:, 0, :, 0] + 1.0) * 127.5).astype(int)
+  pixels = images[:, 0, :, 0].astype(int)
   flipped = pixels[:, 0] > pixels[:, 1]
   return pixels.min(axis=1) // PIXEL_STEP, flipped
 
@@ -259,6 +332,7 @@ def _example_ids_and_flips(images):
 def test_tfds_info(name, shape, num_classes):
   info = data.get_info(_config(name))
   assert (info.image_shape, info.num_classes) == (shape, num_classes)
+  assert info.max_pixel_value == TFDS_MAX
   assert info.num_train_examples == {'cifar10': 50_000}.get(name, 1_281_167)
 
 
@@ -272,13 +346,28 @@ def test_tfds_batches_shapes_dtypes_and_ranges(name, shape, num_classes):
     )
     evaluation = data.eval_arrays(_config(name), split='train', num_examples=6)
   assert batch['image'].shape == (4, *shape)
-  assert batch['image'].dtype == np.float32
+  assert batch['image'].dtype == np.uint8
   assert batch['label'].shape == (4,) and batch['label'].dtype == np.int32
-  assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
   assert batch['label'].min() >= 0 and batch['label'].max() < num_classes
+  # uint8 spans exactly [0, max_pixel_value] = [0, 255].
+  _assert_scales_as_before(batch['image'], TFDS_MAX, _tfds_floats_before)
   assert evaluation['image'].shape == (6, *shape)
   assert evaluation['image'].dtype == np.float32
+  assert evaluation['image'].min() >= -1.0 and evaluation['image'].max() <= 1.0
   assert evaluation['label'].dtype == np.int32
+
+
+def test_tfds_eval_arrays_are_the_old_floats_of_the_stored_pixels():
+  with tfds.testing.mock_data(as_dataset_fn=_indexed_as_dataset):
+    evaluation = data.eval_arrays(_config('cifar10'), split='train')
+  # Example i stores image[h, w] = 3·i + w (see _indexed_as_dataset).
+  example = np.arange(16)[:, None, None, None]
+  column = np.arange(32)[None, None, :, None]
+  pixels = np.broadcast_to(PIXEL_STEP * example + column, (16, 32, 32, 3))
+  expected = _tfds_floats_before(pixels.astype(np.uint8))
+  np.testing.assert_array_equal(
+    evaluation['image'].view(np.int32), expected.view(np.int32)
+  )
 
 
 def test_tfds_determinism_and_resume():

@@ -174,7 +174,8 @@ def test_bad_data_between_checkpoints_is_blamed_on_the_data(
       # Feeds step 4; no save checks it beforehand (the health check at
       # checkpoint 2 looks at batch 2), so the step's own metrics must.
       if index == 3:
-        batch = dict(batch, image=np.full_like(batch['image'], np.inf))
+        image = np.full(batch['image'].shape, np.inf, np.float32)
+        batch = dict(batch, image=image)
       yield batch
 
   monkeypatch.setattr(data, 'train_batches', poisoned_batches)

@@ -11,34 +11,17 @@ import pytest
 from gdd import data
 from gdd.stages import teacher
 from gdd.train import checkpointing, loop, optim, sharding
-from gdd.train.state import TrainState
 from tests import helpers
-
-
-def _run_steps(stage, mesh, num_steps):
-  tx, step = loop.build_train_step(stage, mesh, jax.random.PRNGKey(1))
-  state = jax.jit(
-    lambda rng: TrainState.create(stage.init_params(rng, None), tx),
-    out_shardings=sharding.replicated(mesh),
-  )(jax.random.PRNGKey(0))
-  batches = data.train_batches(
-    helpers.quick_config().data,
-    seed=0,
-    global_batch_size=stage.train_config.batch_size,
-  )
-  for _ in range(num_steps):
-    state, metrics = step(
-      state, None, sharding.global_batch(next(batches), mesh)
-    )
-  return jax.device_get(state), jax.device_get(metrics)
 
 
 def test_sharded_step_on_8_devices_equals_one_device():
   assert jax.device_count() == 8
   config = helpers.quick_config()
   stage = teacher.make_stage(config, data.get_info(config.data))
-  one, metrics_one = _run_steps(stage, sharding.make_mesh(jax.devices()[:1]), 3)
-  eight, metrics_eight = _run_steps(stage, sharding.make_mesh(), 3)
+  one, metrics_one = helpers.train_steps(
+    stage, sharding.make_mesh(jax.devices()[:1]), 3
+  )
+  eight, metrics_eight = helpers.train_steps(stage, sharding.make_mesh(), 3)
   assert int(eight.step) == 3
   chex.assert_trees_all_close(one.params, eight.params, atol=1e-5, rtol=1e-4)
   chex.assert_trees_all_close(
@@ -151,7 +134,8 @@ def test_non_finite_data_stops_and_keeps_the_good_state(tmp_path, monkeypatch):
   def poisoned_batches(*args, **kwargs):
     for index, batch in enumerate(real_batches(*args, **kwargs)):
       if index >= 4:  # Step 5 on sees NaN images.
-        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+        image = np.full(batch['image'].shape, np.nan, np.float32)
+        batch = dict(batch, image=image)
       yield batch
 
   monkeypatch.setattr(data, 'train_batches', poisoned_batches)

@@ -1,9 +1,9 @@
 """scikit-learn's digits: the embedded default data set (no download).
 
-1797 grey images of 8×8 pixels with values 0–16, ten classes. A fixed
-stratified split holds out 297 images as 'test' and leaves 1500 for 'train';
-the split never depends on the run's seed, so every run and every evaluation
-sees the same train set.
+1797 grey images of 8×8 pixels with integer values 0–16 (kept as uint8),
+ten classes. A fixed stratified split holds out 297 images as 'test' and
+leaves 1500 for 'train'; the split never depends on the run's seed, so every
+run and every evaluation sees the same train set.
 
 The training stream is the concatenation of epochs, epoch e being the
 permutation of the train set drawn from `np.random.default_rng([seed, e])`.
@@ -19,25 +19,24 @@ import numpy as np
 
 IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
+MAX_PIXEL_VALUE = 16
 NUM_TEST_EXAMPLES = 297
 NUM_TRAIN_EXAMPLES = 1797 - NUM_TEST_EXAMPLES
 SPLITS = ('train', 'test')
 
 # Seed of the train/test split only; deliberately not the config seed.
 _SPLIT_SEED = 0
-# Pixel values run 0..16, so x / 8 − 1 maps them onto [−1, 1].
-_HALF_MAX_VALUE = 8.0
 
 
 @functools.cache
 def _load_splits() -> dict[str, dict[str, np.ndarray]]:
-  """Loads, scales and splits the digits once per process (read-only)."""
+  """Loads and splits the digits once per process (read-only)."""
   # Imported here: scikit-learn takes ~1.5 s to import and only digits needs it.
   from sklearn import datasets, model_selection
 
   digits = datasets.load_digits()
-  images = digits.images.astype(np.float32) / _HALF_MAX_VALUE - 1.0
-  images = images.reshape((-1, *IMAGE_SHAPE))
+  # scikit-learn stores the integer pixel values as float64: exact in uint8.
+  images = digits.images.astype(np.uint8).reshape((-1, *IMAGE_SHAPE))
   labels = digits.target.astype(np.int32)
   train_idx, test_idx = model_selection.train_test_split(
     np.arange(len(labels)),
@@ -64,7 +63,8 @@ def split_size(split: str) -> int:
 def eval_arrays(
   *, split: str, num_examples: int | None = None
 ) -> dict[str, np.ndarray]:
-  """The first `num_examples` (all if None) of a split, in the fixed order."""
+  """The first `num_examples` (all if None) of a split, in the fixed order,
+  as raw pixels."""
   if split not in SPLITS:
     raise ValueError(f'digits split must be one of {SPLITS}, got {split!r}.')
   arrays = _load_splits()[split]

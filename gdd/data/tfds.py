@@ -6,7 +6,7 @@ function of (seed, epoch, process): epoch e is read with file shuffling and a
 tf.data shuffle whose seeds derive from (seed, e, process_index), and the
 random flip is stateless, seeded by the example's index in the epoch. A run
 resumed at step k therefore rebuilds epoch k // steps_per_epoch and skips the
-batches already consumed in it.
+batches already consumed in it. Images stay uint8 (0..255), as stored.
 
 TensorFlow itself is imported only when a pipeline is built: the availability
 check (`missing_message`) needs just the builder's metadata, and TensorFlow
@@ -20,6 +20,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+# Every supported data set stores uint8 images.
+MAX_PIXEL_VALUE = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +101,6 @@ def _seeds(*entropy: int) -> tuple[int, int, int]:
   return tuple(int(s >> np.uint64(1)) for s in state)
 
 
-def _scale(image):
-  """uint8 [0, 255] → float32 [−1, 1]."""
-  tf = _tf()
-  return tf.cast(image, tf.float32) / 127.5 - 1.0
-
-
 def _deterministic_options():
   options = _tf().data.Options()
   options.deterministic = True
@@ -145,10 +142,7 @@ def _epoch_dataset(
       image = tf.image.stateless_random_flip_left_right(
         image, seed=tf.stack([tf.constant(flip_seed, tf.int64), index])
       )
-    return {
-      'image': _scale(image),
-      'label': tf.cast(example['label'], tf.int32),
-    }
+    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch_size, drop_remainder=True)
@@ -220,7 +214,8 @@ def eval_arrays(
   split: str,
   num_examples: int | None,
 ) -> dict[str, np.ndarray]:
-  """The first `num_examples` (all if None) of a split in its stored order."""
+  """The first `num_examples` (all if None) of a split in its stored order,
+  as raw pixels."""
   tf = _tf()
   ds = _builder(name, data_dir).as_dataset(
     split=split,
@@ -236,10 +231,7 @@ def eval_arrays(
       f'got {num_examples}.'
     )
   ds = ds.take(num_examples).map(
-    lambda ex: {
-      'image': _scale(ex['image']),
-      'label': tf.cast(ex['label'], tf.int32),
-    },
+    lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)},
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   ds = ds.batch(1024).with_options(_deterministic_options())

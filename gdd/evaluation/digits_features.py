@@ -9,8 +9,6 @@ cached as `<workdir>/eval/digits_classifier.npz`; its accuracy on the
 held-out test split is stored with it and reported next to every result.
 """
 
-import os
-
 import flax
 import flax.linen as nn
 import jax
@@ -19,8 +17,9 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
-from gdd import data
+from gdd import data, paths
 from gdd.evaluation import npz
 
 FEATURE_DIM = 64
@@ -109,21 +108,20 @@ def test_accuracy(params: dict, test: dict[str, np.ndarray]) -> float:
   return float(np.mean(np.argmax(logits, -1) == test['label']))
 
 
-def load_or_train(eval_dir: str) -> tuple[dict, float]:
+def load_or_train(eval_dir: epath.PathLike) -> tuple[dict, float]:
   """The cached classifier of `eval_dir` (trained and cached if missing).
 
   Returns (params, accuracy on the digits test split).
   """
-  path = os.path.join(eval_dir, CACHE_NAME)
+  path = paths.resolve(eval_dir) / CACHE_NAME
   template = jax.eval_shape(
     DigitsClassifier().init,
     jax.random.PRNGKey(0),
     jnp.zeros((1, *data.digits.IMAGE_SHAPE)),
   )['params']
-  if os.path.exists(path):
-    with np.load(path) as stored:
-      flat = {k: stored[k] for k in stored.files if k != 'test_accuracy'}
-      accuracy = float(stored['test_accuracy'])
+  if path.exists():
+    flat = npz.load(path)
+    accuracy = float(flat.pop('test_accuracy'))
     params = flax.traverse_util.unflatten_dict(flat, sep='/')
     expected = jax.tree.map(lambda x: x.shape, template)
     if jax.tree.map(np.shape, params) != expected:

@@ -21,10 +21,12 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from gdd import config_lib, data, images, sample
+from gdd import config_lib, data, images, paths, sample
 from gdd.evaluation import features, fid, report
 from gdd.stages import progressive
+from gdd.train import loop
 
 # Real images scored as if they were a model (the floor of the metric).
 REAL = 'real'
@@ -47,17 +49,19 @@ class Row:
     return 2 * self.num_steps if self.model == 'teacher' else self.num_steps
 
 
-def eval_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'eval')
+def eval_dir(workdir: epath.PathLike) -> epath.Path:
+  return paths.resolve(workdir) / 'eval'
 
 
-def plan_rows(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
+def plan_rows(
+  config: ml_collections.ConfigDict, workdir: epath.PathLike
+) -> list[Row]:
   """The rows of the evaluation grid that this workdir's stages can serve."""
   ev = config.evaluate
   rows = []
 
   def finished(stage: str) -> bool:
-    return os.path.isdir(os.path.join(workdir, stage, 'params'))
+    return loop.params_dir(sample.stage_dir(workdir, stage)).is_dir()
 
   if finished('teacher'):
     rows += [Row('teacher', 'ddim', n) for n in ev.teacher_num_steps]
@@ -79,7 +83,7 @@ def plan_rows(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
   return rows
 
 
-def _check_request(config, workdir: str, rows: list[Row]) -> None:
+def _check_request(config, workdir: epath.PathLike, rows: list[Row]) -> None:
   """Everything that can be wrong, checked before any sampling starts."""
   if not rows:
     raise sample.StageNotFoundError(
@@ -166,7 +170,7 @@ def _num_splits(num_samples: int) -> int:
 def _evaluate_row(
   row: Row,
   config: ml_collections.ConfigDict,
-  workdir: str,
+  workdir: epath.PathLike,
   extractor: features.FeatureExtractor,
   reference: tuple[np.ndarray, np.ndarray],
   labels: np.ndarray,
@@ -253,7 +257,7 @@ def _time_call(fn: Callable[[], object], min_seconds: float = 5.0) -> float:
 
 
 def measure_speed(
-  config: ml_collections.ConfigDict, workdir: str
+  config: ml_collections.ConfigDict, workdir: epath.PathLike
 ) -> dict | None:
   """Wall time of the CFG teacher at many steps against the N-step student.
 
@@ -303,7 +307,9 @@ def device_description() -> str:
   return f'{devices[0].platform}:{devices[0].device_kind} x{len(devices)}'
 
 
-def check(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
+def check(
+  config: ml_collections.ConfigDict, workdir: epath.PathLike
+) -> list[Row]:
   """Validates an evaluate request (cheap); returns the rows it will score."""
   rows = plan_rows(config, workdir)
   _check_request(config, workdir, rows)
@@ -311,12 +317,12 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
   return rows
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
   """Scores every finished stage; writes results.json, results.md, plots."""
   rows = check(config, workdir)
   ev = config.evaluate
   out_dir = eval_dir(workdir)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir.mkdir(parents=True, exist_ok=True)
   extractor = features.make_extractor(config, out_dir)
   reference = features.reference_stats(config, extractor, out_dir)
   info = data.get_info(config.data)
@@ -327,7 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for row in rows:
     records += _evaluate_row(row, config, workdir, extractor, reference, labels)
   results = {
-    'workdir': os.path.abspath(workdir),
+    'workdir': os.fspath(paths.resolve(workdir)),
     'device': device_description(),
     'metric': extractor.metric_name,
     'extractor': extractor.about,

@@ -13,8 +13,9 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from gdd import config_lib, data, errors
+from gdd import config_lib, data, errors, paths
 from gdd.evaluation import digits_features, fid
 
 ExtractFn = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -46,8 +47,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       "'inception' (with config.evaluate.inception_weights) for "
       f'{config.data.name!r}.'
     )
-  if ev.feature_extractor == 'inception' and not os.path.isfile(
-    ev.inception_weights
+  if (
+    ev.feature_extractor == 'inception'
+    and not paths.resolve(ev.inception_weights).is_file()
   ):
     raise WeightsNotFoundError(
       f'config.evaluate.inception_weights={ev.inception_weights!r} is not a '
@@ -72,7 +74,7 @@ def _batched(apply_fn, batch_size: int) -> ExtractFn:
 
 
 def make_extractor(
-  config: ml_collections.ConfigDict, out_dir: str
+  config: ml_collections.ConfigDict, out_dir: epath.PathLike
 ) -> FeatureExtractor:
   """The extractor `config.evaluate.feature_extractor` names."""
   ev = config.evaluate
@@ -101,7 +103,7 @@ def make_extractor(
     metric_name='FID',
     extract=extract,
     labels_are_classes=False,
-    about={'weights': os.path.abspath(ev.inception_weights)},
+    about={'weights': os.fspath(paths.resolve(ev.inception_weights))},
   )
 
 
@@ -114,7 +116,7 @@ def reference_size(config: ml_collections.ConfigDict) -> int:
 def reference_stats(
   config: ml_collections.ConfigDict,
   extractor: FeatureExtractor,
-  out_dir: str,
+  out_dir: epath.PathLike,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Mean and covariance of real features, computed once and cached.
 
@@ -124,12 +126,11 @@ def reference_stats(
   """
   ev = config.evaluate
   num_examples = reference_size(config)
-  path = os.path.join(
-    out_dir,
+  path = paths.resolve(out_dir) / (
     f'reference_{config.data.name}_{ev.reference_split}_{num_examples}_'
-    f'{extractor.name}.npz',
+    f'{extractor.name}.npz'
   )
-  if os.path.exists(path):
+  if path.exists():
     return fid.load_stats(path)
   real = data.eval_arrays(
     config.data, split=ev.reference_split, num_examples=num_examples

@@ -15,10 +15,10 @@ Reference statistics of a data set (μ, Σ of its pool3 features) are cached as
 `.npz` files with `save_stats` / `load_stats`.
 """
 
-import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 from scipy import linalg, special
 
 from gdd.evaluation import npz
@@ -200,7 +200,7 @@ def inception_score(
 
 
 def save_stats(
-  path: str | os.PathLike,
+  path: epath.PathLike,
   mu: np.ndarray,
   sigma: np.ndarray,
   /,
@@ -229,16 +229,16 @@ def save_stats(
   npz.atomic_savez(path, mu=mu, sigma=sigma, **metadata)
 
 
-def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def load_stats(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray]:
   """Reads (mu, sigma) written by `save_stats` (or pytorch-fid's `.npz`)."""
-  with np.load(os.fspath(path)) as data:
-    missing = {'mu', 'sigma'} - set(data.files)
-    if missing:
-      raise ValueError(
-        f'{path} is not a statistics file: missing {sorted(missing)} '
-        f'(has {sorted(data.files)}).'
-      )
-    mu = data['mu'].astype(np.float64)
-    sigma = data['sigma'].astype(np.float64)
+  data = npz.load(path)
+  missing = {'mu', 'sigma'} - set(data)
+  if missing:
+    raise ValueError(
+      f'{path} is not a statistics file: missing {sorted(missing)} '
+      f'(has {sorted(data)}).'
+    )
+  mu = data['mu'].astype(np.float64)
+  sigma = data['sigma'].astype(np.float64)
   _check_stats(mu, sigma, '')
   return mu, sigma

@@ -35,15 +35,16 @@ import dataclasses
 import hashlib
 import io
 import logging
-import os
 import pickle
 import zipfile
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
+from gdd import paths
 from gdd.evaluation import inception, npz
 
 PUBLISHED_FILENAME = 'pt_inception-2015-12-05-6726825d.pth'
@@ -219,8 +220,8 @@ def _fill(storage: _Storage, raw: bytes, byteorder: str) -> None:
   )
 
 
-def _read_zip(path: str) -> Any:
-  with zipfile.ZipFile(path) as zf:
+def _read_zip(path: epath.PathLike) -> Any:
+  with paths.resolve(path).open('rb') as f, zipfile.ZipFile(f) as zf:
     pickles = [n for n in zf.namelist() if n.endswith('data.pkl')]
     if len(pickles) != 1:
       raise ValueError(
@@ -242,9 +243,9 @@ def _read_zip(path: str) -> Any:
   return _materialize(result)
 
 
-def _read_legacy(path: str) -> Any:
+def _read_legacy(path: epath.PathLike) -> Any:
   storages: dict[str, _Storage] = {}
-  with open(path, 'rb') as f:
+  with paths.resolve(path).open('rb') as f:
     # The header pickles are plain ints and dicts; the restricted unpickler
     # reads them too, so nothing in the file can import code.
     header = lambda: _TorchUnpickler(f, storages).load()
@@ -276,7 +277,12 @@ def _read_legacy(path: str) -> Any:
   return _materialize(result)
 
 
-def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def _is_zip(path: epath.PathLike) -> bool:
+  with paths.resolve(path).open('rb') as f:
+    return zipfile.is_zipfile(f)
+
+
+def read_torch_file(path: epath.PathLike) -> dict[str, np.ndarray]:
   """Reads a tensor state dict written by torch.save, without torch.
 
   Both formats torch.save writes are supported: the zip archive (default
@@ -291,8 +297,7 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
   Returns:
     The state dict, name → numpy array.
   """
-  path = os.fspath(path)
-  obj = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
+  obj = _read_zip(path) if _is_zip(path) else _read_legacy(path)
   if not isinstance(obj, Mapping) or not all(
     isinstance(v, np.ndarray) for v in obj.values()
   ):
@@ -302,17 +307,16 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return dict(obj)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
   """A pytorch-fid-named state dict from a torch.save file or an `.npz`."""
-  path = os.fspath(path)
-  if not os.path.exists(path):
+  path = paths.resolve(path)
+  if not path.exists():
     raise FileNotFoundError(f'{path} does not exist. {CONVERT_HINT}')
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as zf:
+  if _is_zip(path):
+    with path.open('rb') as f, zipfile.ZipFile(f) as zf:
       is_npz = all(n.endswith('.npy') for n in zf.namelist())
     if is_npz:
-      with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+      return npz.load(path)
   return read_torch_file(path)
 
 
@@ -440,24 +444,22 @@ def flax_to_torch(
 # Converting and loading.
 
 
-def _sha256_prefix(path: str) -> str:
+def _sha256_prefix(path: epath.Path) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with path.open('rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()[: len(_PUBLISHED_SHA256_PREFIX)]
 
 
-def convert(
-  input_path: str | os.PathLike, output_path: str | os.PathLike
-) -> None:
+def convert(input_path: epath.PathLike, output_path: epath.PathLike) -> None:
   """Converts pytorch-fid's weights (`.pth` or `.npz`) to the Flax `.npz`.
 
   The output is written to a temporary file and renamed, so a failed run
   never leaves a partial weights file behind.
   """
-  input_path, output_path = os.fspath(input_path), os.fspath(output_path)
-  if os.path.basename(input_path) == PUBLISHED_FILENAME:
+  input_path = paths.resolve(input_path)
+  if input_path.name == PUBLISHED_FILENAME:
     prefix = _sha256_prefix(input_path)
     if prefix != _PUBLISHED_SHA256_PREFIX:
       logging.warning(
@@ -469,7 +471,7 @@ def convert(
   npz.atomic_savez(output_path, **torch_to_flax(read_state_dict(input_path)))
 
 
-def load_params(path: str | os.PathLike) -> dict[str, Any]:
+def load_params(path: epath.PathLike) -> dict[str, Any]:
   """Loads converted weights: {'params', 'batch_stats'} for InceptionV3.
 
   Args:
@@ -483,14 +485,13 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
       unconverted pytorch-fid file, a missing or mis-shaped array) and how to
       produce a valid file.
   """
-  path = os.fspath(path)
-  if not os.path.exists(path):
+  path = paths.resolve(path)
+  if not path.exists():
     raise FileNotFoundError(
       f'FID Inception weights not found at {path}. {CONVERT_HINT}'
     )
   try:
-    with np.load(path) as data:
-      flat = {k: data[k] for k in data.files}
+    flat = npz.load(path)
   except (ValueError, OSError, zipfile.BadZipFile) as e:
     raise ValueError(
       f'{path} is not a converted weights .npz (a torch .pth must be '

@@ -1,28 +1,31 @@
-"""Atomic `.npz` writes for evaluation caches (statistics, weights).
+"""`.npz` files for samples and evaluation caches, local or on gs:// etc.
 
 A cache is trusted by later runs, so it must never be left truncated: each
-file is written under a temporary name in its directory and renamed.
+file is written whole under a temporary name and renamed
+(`paths.write_atomically`).
 """
 
-import os
-import tempfile
+import io
 
 import numpy as np
+from etils import epath
+
+from gdd import paths
 
 
-def atomic_savez(path: str | os.PathLike, **arrays) -> None:
+def atomic_savez(path: epath.PathLike, **arrays) -> None:
   """np.savez(path, **arrays), all or nothing."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(
-    dir=directory, prefix=os.path.basename(path) + '.', suffix='.tmp'
-  )
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  paths.write_atomically(path, buffer.getvalue())
+
+
+def load(path: epath.PathLike) -> dict[str, np.ndarray]:
+  """Every array of an `.npz`, read into memory.
+
+  Raises what `np.load` raises for a file that is not an `.npz` (ValueError,
+  OSError, zipfile.BadZipFile), and FileNotFoundError.
+  """
+  data = paths.resolve(path).read_bytes()
+  with np.load(io.BytesIO(data)) as arrays:
+    return {name: arrays[name] for name in arrays.files}

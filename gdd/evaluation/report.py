@@ -5,10 +5,12 @@ re-made from a saved results.json (`write(json.load(...), out_dir)`).
 """
 
 import json
-import os
 
 import matplotlib
+from etils import epath
 from matplotlib import figure
+
+from gdd import paths
 
 # Figures are built with matplotlib's object API and saved to files, never
 # through pyplot: no global backend is set, so a notebook that imports gdd
@@ -178,7 +180,7 @@ def _series(records: list[dict]) -> dict[tuple, list[dict]]:
   return out
 
 
-def plot_quality_vs_nfe(results: dict, path: str) -> None:
+def plot_quality_vs_nfe(results: dict, path: epath.PathLike) -> None:
   """FD and IS against NFE (log axis), one column per w."""
   records = results['records']
   ws = _ws(records)
@@ -209,10 +211,10 @@ def plot_quality_vs_nfe(results: dict, path: str) -> None:
         ax.set_yscale('log')
   axes[0][-1].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save_png(fig, path)
 
 
-def plot_quality_vs_w(results: dict, path: str) -> None:
+def plot_quality_vs_w(results: dict, path: epath.PathLike) -> None:
   """FD and IS against w, one line per (model, sampler, steps).
 
   Each series has its own colour family, darker for more steps. Single-w
@@ -247,16 +249,20 @@ def plot_quality_vs_w(results: dict, path: str) -> None:
     ax.set_xlabel('guidance strength w')
   axes[0].legend(fontsize=6, ncol=2)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save_png(fig, path)
 
 
-def write(results: dict, out_dir: str) -> None:
+def _save_png(fig: figure.Figure, path: epath.PathLike) -> None:
+  with paths.resolve(path).open('wb') as f:
+    fig.savefig(f, format='png', dpi=110)
+
+
+def write(results: dict, out_dir: epath.PathLike) -> None:
   """results.json, results.md, quality_vs_nfe.png and quality_vs_w.png."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-    f.write(markdown(results))
-  plot_quality_vs_nfe(results, os.path.join(out_dir, 'quality_vs_nfe.png'))
-  plot_quality_vs_w(results, os.path.join(out_dir, 'quality_vs_w.png'))
+  out_dir = paths.resolve(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / 'results.json').write_text(json.dumps(results, indent=2))
+  (out_dir / 'results.md').write_text(markdown(results))
+  plot_quality_vs_nfe(results, out_dir / 'quality_vs_nfe.png')
+  plot_quality_vs_w(results, out_dir / 'quality_vs_w.png')
   print(f'evaluation written to {out_dir}: results.json, results.md, plots')

@@ -1,9 +1,11 @@
 """Building blocks of the U-Net: embeddings, residual, attention, resampling.
 
 ADM / progressive-distillation style (google-research diffusion_distillation
-`unet.py`). Every layer computes in `dtype` and keeps float32 params. Layers
-whose output is added to a residual stream are zero-initialised, so each
-block starts as the identity and a new conditioning path starts as a no-op.
+`unet.py`). Every layer computes in `dtype` and keeps float32 params;
+reductions (GroupNorm statistics, the attention softmax) run in float32 even
+when `dtype` is bfloat16. Layers whose output is added to a residual stream
+are zero-initialised, so each block starts as the identity and a new
+conditioning path starts as a no-op.
 """
 
 import math
@@ -16,6 +18,15 @@ import jax.numpy as jnp
 Dtype = Any
 
 _zeros = nn.initializers.zeros_init()
+
+# What a rematerialised block keeps for the backward pass, by the names of
+# `gdd.config_lib.REMAT_POLICIES`; everything else in the block is recomputed.
+# 'dots_saveable' keeps the outputs of matmuls and convolutions (the expensive
+# ops) and recomputes the cheap elementwise ones and the normalisations.
+_REMAT_SAVEABLE = {
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'dots_saveable': jax.checkpoint_policies.dots_saveable,
+}
 
 
 def sinusoidal_embedding(
@@ -55,13 +66,40 @@ def num_heads(channels: int, head_dim: int) -> int:
 
 
 def group_norm(x: jnp.ndarray, dtype: Dtype, name: str) -> jnp.ndarray:
-  """GroupNorm over the last axis with `num_groups` groups.
+  """GroupNorm over the last axis with `num_groups` groups, output in `dtype`.
 
-  Must be called inside a compact method (it creates a named submodule).
+  Mean and variance are float32 whatever `dtype` is: over an 8x8 group a
+  bfloat16 E[x²] − E[x]² loses most of its digits. Flax's default already
+  does this; it is spelt out because the bfloat16 policy relies on it. Must
+  be called inside a compact method (it creates a named submodule).
   """
   return nn.GroupNorm(
-    num_groups=num_groups(x.shape[-1]), dtype=dtype, name=name
+    num_groups=num_groups(x.shape[-1]),
+    dtype=dtype,
+    force_float32_reductions=True,
+    name=name,
   )(x)
+
+
+def remat(
+  module: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()
+) -> type[nn.Module]:
+  """`module` recomputed in the backward pass under `policy`, or as is.
+
+  Args:
+    module: a Module class; its params keep their names and shapes, so
+      checkpoints load whatever the policy.
+    policy: one of `gdd.config_lib.REMAT_POLICIES`: 'none' returns `module`
+      unchanged (every activation stored); 'full' stores only the block's
+      inputs; 'dots_saveable' also stores its matmul and conv outputs.
+    static_argnums: `__call__` arguments that are Python values (e.g. the
+      `train` flag), counting `self` as 0; others would become tracers.
+  """
+  if policy == 'none':
+    return module
+  return nn.remat(
+    module, policy=_REMAT_SAVEABLE[policy], static_argnums=static_argnums
+  )
 
 
 class EmbeddingMLP(nn.Module):
@@ -92,7 +130,8 @@ class ResBlock(nn.Module):
 
   GroupNorm → swish → conv3x3 → GroupNorm·(1 + scale) + shift → swish →
   dropout → conv3x3 (zero-initialised), plus a 1x1-conv skip when the channel
-  count changes.
+  count changes. `train` (enables dropout) is positional, so that `remat`
+  can mark it static (argnum 3): jax.checkpoint traces keyword arguments.
   """
 
   out_ch: int
@@ -101,7 +140,7 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jnp.ndarray, emb: jnp.ndarray, *, train: bool
+    self, x: jnp.ndarray, emb: jnp.ndarray, train: bool
   ) -> jnp.ndarray:
     h = nn.swish(group_norm(x, self.dtype, 'norm_0'))
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name='conv_0')(h)
@@ -128,8 +167,15 @@ class AttentionBlock(nn.Module):
   """Multi-head self-attention over all pixels, added residually.
 
   The output projection is zero-initialised (the block starts as the
-  identity). Logits and softmax are float32 even in bfloat16 compute, since
-  the softmax over H·W positions is where low precision hurts.
+  identity). The attention is `jax.nn.dot_product_attention` with
+  `implementation=None`, so JAX picks the kernel and later JAX versions can
+  pick a fused one; in JAX 0.10 None means the XLA path on every backend
+  (cuDNN flash attention must be asked for by name, and takes only 16-bit
+  inputs, so naming it would break float32 runs). In bfloat16 compute the
+  XLA path keeps the precision of an einsum formulation with float32
+  logits: q·k accumulates into float32, the 1/√d scale and the softmax run
+  in float32, and only the weights are cast to bfloat16 for the weighted
+  sum of v. The softmax over H·W positions is where low precision hurts.
   """
 
   head_dim: int
@@ -146,14 +192,12 @@ class AttentionBlock(nn.Module):
       )
     h = group_norm(x, self.dtype, 'norm')
     qkv = nn.Dense(3 * channels, dtype=self.dtype, name='qkv')(h)
+    # [B, T, 3, N, H]: this split of the qkv kernel's columns is what the
+    # trained params mean, so it must not change.
     qkv = qkv.reshape(batch, height * width, 3, heads, channels // heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = q * (channels // heads) ** -0.5
-    logits = jnp.einsum(
-      'bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32
+    h = jax.nn.dot_product_attention(
+      qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=None
     )
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    h = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     h = h.reshape(batch, height, width, channels)
     h = nn.Dense(
       channels, kernel_init=_zeros, dtype=self.dtype, name='proj_out'

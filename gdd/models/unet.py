@@ -14,6 +14,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from gdd import config_lib
 from gdd.diffusion import parameterization, schedules
 from gdd.models import layers
 
@@ -27,6 +28,9 @@ class UNetConfig:
   `attn_resolutions` lists spatial sizes (e.g. 16, 8) whose res blocks are
   each followed by self-attention; the middle block always has attention.
   `dtype` is the compute dtype; params and the output are always float32.
+  `remat` (one of `config_lib.REMAT_POLICIES`) says what each residual and
+  attention block recomputes in the backward pass instead of storing; it
+  changes memory and time, not params or results.
   """
 
   image_size: int
@@ -43,6 +47,7 @@ class UNetConfig:
   use_w_embedding: bool = False
   w_max: float = 4.0
   dtype: str = 'float32'
+  remat: str = 'none'
 
   def __post_init__(self):
     # Configs often arrive from ConfigDicts as lists; tuples keep the
@@ -86,6 +91,11 @@ class UNetConfig:
     )
     self._require(self.w_max > 0, 'w_max', 'positive')
     self._require(self.dtype in DTYPES, 'dtype', f'one of {DTYPES}')
+    self._require(
+      self.remat in config_lib.REMAT_POLICIES,
+      'remat',
+      f'one of {config_lib.REMAT_POLICIES}',
+    )
     attn_channels = {self.ch * self.ch_mult[-1]} | {
       self.ch * mult
       for mult, r in zip(self.ch_mult, resolutions, strict=True)
@@ -165,13 +175,17 @@ class UNet(nn.Module):
         cfg.emb_ch, zero_init_output=True, dtype=dtype, name='w_embedding'
       )(layers.sinusoidal_embedding(w * 1000.0 / cfg.w_max, cfg.ch))
 
+    # Argnum 3 of ResBlock.__call__ (self, x, emb, train) is a Python bool.
+    res_block_cls = layers.remat(layers.ResBlock, cfg.remat, (3,))
+    attention_cls = layers.remat(layers.AttentionBlock, cfg.remat)
+
     def res_block(h, out_ch, name):
-      return layers.ResBlock(out_ch, cfg.dropout, dtype=dtype, name=name)(
-        h, emb, train=train
+      return res_block_cls(out_ch, cfg.dropout, dtype=dtype, name=name)(
+        h, emb, train
       )
 
     def attention(h, name):
-      return layers.AttentionBlock(cfg.head_dim, dtype=dtype, name=name)(h)
+      return attention_cls(cfg.head_dim, dtype=dtype, name=name)(h)
 
     h = nn.Conv(cfg.ch, (3, 3), dtype=dtype, name='conv_in')(z.astype(dtype))
     skips = [h]

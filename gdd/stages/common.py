@@ -23,7 +23,11 @@ def build_model(
   use_w_embedding: bool = False,
   w_max: float = 4.0,
 ) -> UNet:
-  """The U-Net of `config.model` for images of `info`'s shape and classes."""
+  """The U-Net of `config.model` for images of `info`'s shape and classes.
+
+  Its remat policy is `config.memory.remat`: a memory setting, not part of
+  what the network is, so it may change between runs of one stage.
+  """
   height, _, channels = info.image_shape
   model_config = config.model.to_dict()
   for key in ('ch_mult', 'attn_resolutions'):
@@ -35,6 +39,7 @@ def build_model(
       num_classes=info.num_classes,
       use_w_embedding=use_w_embedding,
       w_max=w_max,
+      remat=config.memory.remat,
       **model_config,
     )
   )

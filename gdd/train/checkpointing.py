@@ -12,17 +12,15 @@ something older has been read in its place.
 """
 
 import datetime
-import glob
-import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from gdd import errors
+from gdd import errors, paths
 
 UNREADABLE_DIR = 'unreadable'
 
@@ -31,18 +29,18 @@ class UnreadableCheckpointError(errors.UserError, RuntimeError):
   """No checkpoint or params export of a stage can be read."""
 
 
-def move_aside(path: str, aside_dir: str) -> str:
+def move_aside(path: epath.PathLike, aside_dir: epath.PathLike) -> epath.Path:
   """Moves `path` into `aside_dir` under a new name; returns where it went.
 
   Process 0 moves; every process waits for it, so all see the same files.
+  (On an object store a move is a copy and a delete of each object.)
   """
+  path, aside_dir = paths.resolve(path), paths.resolve(aside_dir)
   stamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
-  parent = os.path.basename(os.path.dirname(path))
-  name = f'{parent}_{os.path.basename(path)}_{stamp}'
-  destination = os.path.join(aside_dir, name)
+  destination = aside_dir / f'{path.parent.name}_{path.name}_{stamp}'
   if jax.process_index() == 0:
-    os.makedirs(aside_dir, exist_ok=True)
-    shutil.move(path, destination)
+    aside_dir.mkdir(parents=True, exist_ok=True)
+    path.rename(destination)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'gdd_move_aside:{path}')
   return destination
@@ -55,8 +53,8 @@ class Checkpointer:
   one: it removes unfinished saves left by a killed run.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int):
-    self._directory = os.path.abspath(directory)
+  def __init__(self, directory: epath.PathLike, *, max_to_keep: int):
+    self._directory = paths.resolve(directory)
     self._manager = ocp.CheckpointManager(
       self._directory,
       options=ocp.CheckpointManagerOptions(
@@ -122,9 +120,9 @@ class Checkpointer:
     return None
 
   def _move_aside(self, steps: list[int]) -> None:
-    aside_dir = os.path.join(os.path.dirname(self._directory), UNREADABLE_DIR)
+    aside_dir = self._directory.parent / UNREADABLE_DIR
     for step in steps:
-      moved = move_aside(os.path.join(self._directory, str(step)), aside_dir)
+      moved = move_aside(self._directory / str(step), aside_dir)
       logging.warning('Moved unreadable checkpoint %d to %s.', step, moved)
     self._manager.reload()  # Orbax's step list, without the moved steps.
 
@@ -150,22 +148,24 @@ def abstract_tree_like(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def export_params(path: str, params: Any) -> None:
+def export_params(path: epath.PathLike, params: Any) -> None:
   """Writes a params-only export (blocking); refuses to overwrite one.
 
   Removes what an interrupted export of `path` left (Orbax writes into
   `<path>.orbax-checkpoint-tmp*` and renames when complete): only the run
   holding the stage's lock exports.
   """
-  path = os.path.abspath(path)
-  if os.path.exists(path):
+  path = paths.resolve(path)
+  if path.exists():
     raise FileExistsError(
       f'{path} exists; params exports are never overwritten. Delete it by '
       'hand if you really mean to replace it.'
     )
-  if jax.process_index() == 0:
-    for leftover in glob.glob(glob.escape(path) + '.orbax-checkpoint-tmp*'):
-      shutil.rmtree(leftover)
+  unfinished = f'{path.name}.orbax-checkpoint-tmp'
+  if jax.process_index() == 0 and path.parent.exists():
+    for leftover in path.parent.iterdir():
+      if leftover.name.startswith(unfinished):
+        leftover.rmtree()
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, params)
     checkpointer.wait_until_finished()
@@ -175,14 +175,14 @@ class MissingExportError(errors.UserError, FileNotFoundError):
   """A stage has no params export: it has not finished."""
 
 
-def load_params(path: str, target: Any | None = None) -> Any:
+def load_params(path: epath.PathLike, target: Any | None = None) -> Any:
   """Loads a params export; `target` (abstract or concrete) fixes shardings.
 
   Without a target the arrays come back as Orbax saved them (replicated on
   this process's devices).
   """
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = paths.resolve(path)
+  if not path.is_dir():
     raise MissingExportError(
       f'No params export at {path}. Train the stage first (gdd.main '
       '--mode=...), or point --workdir at a finished run.'

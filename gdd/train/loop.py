@@ -23,10 +23,11 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
-from gdd import data, errors, images
+from gdd import data, errors, images, paths
 from gdd.stages import Stage
-from gdd.train import checkpointing, optim, preemption, sharding
+from gdd.train import checkpointing, optim, preemption, profiling, sharding
 from gdd.train.state import TrainState, update_ema
 
 # Sample grids show at most this many classes (rows).
@@ -44,12 +45,14 @@ def stage_key(seed: int, stage_name: str) -> jax.Array:
   )
 
 
-def params_dir(stage_dir: str) -> str:
+def params_dir(stage_dir: epath.PathLike) -> epath.Path:
   """Where a finished stage's params-only (EMA) export lives."""
-  return os.path.join(stage_dir, 'params')
+  return paths.resolve(stage_dir) / 'params'
 
 
-def load_exported_params(stage_dir: str, abstract_params: Any) -> Any:
+def load_exported_params(
+  stage_dir: epath.PathLike, abstract_params: Any
+) -> Any:
   """A finished stage's params export, replicated over all devices."""
   rep = sharding.replicated(sharding.make_mesh())
   target = jax.tree.map(
@@ -59,8 +62,99 @@ def load_exported_params(stage_dir: str, abstract_params: Any) -> Any:
   return checkpointing.load_params(params_dir(stage_dir), target)
 
 
-def checkpoints_dir(stage_dir: str) -> str:
-  return os.path.join(stage_dir, 'checkpoints')
+def checkpoints_dir(stage_dir: epath.PathLike) -> epath.Path:
+  return paths.resolve(stage_dir) / 'checkpoints'
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a stage's arrays live: a sharding per leaf of each tree."""
+
+  state: Any  # TrainState of shardings.
+  frozen: Any  # Frozen (teacher) params of shardings, or None.
+  batch: jax.sharding.NamedSharding
+
+
+def layout_for(
+  stage: Stage, tx: optax.GradientTransformation, mesh, memory_config
+) -> Layout:
+  """The FSDP (or replicated) layout `config.memory` gives the stage.
+
+  Shapes come from `jax.eval_shape`: nothing is allocated.
+  """
+  abstract_state = jax.eval_shape(
+    lambda rng, frozen: TrainState.create(stage.init_params(rng, frozen), tx),
+    jax.random.PRNGKey(0),
+    stage.frozen_params,
+  )
+  return Layout(
+    state=sharding.tree_shardings(abstract_state, mesh, memory_config),
+    frozen=sharding.tree_shardings(stage.frozen_params, mesh, memory_config),
+    batch=sharding.batch_sharded(mesh),
+  )
+
+
+def _model_batch(batch: dict[str, jax.Array], max_pixel_value: int | None):
+  """The batch with images in [−1, 1]; data sets send raw integer pixels."""
+  image = batch['image']
+  if not jnp.issubdtype(image.dtype, jnp.integer):
+    return batch
+  if max_pixel_value is None:
+    raise ValueError(
+      'The batch holds integer pixels; pass max_pixel_value (the data '
+      "set's DatasetInfo.max_pixel_value) to build_train_step."
+    )
+  return dict(batch, image=data.to_model_range(image, max_pixel_value))
+
+
+def _micro_batches(batch, num_micro: int, batch_sharding):
+  """[B, …] → [k, B/k, …]; micro-batch j holds rows j, j + k, j + 2k, …
+
+  Strided, so each device's rows split into the k micro-batches alike and
+  no row moves to another device (B/k stays split over the mesh).
+  """
+  spec = jax.sharding.PartitionSpec(None, *batch_sharding.spec)
+  micro_sharding = jax.sharding.NamedSharding(batch_sharding.mesh, spec)
+
+  def split(x):
+    x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+    return jax.lax.with_sharding_constraint(x.swapaxes(0, 1), micro_sharding)
+
+  return jax.tree.map(split, batch)
+
+
+def _loss_grads(loss_fn, params, frozen_params, batch, rng, *, micro):
+  """Metrics and gradients of the batch, over `micro` = (k, batch sharding).
+
+  k > 1 sums the micro-batches' gradients in a lax.scan (one micro-batch of
+  activations alive at a time) and averages them: the gradient of the mean
+  loss over the whole batch, since the micro-batches are equal in size.
+  Micro-batch j draws its noise from fold_in(rng, j), so k > 1 draws other
+  (equally distributed) random numbers than k = 1.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  num_micro, batch_sharding = micro
+  if num_micro == 1:
+    (_, metrics), grads = grad_fn(params, frozen_params, batch, rng)
+    return metrics, grads
+
+  def accumulate(grad_sum, inputs):
+    index, micro_batch = inputs
+    micro_rng = jax.random.fold_in(rng, index)
+    (_, metrics), grads = grad_fn(params, frozen_params, micro_batch, micro_rng)
+    return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+  grad_sum, metrics = jax.lax.scan(
+    accumulate,
+    jax.tree.map(jnp.zeros_like, params),
+    (
+      jnp.arange(num_micro),
+      _micro_batches(batch, num_micro, batch_sharding),
+    ),
+  )
+  mean = lambda tree: jax.tree.map(lambda x: x.mean(axis=0), tree)
+  grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
+  return mean(metrics), grads
 
 
 def _train_step(
@@ -73,10 +167,14 @@ def _train_step(
   learning_rate_fn: optax.Schedule,
   ema_decay: float,
   step_key: jax.Array,
+  micro: tuple[int, jax.sharding.NamedSharding],
+  max_pixel_value: int | None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   rng = jax.random.fold_in(step_key, state.step)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, frozen_params, batch, rng)
+  batch = _model_batch(batch, max_pixel_value)
+  metrics, grads = _loss_grads(
+    loss_fn, state.params, frozen_params, batch, rng, micro=micro
+  )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(
@@ -96,17 +194,28 @@ def _train_step(
 
 
 def build_train_step(
-  stage: Stage, mesh: jax.sharding.Mesh, step_key: jax.Array
-) -> tuple[optax.GradientTransformation, Any]:
-  """The stage's optimiser and its jitted, sharded, state-donating step.
+  stage: Stage,
+  mesh: jax.sharding.Mesh,
+  step_key: jax.Array,
+  *,
+  max_pixel_value: int | None = None,
+  memory_config: ml_collections.ConfigDict | None = None,
+) -> tuple[optax.GradientTransformation, Any, Layout]:
+  """The stage's optimiser, jitted state-donating step and array layout.
 
   `step(state, frozen_params, batch) -> (state, metrics)`: state and frozen
-  params replicated, the batch split over the mesh's data axis.
+  params laid out by `memory_config` (FSDP rules; None: replicated), the
+  batch split over every device, in `grad_accum_steps` micro-batches.
+  Integer images are scaled to [−1, 1] on the device (`max_pixel_value`).
   """
   train_config = stage.train_config
   num_steps = train_config.num_train_steps
   tx = optim.make_optimizer(train_config.optimizer, num_steps)
-  rep = sharding.replicated(mesh)
+  if memory_config is None:
+    memory_config = ml_collections.ConfigDict(
+      {'fsdp_min_size': 0, 'fsdp_rules': ()}
+    )
+  layout = layout_for(stage, tx, mesh, memory_config)
   step = jax.jit(
     functools.partial(
       _train_step,
@@ -117,12 +226,14 @@ def build_train_step(
       ),
       ema_decay=train_config.ema_decay,
       step_key=step_key,
+      micro=(train_config.grad_accum_steps, layout.batch),
+      max_pixel_value=max_pixel_value,
     ),
-    in_shardings=(rep, rep, sharding.batch_sharded(mesh)),
-    out_shardings=(rep, rep),
+    in_shardings=(layout.state, layout.frozen, layout.batch),
+    out_shardings=(layout.state, sharding.replicated(mesh)),
     donate_argnums=(0,),
   )
-  return tx, step
+  return tx, step, layout
 
 
 def _grid_labels(num_classes: int, samples_per_class: int) -> np.ndarray:
@@ -144,18 +255,17 @@ class _SampleGridWriter:
     config: ml_collections.ConfigDict,
     info: data.DatasetInfo,
     mesh: jax.sharding.Mesh,
-    stage_dir: str,
+    stage_dir: epath.PathLike,
   ):
-    self._stage_dir = stage_dir
+    self._stage_dir = paths.resolve(stage_dir)
     self._labels = _grid_labels(info.num_classes, config.eval.samples_per_class)
     self._num_devices = mesh.devices.size
+    self._mesh = mesh
     rep = sharding.replicated(mesh)
+    # Params come in their training layout (FSDP or replicated); the
+    # samples come back replicated, so every process can read them.
     self._panels = {
-      name: jax.jit(
-        sample_fn,
-        in_shardings=(rep, rep, rep, sharding.batch_sharded(mesh), rep),
-        out_shardings=rep,
-      )
+      name: jax.jit(sample_fn, out_shardings=rep)
       for name, sample_fn in stage.sample_panels.items()
     }
     logging.info(
@@ -163,21 +273,24 @@ class _SampleGridWriter:
       stage.name,
       ', '.join(self._panels),
     )
-    self._rng = jax.random.PRNGKey(config.seed)
+    self._rng = sharding.from_host(jax.random.PRNGKey(config.seed), rep)
     self._sample_ws = stage.sample_ws
     self._upscale = images.display_scale(info.image_shape[0])
 
   def __call__(self, step: int, params, frozen_params, writer) -> None:
     n = len(self._labels)
-    padded = np.pad(self._labels, (0, -n % self._num_devices), mode='edge')
+    padded = sharding.from_host(
+      np.pad(self._labels, (0, -n % self._num_devices), mode='edge'),
+      sharding.batch_sharded(self._mesh),
+    )
+    rep = sharding.replicated(self._mesh)
     grids = {}
     for w in self._sample_ws:
       panels = []
+      w_array = sharding.from_host(np.float32(w), rep)
       for name, sample in self._panels.items():
-        samples = sample(
-          params, frozen_params, self._rng, padded, jnp.float32(w)
-        )
-        samples = images.to_uint8(jax.device_get(samples)[:n])
+        samples = sample(params, frozen_params, self._rng, padded, w_array)
+        samples = images.to_uint8(sharding.to_host(samples)[:n])
         panels.append(
           images.make_grid(samples, num_rows=len(set(self._labels)))
         )
@@ -185,7 +298,7 @@ class _SampleGridWriter:
       grid = images.side_by_side(panels)
       if jax.process_index() == 0:
         images.save_png(
-          os.path.join(self._stage_dir, 'samples', f'step{step}_w{w:g}.png'),
+          self._stage_dir / 'samples' / f'step{step}_w{w:g}.png',
           grid,
           upscale=self._upscale,
         )
@@ -201,7 +314,9 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def _health_check(stage: Stage, mesh, step_key: jax.Array):
+def _health_check(
+  stage: Stage, layout: Layout, step_key: jax.Array, max_pixel_value
+):
   """Jitted `(state, frozen_params, next_batch) -> {params, batch, loss}`.
 
   Three booleans: the state's params and EMA params are finite; the next
@@ -213,6 +328,7 @@ def _health_check(stage: Stage, mesh, step_key: jax.Array):
 
   def health(state, frozen_params, next_batch):
     rng = jax.random.fold_in(step_key, state.step)
+    next_batch = _model_batch(next_batch, max_pixel_value)
     loss, _ = stage.loss_fn(state.params, frozen_params, next_batch, rng)
     return {
       'params': _all_finite((state.params, state.ema_params)),
@@ -220,11 +336,10 @@ def _health_check(stage: Stage, mesh, step_key: jax.Array):
       'loss': _all_finite(loss),
     }
 
-  rep = sharding.replicated(mesh)
   return jax.jit(
     health,
-    in_shardings=(rep, rep, sharding.batch_sharded(mesh)),
-    out_shardings=rep,
+    in_shardings=(layout.state, layout.frozen, layout.batch),
+    out_shardings=sharding.replicated(layout.batch.mesh),
   )
 
 
@@ -234,8 +349,10 @@ class _StageRun:
 
   stage: Stage
   config: ml_collections.ConfigDict
-  stage_dir: str
+  stage_dir: epath.Path
   mesh: jax.sharding.Mesh
+  layout: Layout
+  tx: optax.GradientTransformation
   frozen_params: Any
   train_step: Callable
   health: Callable
@@ -243,24 +360,34 @@ class _StageRun:
   writer: metric_writers.MetricWriter
 
   @classmethod
-  def open(cls, stage, config, stage_dir, mesh, step_key, train_step):
+  def open(cls, stage, config, stage_dir, mesh, step_key):
     """Opens the stage's checkpoints and writer; the caller closes them."""
+    max_pixel_value = data.get_info(config.data).max_pixel_value
+    tx, train_step, layout = build_train_step(
+      stage,
+      mesh,
+      step_key,
+      max_pixel_value=max_pixel_value,
+      memory_config=config.memory,
+    )
     return cls(
       stage=stage,
       config=config,
-      stage_dir=stage_dir,
+      stage_dir=paths.resolve(stage_dir),
       mesh=mesh,
-      frozen_params=jax.device_put(
-        stage.frozen_params, sharding.replicated(mesh)
-      ),
+      layout=layout,
+      tx=tx,
+      frozen_params=jax.device_put(stage.frozen_params, layout.frozen),
       train_step=train_step,
-      health=_health_check(stage, mesh, step_key),
+      health=_health_check(stage, layout, step_key, max_pixel_value),
       ckpt=checkpointing.Checkpointer(
         checkpoints_dir(stage_dir),
         max_to_keep=stage.train_config.max_checkpoints_to_keep,
       ),
+      # clu's writers take a string (tf.io.gfile, which reads gs:// too).
       writer=metric_writers.create_default_writer(
-        stage_dir, just_logging=jax.process_index() > 0
+        os.fspath(paths.resolve(stage_dir)),
+        just_logging=jax.process_index() > 0,
       ),
     )
 
@@ -314,18 +441,21 @@ class _StageRun:
       raise self.bad_data(f'the batch of step {step + 1}')
 
 
-def _restore_or_init(run: _StageRun, tx, init_rng) -> TrainState:
-  """The newest readable checkpoint's state if any, else a fresh state."""
-  rep = sharding.replicated(run.mesh)
+def _restore_or_init(run: _StageRun, init_rng) -> TrainState:
+  """The newest readable checkpoint's state if any, else a fresh state.
+
+  Either comes in the run's layout: a checkpoint written under another mesh
+  or FSDP setting restores into this one.
+  """
   create_state = jax.jit(
     lambda rng, frozen: TrainState.create(
-      run.stage.init_params(rng, frozen), tx
+      run.stage.init_params(rng, frozen), run.tx
     ),
-    out_shardings=rep,
+    out_shardings=run.layout.state,
   )
-  target = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+  target = sharding.abstract(
     jax.eval_shape(create_state, init_rng, run.frozen_params),
+    run.layout.state,
   )
   state = run.ckpt.restore_latest(target)
   if state is None:
@@ -337,7 +467,7 @@ def _restore_or_init(run: _StageRun, tx, init_rng) -> TrainState:
 def train_stage(
   stage: Stage,
   config: ml_collections.ConfigDict,
-  stage_dir: str,
+  stage_dir: epath.PathLike,
   *,
   replace_export: bool = False,
 ) -> Any:
@@ -350,13 +480,15 @@ def train_stage(
   export cannot be read; once the final state exists it is moved to
   `<stage_dir>/unreadable/` and a new export written.
   """
-  mesh = sharding.make_mesh()
+  mesh = sharding.mesh_for(config)
   sharding.check_batch_size(
-    stage.train_config.batch_size, mesh, f'{stage.name}.batch_size'
+    stage.train_config.batch_size,
+    mesh,
+    f'{stage.name}.batch_size',
+    stage.train_config.grad_accum_steps,
   )
   init_rng, step_key = jax.random.split(stage_key(config.seed, stage.name))
-  tx, train_step = build_train_step(stage, mesh, step_key)
-  run = _StageRun.open(stage, config, stage_dir, mesh, step_key, train_step)
+  run = _StageRun.open(stage, config, stage_dir, mesh, step_key)
   try:
     if replace_export and run.ckpt.latest_step() is None:
       raise checkpointing.UnreadableCheckpointError(
@@ -366,7 +498,7 @@ def train_stage(
         'again.'
       )
     with preemption.catch_signals():
-      state = _run_steps(run, _restore_or_init(run, tx, init_rng))
+      state = _run_steps(run, _restore_or_init(run, init_rng))
   finally:
     # Saves already started hold good states: let them commit even when the
     # run dies, so a re-run resumes from the newest one.
@@ -377,14 +509,14 @@ def train_stage(
   return state.ema_params
 
 
-def _export(stage_dir: str, ema_params, *, replace: bool) -> None:
+def _export(stage_dir: epath.PathLike, ema_params, *, replace: bool) -> None:
   """Writes the params export, moving an unreadable one aside first."""
   path = params_dir(stage_dir)
-  if replace and os.path.exists(path):
-    aside = os.path.join(stage_dir, checkpointing.UNREADABLE_DIR)
+  if replace and path.exists():
+    aside = path.parent / checkpointing.UNREADABLE_DIR
     moved = checkpointing.move_aside(path, aside)
     logging.warning('Moved the unreadable params export to %s.', moved)
-  if not os.path.exists(path):
+  if not path.exists():
     checkpointing.export_params(path, ema_params)
 
 
@@ -407,8 +539,7 @@ def _run_steps(run: _StageRun, state: TrainState) -> TrainState:
   host prepares it while the device computes, and a checkpoint's health
   check needs it.
   """
-  train_config = run.stage.train_config
-  num_steps = train_config.num_train_steps
+  num_steps = run.stage.train_config.num_train_steps
   start_step = int(state.step)
   if start_step >= num_steps:
     return state
@@ -416,36 +547,57 @@ def _run_steps(run: _StageRun, state: TrainState) -> TrainState:
   report = periodic_actions.ReportProgress(
     num_train_steps=num_steps,
     writer=run.writer,
-    every_steps=train_config.log_every,
+    every_steps=run.stage.train_config.log_every,
   )
-  info = data.get_info(run.config.data)
   write_grids = _SampleGridWriter(
-    run.stage, run.config, info, run.mesh, run.stage_dir
+    run.stage,
+    run.config,
+    data.get_info(run.config.data),
+    run.mesh,
+    run.stage_dir,
+  )
+  trace = profiling.StepTrace(
+    run.config.profile_steps,
+    start_step,
+    os.fspath(run.stage_dir / 'profile'),
   )
   metrics = _MetricMeans()
   batch = next(batches)
-  for step in range(start_step + 1, num_steps + 1):
-    state, step_metrics = run.train_step(state, run.frozen_params, batch)
-    batch = next(batches)
-    metrics.add(step_metrics)
-    report(step)
-    stop = _stop_request(run, step)
-    is_last = step == num_steps
-    save_now = step % train_config.checkpoint_every == 0 or is_last or stop
-    if step % train_config.log_every == 0 or save_now:
-      run.writer.write_scalars(step, run.check(metrics.pop(), step))
-    if save_now:
-      run.save(step, state, batch)
-    # A stop skips the grids: a scheduler's grace period is short.
-    if (step % train_config.eval_every == 0 or is_last) and not stop:
-      write_grids(step, state.ema_params, run.frozen_params, run.writer)
-    if stop:
-      raise preemption.InterruptedRunError(
-        f'[{run.stage.name}] stopped by {stop} after step {step}; checkpoint '
-        f'{step} is saved in {checkpoints_dir(run.stage_dir)}. Re-run the '
-        'same command to resume from it.'
-      )
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      trace.before(step)
+      state, step_metrics = run.train_step(state, run.frozen_params, batch)
+      batch = next(batches)
+      trace.after(step, step_metrics)
+      metrics.add(step_metrics)
+      report(step)
+      _after_step(run, step, state, batch, metrics, write_grids)
+  finally:
+    trace.stop()
   return state
+
+
+def _after_step(
+  run: _StageRun, step: int, state, next_batch, metrics, write_grids
+) -> None:
+  """Logs, checkpoints and grids due after `step`; stops if asked to."""
+  train_config = run.stage.train_config
+  stop = _stop_request(run, step)
+  is_last = step == train_config.num_train_steps
+  save_now = step % train_config.checkpoint_every == 0 or is_last or stop
+  if step % train_config.log_every == 0 or save_now:
+    run.writer.write_scalars(step, run.check(metrics.pop(), step))
+  if save_now:
+    run.save(step, state, next_batch)
+  # A stop skips the grids: a scheduler's grace period is short.
+  if (step % train_config.eval_every == 0 or is_last) and not stop:
+    write_grids(step, state.ema_params, run.frozen_params, run.writer)
+  if stop:
+    raise preemption.InterruptedRunError(
+      f'[{run.stage.name}] stopped by {stop} after step {step}; checkpoint '
+      f'{step} is saved in {checkpoints_dir(run.stage_dir)}. Re-run the '
+      'same command to resume from it.'
+    )
 
 
 def _stop_request(run: _StageRun, step: int) -> str | None:
