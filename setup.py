@@ -22,6 +22,8 @@ setuptools.setup(
     'absl-py>=2.1,<3',
     'chex>=0.1.90,<0.2',
     'clu>=0.0.12,<0.1',
+    # epath: one path API for local folders and gs:// (gdd/paths.py).
+    'etils[epath]>=1.15,<2',
     'flax>=0.12.8,<0.13',
     'jax>=0.10.2,<0.11',
     'matplotlib>=3.8,<4',
@@ -38,6 +40,9 @@ setuptools.setup(
     'tensorflow-datasets>=4.9.10,<5',
   ],
   extras_require={
+    # Orbax reads gs:// bucket metadata through google-cloud-storage; not in
+    # constraints.txt: no bucket is reachable where gdd is tested.
+    'gcs': ['google-cloud-storage>=3,<4'],
     'test': [
       'ipykernel>=6,<8',
       'nbclient>=0.10,<0.12',

@@ -1,12 +1,18 @@
 """How a path the user gives becomes the path gdd reads and writes.
 
 Every file gdd touches goes through `etils.epath`, so a workdir, data_dir,
-weights file or output may be a local path or a URL of a store epath
-supports: gs://, s3://, az://, hf:// (through `tf.io.gfile` when TensorFlow
-is installed, as it is for gdd, else fsspec). `os.path` must never see such
-a URL: `os.path.abspath('gs://b/x')` is `<cwd>/gs:/b/x`, a local folder, and
-on a pod each host would write its own. `resolve` is the one place that
+weights file or output may be a local path or a URL. `os.path` must never
+see a URL: `os.path.abspath('gs://b/x')` is `<cwd>/gs:/b/x`, a local folder,
+and on a pod each host would write its own. `resolve` is the one place that
 tells the two kinds apart.
+
+gs:// is served by `tf.io.gfile` (epath, clu's TensorBoard writer) and by
+TensorStore (Orbax's arrays); Orbax also imports google-cloud-storage for a
+gs:// checkpoint folder, which must then be installed. epath also names
+s3://, az:// and hf://, but with TensorFlow installed it sends them to
+`tf.io.gfile`, which does not implement them; they need EPATH_USE_TF=0 and
+fsspec's s3fs / adlfs / huggingface_hub, and TensorBoard logs cannot go
+there.
 """
 
 import os
@@ -17,8 +23,8 @@ from etils import epath
 
 from gdd import errors
 
-# The URL schemes epath reads and writes; any other `scheme://` would be
-# taken for a relative local path.
+# The URL schemes epath knows; it takes any other `scheme://` for a relative
+# local path.
 URL_SCHEMES = ('gs', 's3', 'az', 'hf')
 _URL = re.compile(r'([A-Za-z][A-Za-z0-9+.-]*)://')
 

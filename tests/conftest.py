@@ -25,7 +25,7 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 # Modules that share the session-scoped `chain_workdir`.
-_CHAIN_MODULES = ('test_end_to_end', 'test_evaluation')
+_CHAIN_MODULES = ('test_end_to_end', 'test_evaluation', 'test_notebook')
 
 
 def pytest_collection_modifyitems(items):
@@ -44,8 +44,9 @@ def pytest_collection_modifyitems(items):
 def chain_workdir(tmp_path_factory):
   """teacher → guided → 4 → 2 → 1 steps on digits, 2 updates per stage.
 
-  Shared by the chain and evaluation tests; tests may add to it but must
-  not change what is there.
+  Shared by the chain, evaluation and notebook tests (the notebook's tiny
+  setting trains exactly this); tests may add to it but must not change
+  what is there.
   """
   # Imported here: gdd must load after the XLA flags above.
   from gdd import pipeline

@@ -7,6 +7,7 @@ file is written whole under a temporary name and renamed
 
 import io
 
+import jax
 import numpy as np
 from etils import epath
 
@@ -14,7 +15,13 @@ from gdd import paths
 
 
 def atomic_savez(path: epath.PathLike, **arrays) -> None:
-  """np.savez(path, **arrays), all or nothing."""
+  """np.savez(path, **arrays), all or nothing.
+
+  On a multi-host run only process 0 writes: evaluation computes the same
+  arrays on every process, and two writers of one file would race.
+  """
+  if jax.process_index() > 0:
+    return
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   paths.write_atomically(path, buffer.getvalue())

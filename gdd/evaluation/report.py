@@ -6,6 +6,7 @@ re-made from a saved results.json (`write(json.load(...), out_dir)`).
 
 import json
 
+import jax
 import matplotlib
 from etils import epath
 from matplotlib import figure
@@ -258,7 +259,13 @@ def _save_png(fig: figure.Figure, path: epath.PathLike) -> None:
 
 
 def write(results: dict, out_dir: epath.PathLike) -> None:
-  """results.json, results.md, quality_vs_nfe.png and quality_vs_w.png."""
+  """results.json, results.md, quality_vs_nfe.png and quality_vs_w.png.
+
+  Process 0 writes them; the other processes of a multi-host run hold the
+  same results.
+  """
+  if jax.process_index() > 0:
+    return
   out_dir = paths.resolve(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / 'results.json').write_text(json.dumps(results, indent=2))
