@@ -10,6 +10,12 @@ then run (on a TPU pod, see launch/):
   python -m gdd.main --config=configs/imagenet64.py --workdir=$WORKDIR \
       --config.data.data_dir=$DATA
 
+The memory settings below fit the paper batch on a v5e-64 slice and on
+8×H100; check another slice first with
+
+  python -m gdd.main --config=configs/imagenet64.py --workdir=$WORKDIR \
+      --mode=plan --config.plan.target=v4-32
+
 `--config=configs/imagenet64.py:quick` is a tiny model for smoke tests.
 """
 
@@ -41,6 +47,15 @@ def get_config(variant: str = ''):
   config.teacher.optimizer.update(
     name='adam', learning_rate=3e-4, warmup_steps=1000, grad_clip_norm=1.0
   )
+  # Replicated, the float32 params, Adam moments, EMA and gradients of the
+  # 277M-param teacher take 5.5 GB per device, and each example up to 1.2 GB
+  # of activations (--mode=plan on CPU; README, "Memory"). bfloat16 compute,
+  # the state split over 8 devices and 8 micro-batches per step fit both
+  # targets: 32 examples per device and pass on 8×H100 (at most 41 fit), 4
+  # on a v5e-64 slice (at most 9; 4 micro-batches would also fit there).
+  config.model.dtype = 'bfloat16'
+  config.memory.fsdp = 8
+  config.teacher.grad_accum_steps = 8
   config.eval.teacher_num_steps = 128
   # FID reference: the whole validation split (50k). The first 50k of the
   # 1.28M train examples in stored order would not be a uniform sample.

@@ -29,12 +29,15 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.')
 _MODE = flags.DEFINE_enum(
-  'mode', 'all', pipeline.MODES, 'Which stages to run, or sample / evaluate.'
+  'mode',
+  'all',
+  pipeline.MODES,
+  'Which stages to run, or sample / evaluate / plan.',
 )
 _VERBOSE = flags.DEFINE_bool(
   'verbose', False, 'Show tracebacks of user errors too (or GDD_VERBOSE=1).'
 )
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
 
 
 class _QuietOrbaxLogs(logging.Filter):
@@ -109,6 +112,8 @@ def main(argv):
   for handler in logging.getLogger().handlers:
     handler.addFilter(_QuietOrbaxLogs(_VERBOSE.value or _verbose_from_env()))
   config = _CONFIG.value
+  if _WORKDIR.value is None and _MODE.value != 'plan':
+    raise app.UsageError(f'--mode={_MODE.value} needs --workdir.')
   try:
     # Validated here too: a bad distributed.* key fails before connecting.
     config_lib.validate(config)

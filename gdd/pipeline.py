@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from gdd import config_lib, data, errors, paths, sample
+from gdd import config_lib, data, errors, paths, plan, sample
 from gdd.evaluation import evaluate
 from gdd.stages import Stage, common, guided, progressive, teacher
 from gdd.train import checkpointing, lock, loop, preemption, sharding
@@ -30,6 +30,7 @@ MODES = (
   'distill_single_w',
   'sample',
   'evaluate',
+  'plan',
 )
 
 
@@ -323,8 +324,11 @@ def run(
   """
   if mode not in MODES:
     raise config_lib.ConfigError(f'--mode={mode!r}; allowed: {MODES}.')
-  workdir = paths.resolve(workdir)  # A local path, or a URL such as gs://.
   config_lib.validate(config)
+  if mode == 'plan':  # Shapes only: needs no data, workdir or writes.
+    plan.print_plan(config)
+    return
+  workdir = paths.resolve(workdir)  # A local path, or a URL such as gs://.
   if mode == 'sample':
     print(sample.sample_to_files(config, workdir))
     return

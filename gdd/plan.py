@@ -51,6 +51,11 @@ STAGE_SECTIONS = ('teacher', 'guided', 'distill')
 MEASURED_MICRO_BATCHES = (4, 8)
 # Kept free of the plan: XLA's fragmentation, program code, estimate error.
 MEMORY_RESERVE = 0.1
+# XLA:CPU drops remat's optimisation barriers before a CSE pass that merges
+# the recomputation back into the forward pass, so a CPU compile would show
+# no memory saved by `memory.remat`; GPU and TPU compilers keep them. Planning
+# on CPU keeps them too.
+_CPU_KEEP_REMAT = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
 # What a JAX process allocates of a GPU's memory by default
 # (XLA_PYTHON_CLIENT_MEM_FRACTION; raise it to use more).
 _GPU_MEMORY_FRACTION = 0.75
@@ -104,8 +109,8 @@ class Target:
   peak_flops: float | None
 
 
-def known_targets() -> str:
-  """How targets are written, for error messages and --help."""
+def _known_targets() -> str:
+  """How targets are written, for error messages."""
   return (
     f"'NxGPU' with GPU one of {tuple(_GPUS)} (e.g. '8xH100'), 'TPU-N' with "
     f"TPU one of {tuple(_TPUS)} (e.g. 'v5e-64', 'v4-32': v4 and v5p count "
@@ -114,7 +119,7 @@ def known_targets() -> str:
 
 
 def parse_target(target: str, dtype: str) -> Target:
-  """The `Target` of a `config.plan.target` string (see `known_targets`)."""
+  """The `Target` of a `config.plan.target` string (see `_known_targets`)."""
   if not target:
     return present_target(jax.devices(), dtype)
   gpu = re.fullmatch(r'([1-9]\d*)x([\w-]+)', target, re.IGNORECASE)
@@ -134,7 +139,7 @@ def parse_target(target: str, dtype: str) -> Target:
   else:
     raise config_lib.ConfigError(
       f'config.plan.target={target!r} is not a known target; use '
-      f'{known_targets()}.'
+      f'{_known_targets()}.'
     )
   return Target(
     name=target,
@@ -305,8 +310,9 @@ def compile_gradient_programs(
     )
     for micro_batch in micro_batches
   ]
+  options = _CPU_KEEP_REMAT if jax.default_backend() == 'cpu' else None
   with futures.ThreadPoolExecutor(len(lowered)) as pool:
-    return list(pool.map(lambda program: program.compile(), lowered))
+    return list(pool.map(lambda p: p.compile(options), lowered))
 
 
 def fit_gradient_program(
@@ -366,6 +372,7 @@ class StagePlan:
     )
 
   def fits(self, grad_accum_steps: int) -> bool | None:
+    """Whether such a step fits the budget; None if memory is unknown."""
     budget = self.budget_bytes
     return (
       None if budget is None else self.needed_bytes(grad_accum_steps) <= budget
@@ -383,7 +390,10 @@ class StagePlan:
     return max(0, math.floor(free / self.program.temp_per_example))
 
   def min_grad_accum_steps(self) -> int | None:
-    """The fewest micro-batches per step that fit, or None if none does."""
+    """The fewest micro-batches per step that fit.
+
+    None if none does, or if the device memory is unknown.
+    """
     per_device = self.batch_size // self.target.num_devices
     for steps in range(1, per_device + 1):
       if per_device % steps == 0 and self.fits(steps):

@@ -202,11 +202,12 @@ def load_sampler(
   def executable(padded_size: int):
     """The compiled sampler for one padded batch size (compiled once)."""
     if padded_size not in executables:
+      # Shapes only: host arrays cannot be lowered with a multi-host sharding.
       executables[padded_size] = jitted.lower(
         params,
-        jax.random.PRNGKey(0),
-        np.zeros(padded_size, np.int32),
-        jnp.float32(0),
+        jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep),
+        jax.ShapeDtypeStruct((padded_size,), np.int32, sharding=batch),
+        jax.ShapeDtypeStruct((), np.float32, sharding=rep),
       ).compile()
     return executables[padded_size]
 

@@ -53,6 +53,9 @@ def _start(workdir, mode, *, num_processes, devices_per_process):
     os.environ,
     XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
     JAX_PLATFORMS='cpu',
+    # A failing process's last words reach its log before it waits on the
+    # other process at exit.
+    PYTHONUNBUFFERED='1',
     # Runs of the same shape share compiled programs.
     JAX_COMPILATION_CACHE_DIR=os.path.join(
       helpers.REPO, '.pytest_cache', 'jax_multihost'

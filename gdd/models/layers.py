@@ -68,10 +68,11 @@ def num_heads(channels: int, head_dim: int) -> int:
 def group_norm(x: jnp.ndarray, dtype: Dtype, name: str) -> jnp.ndarray:
   """GroupNorm over the last axis with `num_groups` groups, output in `dtype`.
 
-  Mean and variance are float32 whatever `dtype` is: over an 8x8 group a
-  bfloat16 E[x²] − E[x]² loses most of its digits. Flax's default already
-  does this; it is spelt out because the bfloat16 policy relies on it. Must
-  be called inside a compact method (it creates a named submodule).
+  Mean and variance are float32 whatever `dtype` is: Flax's variance
+  E[x²] − E[x]² cancels when the mean is large next to the spread, and
+  bfloat16 keeps under 3 significant digits. Flax's default already does
+  this; it is spelt out because the bfloat16 policy relies on it. Must be
+  called inside a compact method (it creates a named submodule).
   """
   return nn.GroupNorm(
     num_groups=num_groups(x.shape[-1]),

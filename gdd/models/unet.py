@@ -18,8 +18,6 @@ from gdd import config_lib
 from gdd.diffusion import parameterization, schedules
 from gdd.models import layers
 
-DTYPES = ('float32', 'bfloat16')
-
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
@@ -90,7 +88,11 @@ class UNetConfig:
       f'one of {parameterization.MEAN_TYPES}',
     )
     self._require(self.w_max > 0, 'w_max', 'positive')
-    self._require(self.dtype in DTYPES, 'dtype', f'one of {DTYPES}')
+    self._require(
+      self.dtype in config_lib.DTYPES,
+      'dtype',
+      f'one of {config_lib.DTYPES}',
+    )
     self._require(
       self.remat in config_lib.REMAT_POLICIES,
       'remat',

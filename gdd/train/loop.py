@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import os
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -25,9 +26,16 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from gdd import data, errors, images, paths
+from gdd import data, errors, images, paths, plan
 from gdd.stages import Stage
-from gdd.train import checkpointing, optim, preemption, profiling, sharding
+from gdd.train import (
+  checkpointing,
+  optim,
+  preemption,
+  profiling,
+  sharding,
+  throughput,
+)
 from gdd.train.state import TrainState, update_ema
 
 # Sample grids show at most this many classes (rows).
@@ -487,6 +495,9 @@ def train_stage(
     f'{stage.name}.batch_size',
     stage.train_config.grad_accum_steps,
   )
+  # Before anything compiles at full size (only where devices report
+  # their memory: GPUs, TPUs).
+  plan.check_fits(config, stage, _config_section(stage.name), mesh)
   init_rng, step_key = jax.random.split(stage_key(config.seed, stage.name))
   run = _StageRun.open(stage, config, stage_dir, mesh, step_key)
   try:
@@ -507,6 +518,13 @@ def train_stage(
     run.writer.flush()
   _export(stage_dir, state.ema_params, replace=replace_export)
   return state.ema_params
+
+
+def _config_section(stage_name: str) -> str:
+  """The config block a stage trains with: every halving round uses
+  'distill', the single-w rounds too."""
+  kind = stage_name.split('/')[0]
+  return kind if kind in ('teacher', 'guided') else 'distill'
 
 
 def _export(stage_dir: epath.PathLike, ema_params, *, replace: bool) -> None:
@@ -561,8 +579,8 @@ def _run_steps(run: _StageRun, state: TrainState) -> TrainState:
     start_step,
     os.fspath(run.stage_dir / 'profile'),
   )
-  metrics = _MetricMeans()
   batch = next(batches)
+  metrics = _MetricMeans(_throughput(run, state, batch))
   try:
     for step in range(start_step + 1, num_steps + 1):
       trace.before(step)
@@ -575,6 +593,13 @@ def _run_steps(run: _StageRun, state: TrainState) -> TrainState:
   finally:
     trace.stop()
   return state
+
+
+def _throughput(run: _StageRun, state, batch) -> throughput.Throughput:
+  """FLOPs of the step (compiled here, once: the step's calls reuse it)."""
+  compiled = run.train_step.lower(state, run.frozen_params, batch).compile()
+  device = run.mesh.devices.flat[0]
+  return throughput.Throughput.of(compiled, device, run.config.model.dtype)
 
 
 def _after_step(
@@ -611,10 +636,16 @@ class _MetricMeans:
   """Sums step metrics on device; pulls their means to the host on demand.
 
   Pulling only at log steps (not every step) keeps the device queue full.
+  With a `throughput.Throughput`, each pull also reports the achieved
+  TFLOP/s per device and MFU over the wall time since the previous pull
+  (so checkpoint saves and grids in between count); the first pull, whose
+  time includes compiling, reports none.
   """
 
-  def __init__(self):
+  def __init__(self, rate: throughput.Throughput | None = None):
     self._sums, self._count = None, 0
+    self._rate = rate
+    self._last_pull = None
 
   def add(self, metrics: dict[str, jax.Array]) -> None:
     self._sums = (
@@ -626,6 +657,9 @@ class _MetricMeans:
 
   def pop(self) -> dict[str, float]:
     sums = jax.device_get(self._sums)
+    now = time.perf_counter()
     means = {k: float(v) / self._count for k, v in sums.items()}
-    self._sums, self._count = None, 0
+    if self._rate is not None and self._last_pull is not None:
+      means.update(self._rate.report(self._count, now - self._last_pull))
+    self._sums, self._count, self._last_pull = None, 0, now
     return means
