@@ -209,6 +209,7 @@ def load_sampler(
         jax.ShapeDtypeStruct((padded_size,), np.int32, sharding=batch),
         jax.ShapeDtypeStruct((), np.float32, sharding=rep),
       ).compile()
+      sharding.sync_processes('sampler_compiled')
     return executables[padded_size]
 
   def compile_for(batch_size: int) -> float:

@@ -598,6 +598,7 @@ def _run_steps(run: _StageRun, state: TrainState) -> TrainState:
 def _throughput(run: _StageRun, state, batch) -> throughput.Throughput:
   """FLOPs of the step (compiled here, once: the step's calls reuse it)."""
   compiled = run.train_step.lower(state, run.frozen_params, batch).compile()
+  sharding.sync_processes('train_step_compiled')
   device = run.mesh.devices.flat[0]
   return throughput.Throughput.of(compiled, device, run.config.model.dtype)
 
@@ -613,9 +614,11 @@ def _after_step(
   if step % train_config.log_every == 0 or save_now:
     run.writer.write_scalars(step, run.check(metrics.pop(), step))
   if save_now:
+    sharding.sync_processes('save')  # The first save compiles its check.
     run.save(step, state, next_batch)
   # A stop skips the grids: a scheduler's grace period is short.
   if (step % train_config.eval_every == 0 or is_last) and not stop:
+    sharding.sync_processes('grids')  # Their samplers compile at first use.
     write_grids(step, state.ema_params, run.frozen_params, run.writer)
   if stop:
     raise preemption.InterruptedRunError(

@@ -15,6 +15,7 @@ becomes a global array first (`from_host`, `global_batch`): on a multi-host
 mesh a numpy array cannot be passed with a sharding.
 """
 
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost as orbax_multihost
 
 from gdd import config_lib
 
@@ -217,3 +219,21 @@ def to_host(array: jax.Array) -> np.ndarray:
   if array.is_fully_replicated:
     return np.asarray(array.addressable_data(0))
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+_barrier_count = itertools.count()
+
+
+def sync_processes(what: str) -> None:
+  """Waits until every process gets here (nothing on one process).
+
+  A barrier of the coordination service, not a device collective. Called
+  before a newly compiled program first runs: XLA:CPU's cross-process
+  collectives (gloo) give the processes 30 s to meet at a program's first
+  collective, and the time to compile (or load) a program differs between
+  processes; starting together keeps them within that window.
+  """
+  if jax.process_count() > 1:
+    orbax_multihost.sync_global_processes(
+      f'gdd_{next(_barrier_count)}_{what}', timeout=3600
+    )
