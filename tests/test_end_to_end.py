@@ -173,7 +173,10 @@ def test_teacher_runs_on_mocked_tfds(name, tmp_path):
   metadata_dir.mkdir(parents=True)
   builder.info.write_to_directory(str(metadata_dir))
   workdir = str(tmp_path / 'run')
-  with tfds.testing.mock_data(num_examples=16, data_dir=config.data.data_dir):
+  num_examples = max(16, config.teacher.batch_size)
+  with tfds.testing.mock_data(
+    num_examples=num_examples, data_dir=config.data.data_dir
+  ):
     pipeline.run(config, workdir, 'teacher')
   assert os.path.isdir(loop.params_dir(os.path.join(workdir, 'teacher')))
 
