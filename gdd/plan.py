@@ -55,7 +55,7 @@ MEMORY_RESERVE = 0.1
 # the recomputation back into the forward pass, so a CPU compile would show
 # no memory saved by `memory.remat`; GPU and TPU compilers keep them. Planning
 # on CPU keeps them too.
-_CPU_KEEP_REMAT = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+CPU_KEEP_REMAT = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
 # What a JAX process allocates of a GPU's memory by default
 # (XLA_PYTHON_CLIENT_MEM_FRACTION; raise it to use more).
 _GPU_MEMORY_FRACTION = 0.75
@@ -310,7 +310,7 @@ def compile_gradient_programs(
     )
     for micro_batch in micro_batches
   ]
-  options = _CPU_KEEP_REMAT if jax.default_backend() == 'cpu' else None
+  options = CPU_KEEP_REMAT if jax.default_backend() == 'cpu' else None
   with futures.ThreadPoolExecutor(len(lowered)) as pool:
     return list(pool.map(lambda p: p.compile(options), lowered))
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.extend import core as jax_core
 
-from gdd import config_lib, data
+from gdd import config_lib, data, plan
 from gdd.models import UNet, UNetConfig, layers
 from gdd.stages import common, guided
 from tests import helpers
@@ -219,14 +219,11 @@ def test_models_take_remat_from_the_memory_config():
   assert guided.build_student(config, info).config.remat == 'dots_saveable'
 
 
-# Compiler options for memory_analysis on CPU. XLA's CPU pipeline drops
-# jax.checkpoint's optimisation barriers before a CSE pass, which then merges
-# the recomputation back into the forward pass (GPU and TPU keep them until
-# after scheduling); keeping them gives the CPU program an accelerator's
-# memory plan. LLVM optimisation does not change that plan: off, it halves
-# the compile time.
+# The planner's CPU compile options (remat's barriers kept, as accelerators
+# keep them); LLVM optimisation off does not change the memory plan and
+# halves the compile time.
 _REMAT_AS_ON_ACCELERATORS = {
-  'xla_disable_hlo_passes': 'cse_barrier_expander',
+  **plan.CPU_KEEP_REMAT,
   'xla_backend_optimization_level': 0,
 }
 
