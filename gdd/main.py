@@ -18,11 +18,17 @@ import logging
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+# TensorFlow (tf.data input, clu's writers) prints a notice about its oneDNN
+# ops to stderr on import on CPUs with AVX-512, which TF_CPP_MIN_LOG_LEVEL no
+# longer silences (TF 2.21); with it, a user error would not be one message.
+# gdd runs no TF math where oneDNN matters. Set before anything imports TF.
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-from gdd import config_lib, distributed, errors, pipeline
-from gdd.train import preemption
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from gdd import config_lib, distributed, errors, pipeline  # noqa: E402
+from gdd.train import preemption  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file (configs/*.py).', lock_config=True

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gdd import config_lib, pipeline
-from tests import helpers
+from tests import conftest, helpers
 
 CONFIGS = ('digits', 'cifar10', 'imagenet64')
 
@@ -177,7 +177,12 @@ def test_cli_prints_user_errors_as_one_message(tmp_path):
       cwd=helpers.REPO,
       capture_output=True,
       text=True,
-      env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', GDD_VERBOSE=''),
+      env=dict(
+        os.environ,
+        JAX_PLATFORMS='cpu',
+        XLA_FLAGS=conftest.TEST_XLA_FLAGS,
+        GDD_VERBOSE='',
+      ),
       timeout=300,
     )
 

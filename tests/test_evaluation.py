@@ -194,8 +194,17 @@ def test_evaluate_mode_on_a_tiny_chain(chain_workdir):
     assert np.isfinite(record['fd']) and record['fd'] >= 0
     assert 1.0 <= record['is'] <= 10.0
     assert 0.0 <= record['accuracy'] <= 1.0
-  # Same noise, different models: the scores differ.
-  assert len({round(r['fd'], 6) for r in records}) > len(rows)
+  # Same noise, different models: the scores differ. After 2 updates the
+  # teacher ignores its label (zero-initialised output layers, a warm-up
+  # step), so w changes nothing and stage one, whose target is then its own
+  # initial output, is still the teacher; the halving rounds differ.
+  at_w0 = {
+    (r['model'], r['sampler'], r['num_steps']): r['fd']
+    for r in records[1:]
+    if r['w'] == 0
+  }
+  distinct = [fd for key, fd in at_w0.items() if key[0] != 'guided']
+  assert len(set(distinct)) == len(distinct) == len(rows) - 1
   speed = results['speed']
   assert speed['student_num_steps'] == config.evaluate.speed_student_num_steps
   assert [r['teacher_num_steps'] for r in speed['rows']] == list(

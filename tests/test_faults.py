@@ -24,7 +24,7 @@ import pytest
 from gdd import config_lib, data, errors, pipeline, sample
 from gdd.stages import teacher
 from gdd.train import checkpointing, lock, loop, preemption
-from tests import helpers
+from tests import conftest, helpers
 
 
 def _config(**teacher_overrides):
@@ -222,7 +222,12 @@ def _python(*args, **kwargs) -> subprocess.Popen:
     stderr=subprocess.PIPE,
     text=True,
     # One CPU device: compiles faster than the tests' 8 fake devices.
-    env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', GDD_VERBOSE=''),
+    env=dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS=conftest.TEST_XLA_FLAGS,
+      GDD_VERBOSE='',
+    ),
     **kwargs,
   )
 

@@ -22,7 +22,7 @@ import pytest
 from gdd import data, sample
 from gdd.stages import common, guided
 from gdd.train import loop
-from tests import helpers
+from tests import conftest, helpers
 
 # Few steps, long enough for a kill to land mid-stage: 12 teacher updates,
 # a checkpoint every 4; then 4 updates of stage one and of one round 8 → 4.
@@ -51,7 +51,10 @@ def _start(workdir, mode, *, num_processes, devices_per_process):
   """Starts the processes of one run; returns them with their log paths."""
   env = dict(
     os.environ,
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
+    XLA_FLAGS=(
+      f'{conftest.TEST_XLA_FLAGS}'
+      f' --xla_force_host_platform_device_count={devices_per_process}'
+    ),
     JAX_PLATFORMS='cpu',
     # A failing process's last words reach its log before it waits on the
     # other process at exit.

@@ -12,7 +12,7 @@ import shutil
 import nbclient
 import nbformat
 
-from tests import helpers
+from tests import conftest, helpers
 
 NOTEBOOK = os.path.join(helpers.REPO, 'colabs', 'quickstart.ipynb')
 
@@ -23,7 +23,7 @@ def test_quickstart_notebook_runs(chain_workdir, tmp_path, monkeypatch):
   monkeypatch.setenv('GDD_NOTEBOOK_WORKDIR', str(tmp_path / 'workdir'))
   # One CPU device in the kernel, as a user's laptop has (the tests' 8 fake
   # devices would only slow its compiles down).
-  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setenv('XLA_FLAGS', conftest.TEST_XLA_FLAGS)
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(
     notebook,
