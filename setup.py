@@ -4,6 +4,9 @@ import pathlib
 
 import setuptools
 
+# Only `python -m gdd.evaluation.convert_inception` (torch.load) needs torch.
+_TORCH = 'torch>=2.0,<3'
+
 setuptools.setup(
   name='gdd',
   version='0.1.0',
@@ -43,6 +46,8 @@ setuptools.setup(
     # Orbax reads gs:// bucket metadata through google-cloud-storage; not in
     # constraints.txt: no bucket is reachable where gdd is tested.
     'gcs': ['google-cloud-storage>=3,<4'],
+    # Converts pytorch-fid's FID Inception weights to the .npz gdd loads.
+    'convert': [_TORCH],
     'test': [
       'ipykernel>=6,<8',
       'nbclient>=0.10,<0.12',
@@ -51,6 +56,8 @@ setuptools.setup(
       # Runs the suite on two workers (README command 2).
       'pytest-xdist>=3.6,<4',
       'ruff>=0.8,<0.18',
+      # The converter's tests (tests/test_inception.py); a CPU build.
+      _TORCH,
     ],
   },
 )

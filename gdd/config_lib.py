@@ -184,7 +184,7 @@ def base_config() -> ml_collections.ConfigDict:
     {
       # 'inception' (FID/IS; needs inception_weights) or 'digits'.
       'feature_extractor': 'inception',
-      # A converted weights file: python -m gdd.evaluation.inception_weights.
+      # A converted weights file: python -m gdd.evaluation.convert_inception.
       'inception_weights': '',
       'num_samples': 50_000,
       # Samples and Inception inputs per call; a multiple of the devices.

@@ -3,17 +3,15 @@
 The network compiles once (8 fake devices, batch 8, 299×299) and every test
 reuses it through module-scoped fixtures. The architecture is checked
 against an independent transcription of pytorch-fid's state dict, and
-converted weights against torch's conv/linear semantics, so the round trips
-cannot pass by being consistently wrong in both directions.
+converted weights against torch's own conv/linear, so the round trips
+cannot pass by being consistently wrong in both directions. The converter's
+tests need torch (in the `test` extra); without it they are skipped.
 """
 
-import collections
-import io
 import os
 import pickle
 import subprocess
 import sys
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from gdd.evaluation import inception, inception_weights
+from gdd.evaluation import convert_inception, inception, inception_weights
 
 BATCH_SIZE = 8
 
@@ -117,144 +115,60 @@ def _pytorch_fid_shapes() -> dict[str, tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------
-# A writer of torch.save files that needs no torch: the test counterpart of
-# the reader, mimicking both of torch.save's layouts.
+# Test-only weights: random variables with the real tree, and their
+# pytorch-fid state dict.
 
 
-class _TorchGlobal:
-  """Pickled as GLOBAL '<module>\\n<name>' (torch's classes and functions)."""
+def init_random_params(seed: int) -> dict:
+  """Random {'params', 'batch_stats'} with the real tree.
 
-  def __init__(self, module: str, name: str):
-    self.module, self.name = module, name
-
-  def __call__(self, *args):
-    # Never called: pickle's save_reduce only requires a callable here and
-    # writes its module and name; the reader resolves them on load.
-    raise AssertionError('a pickled torch global is not callable in tests')
-
-
-_REBUILD_TENSOR_V2 = _TorchGlobal('torch._utils', '_rebuild_tensor_v2')
-_STORAGE_CLASSES = {
-  np.dtype(np.float32): _TorchGlobal('torch', 'FloatStorage'),
-  np.dtype(np.int64): _TorchGlobal('torch', 'LongStorage'),
-}
-
-
-class _FakeStorage:
-  def __init__(self, key: str, data: np.ndarray):
-    self.key, self.data = key, data
-
-
-class _FakeTensor:
-  def __init__(self, storage, offset, size, stride):
-    self.args = (storage, offset, size, stride)
-
-  def __reduce_ex__(self, protocol):
-    del protocol
-    # torch.Tensor reduces to _rebuild_tensor_v2(storage, storage_offset,
-    # size, stride, requires_grad, backward_hooks).
-    return _REBUILD_TENSOR_V2, (*self.args, False, collections.OrderedDict())
-
-
-class _TorchPickler(pickle._Pickler):  # The Python pickler can be extended.
-  dispatch = dict(pickle._Pickler.dispatch)
-
-  def __init__(self, file, legacy: bool):
-    super().__init__(file, protocol=2)
-    self.legacy = legacy
-
-  def persistent_id(self, obj):
-    if not isinstance(obj, _FakeStorage):
-      return None
-    pid = (
-      'storage',
-      _STORAGE_CLASSES[obj.data.dtype],
-      obj.key,
-      'cpu',
-      obj.data.size,
-    )
-    return (*pid, None) if self.legacy else pid  # legacy: + view_metadata.
-
-  def _save_torch_global(self, obj):
-    self.write(pickle.GLOBAL + f'{obj.module}\n{obj.name}\n'.encode())
-    self.memoize(obj)
-
-  dispatch[_TorchGlobal] = _save_torch_global
-
-
-def _fake_tensors(
-  state_dict: dict[str, np.ndarray], packed: bool
-) -> tuple[dict, list[_FakeStorage]]:
-  """State dict of _FakeTensors, and their storages.
-
-  Unpacked: one contiguous storage per tensor, as torch writes a state dict.
-  Packed: all tensors of a dtype share one storage at gapped offsets, stored
-  in reversed dimension order (Fortran strides), which exercises the reader's
-  offsets and strides.
+  Filled on the host from the traced shapes instead of running `init`, which
+  would execute the whole network at 299×299. Kernels are He-scaled and the
+  BatchNorm statistics are non-trivial, so a conversion that drops or
+  misplaces any array changes the outputs.
   """
-  out = collections.OrderedDict()
-  storages = []
-  if not packed:
-    for i, (name, value) in enumerate(state_dict.items()):
-      value = np.ascontiguousarray(value)
-      storage = _FakeStorage(str(i), value.ravel())
-      strides = tuple(s // value.itemsize for s in value.strides)
-      out[name] = _FakeTensor(storage, 0, value.shape, strides)
-      storages.append(storage)
-    return out, storages
-  by_dtype = collections.defaultdict(list)
-  for name, value in state_dict.items():
-    by_dtype[value.dtype].append(name)
-  for dtype, names in by_dtype.items():
-    chunks, offsets, position = [], {}, 0
-    for name in names:
-      value = state_dict[name]
-      chunks.append(np.full(3, -7, dtype))  # Gap: offsets must be honoured.
-      position += 3
-      offsets[name] = position
-      chunks.append(value.ravel(order='F'))
-      position += value.size
-    storage = _FakeStorage(str(len(storages)), np.concatenate(chunks))
-    storages.append(storage)
-    for name in names:
-      shape = state_dict[name].shape
-      strides = tuple(int(np.prod(shape[:i])) for i in range(len(shape)))
-      out[name] = _FakeTensor(storage, offsets[name], shape, strides)
-  return out, storages
+  gen = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(inception.variable_shapes())
+  out = {}
+  for path, struct in sorted(flat.items()):
+    shape, name = struct.shape, path[-1]
+    if name == 'kernel':
+      fan_in = int(np.prod(shape[:-1]))
+      value = gen.normal(size=shape) * np.sqrt(2.0 / fan_in)
+    elif name == 'scale':
+      value = 1.0 + 0.1 * gen.normal(size=shape)
+    elif name in ('bias', 'mean'):
+      value = 0.1 * gen.normal(size=shape)
+    elif name == 'var':
+      value = gen.uniform(0.5, 1.5, size=shape)
+    else:
+      raise ValueError(f'Unexpected variable {"/".join(path)}.')
+    out[path] = value.astype(struct.dtype)
+  return traverse_util.unflatten_dict(out)
 
 
-def _write_torch_zip(path, state_dict, packed: bool, prefix: str) -> None:
-  """torch.save's zip layout: <prefix>/data.pkl, data/<key>, version."""
-  tensors, storages = _fake_tensors(state_dict, packed)
-  tensors._metadata = collections.OrderedDict({'': {'version': 1}})
-  buf = io.BytesIO()
-  _TorchPickler(buf, legacy=False).dump(tensors)
-  with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zf:
-    zf.writestr(f'{prefix}/data.pkl', buf.getvalue())
-    zf.writestr(f'{prefix}/byteorder', 'little')
-    for storage in storages:
-      zf.writestr(f'{prefix}/data/{storage.key}', storage.data.tobytes())
-    zf.writestr(f'{prefix}/version', '3\n')
+def flax_to_torch(variables: dict) -> dict[str, np.ndarray]:
+  """{'params', 'batch_stats'} → pytorch-fid's state dict (torch layouts).
+
+  With the int64 `num_batches_tracked` counters torch's BatchNorm adds, as
+  in the published file.
+  """
+  out = {}
+  for key, value in traverse_util.flatten_dict(variables, sep='/').items():
+    name = convert_inception.torch_name(key)
+    value = np.asarray(value)
+    # conv HWIO → OIHW, dense (in, out) → (out, in).
+    out[name] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    if name.endswith('.running_mean'):
+      bn = name.removesuffix('.running_mean')
+      out[f'{bn}.num_batches_tracked'] = np.array(0, np.int64)
+  return out
 
 
-def _write_torch_legacy(path, state_dict) -> None:
-  """torch.save(_use_new_zipfile_serialization=False)'s stream of pickles."""
-  tensors, storages = _fake_tensors(state_dict, packed=False)
-  sys_info = {
-    'protocol_version': 1001,
-    'little_endian': True,
-    'type_sizes': {'short': 2, 'int': 4, 'long': 4},
-  }
-  with open(path, 'wb') as f:
-    for header in (0x1950A86A20F9469CFC6C, 1001, sys_info):
-      pickle.dump(header, f, protocol=2)
-    _TorchPickler(f, legacy=True).dump(tensors)
-    keys = sorted(s.key for s in storages)
-    pickle.dump(keys, f, protocol=2)
-    by_key = {s.key: s for s in storages}
-    for key in keys:
-      f.write(np.int64(by_key[key].data.size).tobytes())
-      f.write(by_key[key].data.tobytes())
+def torch_save(torch, path, state_dict: dict[str, np.ndarray], legacy=False):
+  """torch.save of a numpy state dict; `legacy`: the pre-1.6 format."""
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
+  torch.save(tensors, path, _use_new_zipfile_serialization=not legacy)
 
 
 # ----------------------------------------------------------------------------
@@ -262,8 +176,17 @@ def _write_torch_legacy(path, state_dict) -> None:
 
 
 @pytest.fixture(scope='module')
+def torch():
+  # Imported by the tests that use it only: it is slow to import, and only
+  # the converter needs it.
+  return pytest.importorskip(
+    'torch', reason="needs torch: pip install -e '.[convert]'"
+  )
+
+
+@pytest.fixture(scope='module')
 def variables():
-  return inception.init_random_params(jax.random.key(0))
+  return init_random_params(0)
 
 
 @pytest.fixture(scope='module')
@@ -285,7 +208,7 @@ def features(feature_fn, images):
 
 @pytest.fixture(scope='module')
 def torch_state_dict(variables):
-  return inception_weights.flax_to_torch(variables)
+  return flax_to_torch(variables)
 
 
 # ----------------------------------------------------------------------------
@@ -422,7 +345,7 @@ def test_converter_maps_every_key_of_the_initialised_tree(variables):
     k: rng.normal(size=s).astype(np.float32)
     for k, s in _pytorch_fid_shapes().items()
   }
-  flat = inception_weights.torch_to_flax(fake)
+  flat = convert_inception.torch_to_flax(fake)
   init = traverse_util.flatten_dict(variables, sep='/')
   assert set(flat) == set(init)
   for key, value in flat.items():
@@ -437,55 +360,50 @@ def test_converter_maps_every_key_of_the_initialised_tree(variables):
   )
 
 
-def test_converted_layouts_follow_torch_semantics():
-  # A torch conv (OIHW, cross-correlation) and Linear (y = x Wᵀ + b) compute
-  # the same as their converted Flax counterparts.
+def test_converted_layouts_follow_torch_semantics(torch):
+  # torch's conv2d (OIHW, cross-correlation) and linear (y = x Wᵀ + b)
+  # compute the same as Flax's Conv and Dense with the converted arrays.
   rng = np.random.default_rng(3)
   weight = rng.normal(size=(5, 3, 1, 7)).astype(np.float32)  # (1, 7) kernel
   x = rng.normal(size=(2, 3, 9, 11)).astype(np.float32)  # NCHW
-  ref = jax.lax.conv_general_dilated(
-    x,
-    weight,
-    (1, 1),
-    ((0, 0), (3, 3)),
-    dimension_numbers=('NCHW', 'OIHW', 'NCHW'),
+  ref = torch.nn.functional.conv2d(
+    torch.from_numpy(x), torch.from_numpy(weight), padding=(0, 3)
   )
-  kernel = inception_weights._torch_to_flax_layout(weight)
-  conv = jax.lax.conv_general_dilated(
-    x.transpose(0, 2, 3, 1),
-    kernel,
-    (1, 1),
-    ((0, 0), (3, 3)),
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  conv = inception.BasicConv2d(5, (1, 7), padding=(0, 3)).bind(
+    {
+      'params': {
+        'conv': {'kernel': convert_inception.torch_to_flax_layout(weight)},
+        'bn': {'scale': np.ones(5), 'bias': np.zeros(5)},
+      },
+      # BatchNorm with mean 0, var 1 - eps is the identity.
+      'batch_stats': {'bn': {'mean': np.zeros(5), 'var': np.ones(5) - 1e-3}},
+    }
   )
-  np.testing.assert_allclose(conv.transpose(0, 3, 1, 2), ref, atol=1e-5)
-  w, b = rng.normal(size=(4, 6)), rng.normal(size=4)
-  v = rng.normal(size=(2, 6))
+  out = conv(jnp.asarray(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+  np.testing.assert_allclose(out, torch.relu(ref).numpy(), atol=1e-5)
+  w = rng.normal(size=(4, 6)).astype(np.float32)
+  b = rng.normal(size=4).astype(np.float32)
+  v = rng.normal(size=(2, 6)).astype(np.float32)
+  ref = torch.nn.functional.linear(*map(torch.from_numpy, (v, w, b)))
   np.testing.assert_allclose(
-    v @ inception_weights._torch_to_flax_layout(w) + b, v @ w.T + b
+    v @ convert_inception.torch_to_flax_layout(w) + b, ref.numpy(), atol=1e-5
   )
 
 
-@pytest.mark.parametrize('fmt', ['npz', 'zip', 'zip_packed', 'legacy'])
-def test_weights_round_trip(tmp_path, fmt, variables, torch_state_dict):
-  path = tmp_path / ('weights.npz' if fmt == 'npz' else 'weights.pth')
-  if fmt == 'npz':
-    np.savez(path, **torch_state_dict)
-  elif fmt == 'zip':
-    _write_torch_zip(path, torch_state_dict, packed=False, prefix='archive')
-  elif fmt == 'zip_packed':
-    _write_torch_zip(path, torch_state_dict, packed=True, prefix='weights')
-  else:
-    _write_torch_legacy(path, torch_state_dict)
-
-  read = inception_weights.read_state_dict(path)
+@pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
+def test_weights_round_trip(
+  torch, tmp_path, legacy, variables, torch_state_dict
+):
+  path = tmp_path / 'weights.pth'
+  torch_save(torch, path, torch_state_dict, legacy=legacy)
+  read = convert_inception.read_state_dict(path)
   assert set(read) == set(torch_state_dict)
   for key, value in torch_state_dict.items():
     assert read[key].dtype == value.dtype, key
     np.testing.assert_array_equal(read[key], value, err_msg=key)
 
   out = tmp_path / 'inception_fid.npz'
-  inception_weights.convert(path, out)
+  convert_inception.convert(path, out)
   loaded = inception_weights.load_params(out)
   expected = traverse_util.flatten_dict(variables)
   got = traverse_util.flatten_dict(loaded)
@@ -496,26 +414,25 @@ def test_weights_round_trip(tmp_path, fmt, variables, torch_state_dict):
 
 
 def test_converted_weights_give_identical_features(
-  tmp_path, torch_state_dict, features, images
+  torch, tmp_path, torch_state_dict, features, images
 ):
-  path = tmp_path / 'weights.pth'
-  _write_torch_zip(path, torch_state_dict, packed=False, prefix='archive')
-  inception_weights.convert(path, tmp_path / 'out.npz')
+  torch_save(torch, tmp_path / 'weights.pth', torch_state_dict)
+  convert_inception.convert(tmp_path / 'weights.pth', tmp_path / 'out.npz')
   loaded = inception_weights.load_params(tmp_path / 'out.npz')
   out = inception.make_feature_fn(loaded, batch_size=BATCH_SIZE)(images[:8])
   for key in ('pool', 'logits'):
     np.testing.assert_array_equal(out[key], features[key][:8])
 
 
-def test_cli_converts(tmp_path, torch_state_dict):
-  np.savez(tmp_path / 'in.npz', **torch_state_dict)
+def test_cli_converts(torch, tmp_path, torch_state_dict):
+  torch_save(torch, tmp_path / 'in.pth', torch_state_dict)
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   subprocess.run(
     [
       sys.executable,
       '-m',
-      'gdd.evaluation.inception_weights',
-      f'--input={tmp_path / "in.npz"}',
+      'gdd.evaluation.convert_inception',
+      f'--input={tmp_path / "in.pth"}',
       f'--output={tmp_path / "out.npz"}',
     ],
     check=True,
@@ -534,8 +451,11 @@ def test_load_params_errors_name_the_problem_and_the_fix(
   with pytest.raises(FileNotFoundError, match='pt_inception-2015-12-05'):
     inception_weights.load_params(tmp_path / 'nope.npz')
   np.savez(tmp_path / 'torch_names.npz', **torch_state_dict)
-  with pytest.raises(ValueError, match='unconverted.*inception_weights'):
+  with pytest.raises(ValueError, match='unconverted.*convert_inception'):
     inception_weights.load_params(tmp_path / 'torch_names.npz')
+  (tmp_path / 'weights.pth').write_bytes(b'not an npz')
+  with pytest.raises(ValueError, match='must be converted first'):
+    inception_weights.load_params(tmp_path / 'weights.pth')
 
   flat = traverse_util.flatten_dict(variables, sep='/')
   missing = dict(flat)
@@ -551,35 +471,53 @@ def test_load_params_errors_name_the_problem_and_the_fix(
   np.savez(tmp_path / 'wrong.npz', **wrong)
   with pytest.raises(ValueError, match=r"'params/fc/kernel' has shape \(2048"):
     inception_weights.load_params(tmp_path / 'wrong.npz')
+  extra = dict(flat, **{'params/extra': np.zeros(1)})
+  np.savez(tmp_path / 'extra.npz', **extra)
+  with pytest.raises(ValueError, match='unexpected arrays params/extra'):
+    inception_weights.load_params(tmp_path / 'extra.npz')
 
 
 def test_converter_rejects_wrong_state_dicts(torch_state_dict):
   sd = dict(torch_state_dict)
   del sd['Mixed_5b.branch5x5_2.conv.weight']
   with pytest.raises(ValueError, match='missing 1: Mixed_5b.branch5x5_2'):
-    inception_weights.torch_to_flax(sd)
+    convert_inception.torch_to_flax(sd)
   sd = dict(torch_state_dict, **{'AuxLogits.fc.weight': np.zeros((1000, 768))})
   with pytest.raises(ValueError, match='torchvision'):
-    inception_weights.torch_to_flax(sd)
+    convert_inception.torch_to_flax(sd)
   sd = dict(torch_state_dict, **{'fc.weight': np.zeros((1000, 2048))})
-  with pytest.raises(ValueError, match=r'fc.weight has shape \(1000, 2048\)'):
-    inception_weights.torch_to_flax(sd)
+  with pytest.raises(
+    ValueError, match=r'fc.weight has shape \(1000, 2048\).*needs \(1008, 2048'
+  ):
+    convert_inception.torch_to_flax(sd)
   # num_batches_tracked is optional: older state dicts lack it.
   sd = {
     k: v
     for k, v in torch_state_dict.items()
     if not k.endswith('num_batches_tracked')
   }
-  assert len(inception_weights.torch_to_flax(sd)) == 94 * 5 + 2
+  assert len(convert_inception.torch_to_flax(sd)) == 94 * 5 + 2
 
 
-def test_torch_reader_refuses_arbitrary_globals(tmp_path):
-  class Exploit:
-    def __reduce__(self):
-      return os.system, ('echo pwned',)
+_UNPICKLED_CALLS = []
 
-  path = tmp_path / 'evil.pth'
-  with zipfile.ZipFile(path, 'w') as zf:
-    zf.writestr('archive/data.pkl', pickle.dumps(Exploit(), protocol=2))
-  with pytest.raises(pickle.UnpicklingError, match='Refusing to load'):
-    inception_weights.read_torch_file(path)
+
+def _record_call(tag):
+  _UNPICKLED_CALLS.append(tag)
+
+
+class _NotATensor:
+  """Unpickles as a call of `_record_call`: what a malicious file would do."""
+
+  def __reduce__(self):
+    return _record_call, ('called',)
+
+
+def test_converter_reads_only_tensors(torch, tmp_path):
+  torch.save({'fc.weight': _NotATensor()}, tmp_path / 'evil.pth')
+  with pytest.raises(pickle.UnpicklingError, match='weights_only'):
+    convert_inception.read_state_dict(tmp_path / 'evil.pth')
+  assert not _UNPICKLED_CALLS
+  torch.save([torch.zeros(2)], tmp_path / 'list.pth')
+  with pytest.raises(ValueError, match='not hold a state dict of tensors'):
+    convert_inception.read_state_dict(tmp_path / 'list.pth')

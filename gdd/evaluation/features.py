@@ -54,7 +54,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise WeightsNotFoundError(
       f'config.evaluate.inception_weights={ev.inception_weights!r} is not a '
       'file. FID needs the FID Inception-v3 weights converted once: python '
-      '-m gdd.evaluation.inception_weights --input=pt_inception-2015-12-05-'
+      '-m gdd.evaluation.convert_inception --input=pt_inception-2015-12-05-'
       '6726825d.pth --output=inception_fid.npz (README, "Evaluation").'
     )
 

@@ -12,7 +12,7 @@ patches that make it compute what the TensorFlow graph
   statistics) and ReLU.
 
 Submodules carry pytorch-fid's state-dict names (`Mixed_5b/branch5x5_1/conv`),
-so `inception_weights` maps the published weights one to one.
+so `convert_inception` maps the published weights one to one.
 
 Input handling matches pytorch-fid's `InceptionV3(resize_input=True,
 normalize_input=True)` for images given in [-1, 1] rather than [0, 1]:
@@ -31,7 +31,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 INPUT_SIZE = 299
@@ -301,42 +300,6 @@ def variable_shapes() -> dict[str, dict[str, Any]]:
     jax.random.key(0),
     jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32),
   )
-
-
-def init_random_params(rng: jax.Array) -> dict[str, Any]:
-  """Random {'params', 'batch_stats'} with the real tree, for tests.
-
-  Filled on the host from the traced shapes instead of running `init`, which
-  would execute the whole network at 299×299 and compile one random op per
-  distinct shape. Kernels are He-scaled and the BatchNorm statistics are
-  non-trivial, so a conversion that drops or misplaces any array changes the
-  outputs.
-
-  Args:
-    rng: a JAX PRNG key; the same key gives the same values.
-
-  Returns:
-    {'params': ..., 'batch_stats': ...} of float32 numpy arrays.
-  """
-  seed = np.asarray(jax.random.key_data(rng), np.uint32).ravel()
-  gen = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(variable_shapes())
-  out = {}
-  for path, struct in sorted(flat.items()):
-    shape, name = struct.shape, path[-1]
-    if name == 'kernel':
-      fan_in = int(np.prod(shape[:-1]))
-      value = gen.normal(size=shape) * np.sqrt(2.0 / fan_in)
-    elif name == 'scale':
-      value = 1.0 + 0.1 * gen.normal(size=shape)
-    elif name in ('bias', 'mean'):
-      value = 0.1 * gen.normal(size=shape)
-    elif name == 'var':
-      value = gen.uniform(0.5, 1.5, size=shape)
-    else:
-      raise ValueError(f'Unexpected variable {"/".join(path)}.')
-    out[path] = value.astype(struct.dtype)
-  return traverse_util.unflatten_dict(out)
 
 
 @functools.cache
