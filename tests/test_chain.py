@@ -129,27 +129,29 @@ def test_round_grids_show_teacher_and_student_side_by_side(chain_workdir):
 
 @pytest.fixture(scope='module')
 def single_w_workdir(chain_workdir, tmp_path_factory):
-  """The single-w baseline at w = 2 (4 → 2 → 1) from the chain's teacher."""
+  """The single-w baseline at w = 2 (rounds 4 → 2 → 1) from the chain's
+  teacher: two rounds show the chaining; the chain covers three."""
   workdir = str(tmp_path_factory.mktemp('single_w'))
   shutil.copytree(
     os.path.join(chain_workdir, 'teacher'), os.path.join(workdir, 'teacher')
   )
   config = helpers.quick_config(num_train_steps=2)
   config.single_w.w = 2.0
+  config.distill.initial_num_steps = 4
   pipeline.run(config, workdir, 'distill_single_w')
   return workdir
 
 
 def test_single_w_baseline_runs_its_own_rounds(single_w_workdir):
-  assert sample.finished_rounds(single_w_workdir, 'single_w/w2') == [4, 2, 1]
+  assert sample.finished_rounds(single_w_workdir, 'single_w/w2') == [2, 1]
   assert not os.path.exists(os.path.join(single_w_workdir, 'guided'))
   with open(
-    os.path.join(single_w_workdir, 'single_w', 'w2', '4steps', 'stage.json')
+    os.path.join(single_w_workdir, 'single_w', 'w2', '2steps', 'stage.json')
   ) as f:
     record = json.load(f)
   assert record['teacher'].endswith('teacher')
   assert record['w'] == 2.0
-  assert record['teacher_num_steps'] == 8
+  assert record['teacher_num_steps'] == 4
 
 
 def test_single_w_sampler_accepts_only_its_w(single_w_workdir):

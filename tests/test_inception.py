@@ -20,6 +20,7 @@ import pytest
 from flax import traverse_util
 
 from gdd.evaluation import convert_inception, inception, inception_weights
+from tests import conftest
 
 BATCH_SIZE = 8
 
@@ -426,7 +427,7 @@ def test_converted_weights_give_identical_features(
 
 def test_cli_converts(torch, tmp_path, torch_state_dict):
   torch_save(torch, tmp_path / 'in.pth', torch_state_dict)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=conftest.TEST_XLA_FLAGS)
   subprocess.run(
     [
       sys.executable,
