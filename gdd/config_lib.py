@@ -376,8 +376,15 @@ def _check(
     raise ConfigError(f'config.{key}={value!r} is invalid: allowed {allowed}.')
 
 
-def _positive_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool) and v > 0
+def is_int(value: Any, minimum: int = 1) -> bool:
+  """Whether `value` is an int >= `minimum` (1: a positive int).
+
+  The one integer rule of configs, models, data and samplers: a bool is not
+  an int here, nor is a numpy int (config.json could not store it).
+  """
+  return (
+    isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+  )
 
 
 def _non_negative_number(v: Any) -> bool:
@@ -389,7 +396,7 @@ def _one_of(options: Iterable[str]) -> Callable[[Any], bool]:
 
 
 def _positive_int_tuple(v: Any) -> bool:
-  return isinstance(v, tuple | list) and all(_positive_int(x) for x in v)
+  return isinstance(v, tuple | list) and all(map(is_int, v))
 
 
 def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
@@ -402,7 +409,7 @@ def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
     'max_checkpoints_to_keep',
     'grad_accum_steps',
   ):
-    _check(config, f'{stage}.{key}', _positive_int, 'a positive int')
+    _check(config, f'{stage}.{key}', is_int, 'a positive int')
   _check(
     config,
     f'{stage}.grad_accum_steps',
@@ -446,7 +453,7 @@ def _check_finite(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first invalid value; cheap, no JAX work."""
   _check_finite(config)
-  _check(config, 'seed', lambda v: isinstance(v, int), 'an int')
+  _check(config, 'seed', lambda v: is_int(v, 0), 'an int >= 0')
   _check(config, 'data.name', _one_of(DATASETS), f'one of {DATASETS}')
   _check(
     config,
@@ -454,10 +461,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     lambda v: not (v and config.data.name == 'digits'),
     'False for digits (digits are not mirror-symmetric)',
   )
-  _check(config, 'data.shuffle_buffer', _positive_int, 'a positive int')
+  _check(config, 'data.shuffle_buffer', is_int, 'a positive int')
 
   for key in ('ch', 'emb_ch', 'num_res_blocks', 'head_dim'):
-    _check(config, f'model.{key}', _positive_int, 'a positive int')
+    _check(config, f'model.{key}', is_int, 'a positive int')
   _check(
     config,
     'model.ch_mult',
@@ -504,7 +511,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     '> guided.w_min',
   )
   _validate_train(config, 'distill')
-  power_of_two = lambda v: _positive_int(v) and v & (v - 1) == 0
+  power_of_two = lambda v: is_int(v) and v & (v - 1) == 0
   _check(config, 'distill.final_num_steps', power_of_two, 'a power of 2')
   _check(
     config,
@@ -524,8 +531,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     lambda v: len(v) > 0 and all(w >= 0 for w in v),
     'a non-empty tuple of guidance strengths w >= 0',
   )
-  _check(config, 'eval.teacher_num_steps', _positive_int, 'a positive int')
-  _check(config, 'eval.samples_per_class', _positive_int, 'a positive int')
+  _check(config, 'eval.teacher_num_steps', is_int, 'a positive int')
+  _check(config, 'eval.samples_per_class', is_int, 'a positive int')
 
   _validate_evaluate(config)
   _validate_memory(config)
@@ -535,14 +542,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(
     config,
     'profile_steps',
-    lambda v: v == 0 or _positive_int(v),
+    lambda v: is_int(v, 0),
     'an int >= 0',
   )
 
   _check(config, 'sample.stage', _one_of(STAGES), f'one of {STAGES}')
   _check(config, 'sample.sampler', _one_of(SAMPLERS), f'one of {SAMPLERS}')
   for key in ('num_steps', 'num_samples', 'batch_size'):
-    _check(config, f'sample.{key}', _positive_int, 'a positive int')
+    _check(config, f'sample.{key}', is_int, 'a positive int')
   _check(config, 'sample.w', _non_negative_number, 'a number >= 0')
 
 
@@ -557,11 +564,11 @@ def _is_rule(rule: Any) -> bool:
 
 
 def _validate_memory(config: ml_collections.ConfigDict) -> None:
-  _check(config, 'memory.fsdp', _positive_int, 'a positive int')
+  _check(config, 'memory.fsdp', is_int, 'a positive int')
   _check(
     config,
     'memory.fsdp_min_size',
-    lambda v: v == 0 or _positive_int(v),
+    lambda v: is_int(v, 0),
     'an int >= 0 (array elements)',
   )
   _check(
@@ -596,29 +603,21 @@ def _validate_distributed(config: ml_collections.ConfigDict) -> None:
   _check(
     config,
     'distributed.num_processes',
-    unset_or(_positive_int),
+    unset_or(is_int),
     'a positive int or unset (auto-detect)',
   )
   num_processes = config.distributed.num_processes
   _check(
     config,
     'distributed.process_id',
-    unset_or(
-      lambda v: (
-        isinstance(v, int)
-        and 0 <= v < (num_processes if num_processes else v + 1)
-      )
-    ),
+    unset_or(lambda v: is_int(v, 0) and v < (num_processes or v + 1)),
     'an int in [0, distributed.num_processes) or unset (auto-detect)',
   )
   _check(
     config,
     'distributed.local_device_ids',
     unset_or(
-      lambda v: (
-        isinstance(v, tuple | list)
-        and all(isinstance(i, int) and i >= 0 for i in v)
-      )
+      lambda v: isinstance(v, tuple | list) and all(is_int(i, 0) for i in v)
     ),
     'a tuple of local device indices, e.g. (0, 1, 2, 3), or unset',
   )
@@ -632,7 +631,7 @@ def _validate_evaluate(config: ml_collections.ConfigDict) -> None:
     f'one of {FEATURE_EXTRACTORS}',
   )
   for key in ('num_samples', 'batch_size', 'num_reference'):
-    _check(config, f'evaluate.{key}', _positive_int, 'a positive int')
+    _check(config, f'evaluate.{key}', is_int, 'a positive int')
   _check(
     config,
     'evaluate.ws',
@@ -650,11 +649,11 @@ def _validate_evaluate(config: ml_collections.ConfigDict) -> None:
     'a tuple of positive ints (empty: no speed benchmark)',
   )
   for key in ('max_stochastic_steps', 'speed_batch_size'):
-    _check(config, f'evaluate.{key}', _positive_int, 'a positive int')
+    _check(config, f'evaluate.{key}', is_int, 'a positive int')
   _check(
     config,
     'evaluate.speed_student_num_steps',
-    _positive_int,
+    is_int,
     'a positive int',
   )
 

@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from gdd import config_lib, errors
+from gdd.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +27,18 @@ def raises_user_error(builtin: type[Exception], match: str):
   with pytest.raises(builtin, match=match) as info:
     yield info
   assert isinstance(info.value, errors.UserError), repr(info.value)
+
+
+def checkpoint_steps(stage_dir: str) -> list[int]:
+  """The steps of a stage's finished checkpoints, ascending.
+
+  Orbax names a finished checkpoint by its step; an unfinished save is a
+  temporary folder whose name is not a number.
+  """
+  folder = loop.checkpoints_dir(stage_dir)
+  if not folder.exists():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
 def quick_config(

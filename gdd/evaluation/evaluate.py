@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from gdd import config_lib, data, images, paths, sample
+from gdd import config_lib, data, images, paths, sample, stages
 from gdd.evaluation import features, fid, report
 from gdd.stages import progressive
 from gdd.train import loop
@@ -43,10 +43,8 @@ class Row:
 
   @property
   def nfe(self) -> int:
-    """Network evaluations per sample: the CFG teacher makes 2 per step."""
-    if self.model == REAL:
-      return 0
-    return 2 * self.num_steps if self.model == 'teacher' else self.num_steps
+    """Network evaluations per sample (none for real images)."""
+    return 0 if self.model == REAL else stages.nfe(self.model, self.num_steps)
 
 
 def eval_dir(workdir: epath.PathLike) -> epath.Path:
@@ -289,7 +287,10 @@ def measure_speed(
         'teacher_num_steps': teacher_steps,
         'teacher_seconds': teacher_seconds,
         'measured_ratio': teacher_seconds / student_seconds,
-        'ideal_ratio': 2 * teacher_steps / student_steps,
+        'ideal_ratio': (
+          stages.nfe('teacher', teacher_steps)
+          / stages.nfe('distill', student_steps)
+        ),
       }
     )
     print(report.format_speed_row(rows[-1], student_steps), flush=True)

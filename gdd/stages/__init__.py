@@ -43,3 +43,14 @@ class Stage:
   frozen_params: Any
   sample_panels: dict[str, SampleFn]
   sample_ws: tuple[float, ...]
+
+
+def nfe(stage: str, num_steps: int) -> int:
+  """Network evaluations per sample of a `stage` sampler with `num_steps`.
+
+  `stage` is a workdir stage kind ('teacher', 'guided', 'distill',
+  'single_w'). The CFG teacher evaluates the conditional and the
+  unconditional model at every step (`guidance.guided_x`); every student
+  evaluates one network per step.
+  """
+  return 2 * num_steps if stage == 'teacher' else num_steps
