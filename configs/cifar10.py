@@ -32,7 +32,7 @@ def get_config(variant: str = ''):
     num_train_steps=800_000,
     batch_size=128,
     ema_decay=0.9999,
-    eval_every=20_000,
+    grids_every=20_000,
     checkpoint_every=5_000,
   )
   config.teacher.optimizer.update(
@@ -48,7 +48,7 @@ def get_config(variant: str = ''):
   # 0.17 GB each (--mode=plan on CPU; README, "Memory"). bfloat16 for speed;
   # no FSDP, accumulation or remat needed on v5e-64 or 8×H100.
   config.model.dtype = 'bfloat16'
-  config.eval.teacher_num_steps = 128
+  config.grids.teacher_num_steps = 128
   # FID reference: the whole train split (50k), as in the PD/GD papers.
   config.evaluate.update(
     ws=(0.0, 1.0, 2.0, 4.0), inception_weights='inception_fid.npz'

@@ -32,7 +32,7 @@ def get_config(variant: str = ''):
     # 5% of the random initialisation in the EMA (no EMA warm-up here).
     ema_decay=0.998,
     log_every=100,
-    eval_every=1500,
+    grids_every=1500,
     checkpoint_every=500,
   )
   config.teacher.optimizer.update(
@@ -47,7 +47,7 @@ def get_config(variant: str = ''):
     # (README, "Why this schedule"). 0.995 averages ~200 updates.
     ema_decay=0.995,
     log_every=100,
-    eval_every=1000,
+    grids_every=1000,
     checkpoint_every=500,
   )
   config.guided.optimizer.update(learning_rate=2e-4, decay='cosine')
@@ -56,7 +56,7 @@ def get_config(variant: str = ''):
     num_train_steps=800,
     batch_size=64,
     log_every=100,
-    eval_every=800,
+    grids_every=800,
     checkpoint_every=500,
   )
   config.distill.optimizer.learning_rate = 2e-4
@@ -66,7 +66,7 @@ def get_config(variant: str = ''):
   # and 5 rounds of 800 updates keep the whole chain well under an hour on a
   # 2-core CPU.
   config.distill.initial_num_steps = 32
-  config.eval.teacher_num_steps = 64
+  config.grids.teacher_num_steps = 64
   config.evaluate.update(
     feature_extractor='digits',
     num_samples=1000,

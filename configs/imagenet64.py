@@ -41,7 +41,7 @@ def get_config(variant: str = ''):
     num_train_steps=400_000,
     batch_size=2048,
     ema_decay=0.9999,
-    eval_every=20_000,
+    grids_every=20_000,
     checkpoint_every=5_000,
   )
   config.teacher.optimizer.update(
@@ -56,7 +56,7 @@ def get_config(variant: str = ''):
   config.model.dtype = 'bfloat16'
   config.memory.fsdp = 8
   config.teacher.grad_accum_steps = 8
-  config.eval.teacher_num_steps = 128
+  config.grids.teacher_num_steps = 128
   # FID reference: the whole validation split (50k). The first 50k of the
   # 1.28M train examples in stored order would not be a uniform sample.
   config.evaluate.update(

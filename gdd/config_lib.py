@@ -66,7 +66,7 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
       # 0 turns EMA off (the EMA params then equal the params).
       'ema_decay': 0.9999,
       'log_every': 100,
-      'eval_every': 5000,
+      'grids_every': 5000,
       'checkpoint_every': 1000,
       'max_checkpoints_to_keep': 3,
       # Micro-batches per step, summed inside the jitted step (lax.scan):
@@ -157,8 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Its rounds reuse the distill section (steps, optimiser, step counts).
   config.single_w = ml_collections.ConfigDict({'w': 1.0})
 
-  # Sample grids written during training: one grid per w, rows = classes.
-  config.eval = ml_collections.ConfigDict(
+  # Sample grids written during training (every `grids_every` steps; not
+  # `--mode=evaluate`, which is `config.evaluate`): one grid per w, rows =
+  # classes.
+  config.grids = ml_collections.ConfigDict(
     {
       'sample_ws': (0.0, 1.0, 2.0, 4.0),
       'teacher_num_steps': 64,
@@ -290,7 +292,7 @@ TRAINING_KEYS = {
 }
 _CADENCE_KEYS = {
   'log_every': 'how often metrics are logged',
-  'eval_every': 'how often sample grids are written',
+  'grids_every': 'how often sample grids are written',
   'checkpoint_every': 'how often the state is saved; resuming is exact',
   'max_checkpoints_to_keep': 'how many checkpoints stay on disk',
   'grad_accum_steps': (
@@ -310,7 +312,7 @@ NOT_TRAINING_KEYS = {
   'distill.final_num_steps': (
     'where the chain stops; round N reads only its teacher step count 2N'
   ),
-  'eval': 'the sample grids written during training',
+  'grids': 'the sample grids written during training',
   'sample': 'read by --mode=sample only',
   'evaluate': 'read by --mode=evaluate only',
   'distributed': 'how processes connect, not what they compute',
@@ -404,7 +406,7 @@ def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
     'num_train_steps',
     'batch_size',
     'log_every',
-    'eval_every',
+    'grids_every',
     'checkpoint_every',
     'max_checkpoints_to_keep',
     'grad_accum_steps',
@@ -527,12 +529,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   _check(
     config,
-    'eval.sample_ws',
+    'grids.sample_ws',
     lambda v: len(v) > 0 and all(w >= 0 for w in v),
     'a non-empty tuple of guidance strengths w >= 0',
   )
-  _check(config, 'eval.teacher_num_steps', is_int, 'a positive int')
-  _check(config, 'eval.samples_per_class', is_int, 'a positive int')
+  _check(config, 'grids.teacher_num_steps', is_int, 'a positive int')
+  _check(config, 'grids.samples_per_class', is_int, 'a positive int')
 
   _validate_evaluate(config)
   _validate_memory(config)
@@ -678,7 +680,7 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
     batch_size=32,
     ema_decay=0.9,
     log_every=10,
-    eval_every=20,
+    grids_every=20,
     checkpoint_every=20,
   )
   config.teacher.optimizer.update(learning_rate=1e-3, warmup_steps=5)
@@ -687,7 +689,7 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
       num_train_steps=20,
       batch_size=32,
       log_every=10,
-      eval_every=20,
+      grids_every=20,
       checkpoint_every=20,
     )
   # The tiny model fits anywhere: no FSDP, accumulation or remat; float32,
@@ -699,7 +701,7 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
   config.guided.optimizer.learning_rate = 5e-4
   config.distill.optimizer.learning_rate = 5e-4
   config.distill.initial_num_steps = 8
-  config.eval.update(teacher_num_steps=8, samples_per_class=1)
+  config.grids.update(teacher_num_steps=8, samples_per_class=1)
   config.sample.update(num_steps=8, num_samples=20)
   config.evaluate.update(
     num_samples=100,

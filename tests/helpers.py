@@ -51,12 +51,12 @@ def quick_config(
       num_train_steps=num_train_steps,
       batch_size=16,
       log_every=2,
-      eval_every=1000,
+      grids_every=1000,
       checkpoint_every=1000,
     )
   config.teacher.optimizer.warmup_steps = 1
   config.distill.initial_num_steps = 8
-  config.eval.update(teacher_num_steps=2, samples_per_class=1)
+  config.grids.update(teacher_num_steps=2, samples_per_class=1)
   config.sample.update(num_steps=2, num_samples=12, batch_size=8)
   config_lib.validate(config)
   return config

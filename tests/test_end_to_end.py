@@ -289,7 +289,7 @@ def test_round_grids_show_teacher_and_student_side_by_side(chain_workdir):
   samples_dir = os.path.join(chain_workdir, 'distill', '2steps', 'samples')
   config = helpers.quick_config()
   assert sorted(os.listdir(samples_dir)) == sorted(
-    f'step2_w{w:g}.png' for w in config.eval.sample_ws
+    f'step2_w{w:g}.png' for w in config.grids.sample_ws
   )
   with Image.open(os.path.join(samples_dir, 'step2_w1.png')) as grid:
     width = grid.size[0]

@@ -163,4 +163,4 @@ def test_train_stage_writes_logs_and_sample_grids(tmp_path):
   files = os.listdir(stage_dir)
   assert any(f.startswith('events.out.tfevents') for f in files)
   grids = sorted(os.listdir(os.path.join(stage_dir, 'samples')))
-  assert grids == [f'step4_w{w:g}.png' for w in sorted(config.eval.sample_ws)]
+  assert grids == [f'step4_w{w:g}.png' for w in sorted(config.grids.sample_ws)]

@@ -23,7 +23,7 @@ class Stage:
   Attributes:
     name: folder of the stage under the workdir, e.g. 'teacher'.
     train_config: the stage's config block (num_train_steps, batch_size,
-      optimizer, ema_decay, log/eval/checkpoint intervals).
+      optimizer, ema_decay, log/grid/checkpoint intervals).
     init_params: (rng, frozen_params) -> initial params of the trained
       network; a student starts from its teacher's (frozen) params.
     loss_fn: pure loss; the frozen params (a teacher's, or None) arrive as an

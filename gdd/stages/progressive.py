@@ -128,7 +128,7 @@ def make_stage(
     teacher_denoiser=functools.partial(common.plain_denoiser, student),
     teacher_params=teacher_params,
     student_num_steps=student_num_steps,
-    sample_ws=tuple(config.eval.sample_ws),
+    sample_ws=tuple(config.grids.sample_ws),
   )
 
 

@@ -266,7 +266,9 @@ class _SampleGridWriter:
     stage_dir: epath.PathLike,
   ):
     self._stage_dir = paths.resolve(stage_dir)
-    self._labels = _grid_labels(info.num_classes, config.eval.samples_per_class)
+    self._labels = _grid_labels(
+      info.num_classes, config.grids.samples_per_class
+    )
     self._num_devices = mesh.devices.size
     self._mesh = mesh
     rep = sharding.replicated(mesh)
@@ -617,7 +619,7 @@ def _after_step(
     sharding.sync_processes('save')  # The first save compiles its check.
     run.save(step, state, next_batch)
   # A stop skips the grids: a scheduler's grace period is short.
-  if (step % train_config.eval_every == 0 or is_last) and not stop:
+  if (step % train_config.grids_every == 0 or is_last) and not stop:
     sharding.sync_processes('grids')  # Their samplers compile at first use.
     write_grids(step, state.ema_params, run.frozen_params, run.writer)
   if stop:
