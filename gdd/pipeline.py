@@ -95,7 +95,7 @@ def _run_stage(
     record_stage_config(config, stage_dir, kind, trained_from)
     params = _load_export(stage_dir, abstract_params)
     if params is not None:
-      print(f'{name}: already finished ({stage_dir}); skipping.')
+      logging.info('%s: already finished (%s); skipping.', name, stage_dir)
       return params
     start = time.perf_counter()
     params = loop.train_stage(
@@ -104,7 +104,7 @@ def _run_stage(
       stage_dir,
       replace_export=loop.params_dir(stage_dir).exists(),
     )
-  print(f'{name}: finished in {time.perf_counter() - start:.0f} s.')
+  logging.info('%s: finished in %.0f s.', name, time.perf_counter() - start)
   return params
 
 
@@ -320,7 +320,9 @@ def run(
   """Validates everything cheap first, then runs the stages of `mode`.
 
   While stages train, SIGTERM/SIGINT stop the run cleanly after saving
-  (`preemption.InterruptedRunError`).
+  (`preemption.InterruptedRunError`). Stdout gets only the command's output
+  (the samples' path, the evaluation folder, the chain's summary, the plan);
+  progress goes to the absl log.
   """
   if mode not in MODES:
     raise config_lib.ConfigError(f'--mode={mode!r}; allowed: {MODES}.')
@@ -336,6 +338,7 @@ def run(
   data.check_available(config.data)
   if mode == 'evaluate':
     evaluate.run(config, workdir)
+    print(f'evaluation written to {evaluate.eval_dir(workdir)}')
     return
   with preemption.catch_signals():
     run_chain(config, workdir, mode)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
 from gdd import config_lib, data, images, paths, sample, stages
@@ -201,7 +202,7 @@ def _evaluate_row(
         ),
       )
     )
-    print(report.format_record(records[-1]), flush=True)
+    logging.info('%s', report.format_record(records[-1]))
   return records
 
 
@@ -229,7 +230,7 @@ def _evaluate_real(config, extractor, reference) -> dict:
       _num_splits(len(real['label'])),
     ),
   )
-  print(report.format_record(record), flush=True)
+  logging.info('%s', report.format_record(record))
   return record
 
 
@@ -267,7 +268,7 @@ def measure_speed(
   if not ev.speed_teacher_num_steps:
     return None
   if student_steps not in sample.finished_rounds(workdir):
-    print(f'speed: no finished {student_steps}-step round; skipped.')
+    logging.warning('Speed: no finished %d-step round; skipped.', student_steps)
     return None
   info = data.get_info(config.data)
   labels = np.arange(ev.speed_batch_size, dtype=np.int32) % info.num_classes
@@ -293,7 +294,7 @@ def measure_speed(
         ),
       }
     )
-    print(report.format_speed_row(rows[-1], student_steps), flush=True)
+    logging.info('%s', report.format_speed_row(rows[-1], student_steps))
   return {
     'device': device_description(),
     'batch_size': ev.speed_batch_size,

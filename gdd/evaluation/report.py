@@ -273,4 +273,3 @@ def write(results: dict, out_dir: epath.PathLike) -> None:
   (out_dir / 'results.md').write_text(markdown(results))
   plot_quality_vs_nfe(results, out_dir / 'quality_vs_nfe.png')
   plot_quality_vs_w(results, out_dir / 'quality_vs_w.png')
-  print(f'evaluation written to {out_dir}: results.json, results.md, plots')
