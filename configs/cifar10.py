@@ -42,11 +42,10 @@ def get_config(variant: str = ''):
     weight_decay=1e-3,
     grad_clip_norm=1.0,
   )
-  # Small enough to replicate: the 56M-param model's params, Adam moments,
-  # EMA, gradients (and a frozen teacher) take under 1.4 GB per device, and
-  # the batch of 128 puts at most 16 examples on a device (8×H100) at up to
-  # 0.17 GB each (--mode=plan on CPU; README, "Memory"). bfloat16 for speed;
-  # no FSDP, accumulation or remat needed on v5e-64 or 8×H100.
+  # Small enough to replicate: the 56M-param model's state and its share of
+  # the batch of 128 fit one device of v5e-64 or 8×H100 with room to spare
+  # (--mode=plan; README, "Planning a run", has the planned bytes).
+  # bfloat16 for speed; no FSDP, accumulation or remat needed there.
   config.model.dtype = 'bfloat16'
   config.grids.teacher_num_steps = 128
   # FID reference: the whole train split (50k), as in the PD/GD papers.

@@ -47,12 +47,11 @@ def get_config(variant: str = ''):
   config.teacher.optimizer.update(
     name='adam', learning_rate=3e-4, warmup_steps=1000, grad_clip_norm=1.0
   )
-  # Replicated, the float32 params, Adam moments, EMA and gradients of the
-  # 277M-param teacher take 5.5 GB per device, and each example up to 1.2 GB
-  # of activations (--mode=plan on CPU; README, "Memory"). bfloat16 compute,
-  # the state split over 8 devices and 8 micro-batches per step fit both
-  # targets: 32 examples per device and pass on 8×H100 (at most 41 fit), 4
-  # on a v5e-64 slice (at most 9; 4 micro-batches would also fit there).
+  # The 277M-param teacher's float32 state and activations do not fit the
+  # paper batch replicated. bfloat16 compute, the state split over 8
+  # devices and 8 micro-batches per step fit both targets, 8×H100 and a
+  # v5e-64 slice (--mode=plan; README, "Planning a run", has the planned
+  # bytes and the largest micro-batch that fits).
   config.model.dtype = 'bfloat16'
   config.memory.fsdp = 8
   config.teacher.grad_accum_steps = 8
