@@ -219,6 +219,11 @@ def base_config() -> ml_collections.ConfigDict:
       'assumed_mfu': 0.4,
     }
   )
+  # True lets the guided and distill stages train ε-students
+  # (model.mean_type='eps'), refused otherwise: PD §4 finds ε-prediction
+  # unstable for distillation. For measuring that choice on purpose (e.g.
+  # from a Stable Diffusion 1.x ε-teacher); the teacher may be ε regardless.
+  config.allow_eps_students = False
   # Trace this many training steps of each stage with jax.profiler (after
   # the first two, which compile), into STAGE/profile; 0: no trace.
   config.profile_steps = 0
@@ -322,6 +327,7 @@ NOT_TRAINING_KEYS = {
   ),
   'plan': 'read by --mode=plan only',
   'profile_steps': 'a profiler trace changes no result',
+  'allow_eps_students': 'permits a model.mean_type; computes nothing itself',
 }
 
 
@@ -452,8 +458,14 @@ def _check_finite(config: ml_collections.ConfigDict) -> None:
       )
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError on the first invalid value; cheap, no JAX work."""
+def validate(
+  config: ml_collections.ConfigDict, training: Iterable[str] = ()
+) -> None:
+  """Raises ConfigError on the first invalid value; cheap, no JAX work.
+
+  `training` names the sections ('teacher', 'guided', 'distill') of the
+  stages this run trains, for the checks that hold for some stages only.
+  """
   _check_finite(config)
   _check(config, 'seed', lambda v: is_int(v, 0), 'an int >= 0')
   _check(config, 'data.name', _one_of(DATASETS), f'one of {DATASETS}')
@@ -487,6 +499,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f'one of {parameterization.MEAN_TYPES}',
   )
   _check(config, 'model.dtype', _one_of(DTYPES), f'one of {DTYPES}')
+  _check_student_mean_type(config, training)
 
   _check(
     config,
@@ -553,6 +566,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('num_steps', 'num_samples', 'batch_size'):
     _check(config, f'sample.{key}', is_int, 'a positive int')
   _check(config, 'sample.w', _non_negative_number, 'a number >= 0')
+
+
+def _check_student_mean_type(
+  config: ml_collections.ConfigDict, training: Iterable[str]
+) -> None:
+  """Refuses ε-students unless `allow_eps_students` opts in (method.md §2)."""
+  _check(
+    config,
+    'allow_eps_students',
+    lambda v: isinstance(v, bool),
+    'True or False',
+  )
+  if config.model.mean_type != 'eps' or config.allow_eps_students:
+    return
+  students = [s for s in ('guided', 'distill') if s in tuple(training)]
+  if students:
+    raise ConfigError(
+      "config.model.mean_type='eps' is refused for the "
+      f'{" and ".join(students)} stage(s): students predict ε unstably '
+      '(x̂ = (z − σ ε̂)/α amplifies their error as α → 0, where few-step '
+      "samplers start; PD §4). Use 'v', 'x' or 'both' (the configs' "
+      'choices), or set config.allow_eps_students=True to measure ε-students '
+      'on purpose (e.g. from a Stable Diffusion 1.x ε-teacher).'
+    )
 
 
 def _is_rule(rule: Any) -> bool:

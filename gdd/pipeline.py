@@ -288,9 +288,11 @@ def finished_summary(workdir: epath.PathLike) -> str:
   return f'distilled step counts {rounds} in {distill_dir}'
 
 
-# The config sections whose batch_size each training --mode splits evenly
-# over the devices (samplers pad their batches and need no check).
-_MODE_BATCH_SECTIONS = {
+# The config sections of the stages each training --mode trains: their
+# values are checked for those stages (`config_lib.validate`), and their
+# batch_size is split evenly over the devices (samplers pad their batches
+# and need no check).
+_MODE_SECTIONS = {
   'all': ('teacher', 'guided', 'distill'),
   'teacher': ('teacher',),
   'guided': ('guided',),
@@ -301,7 +303,7 @@ _MODE_BATCH_SECTIONS = {
 
 def _check_batch_sizes(config: ml_collections.ConfigDict, mode: str) -> None:
   """Every batch that `mode` will split over the devices, before any stage."""
-  sections = _MODE_BATCH_SECTIONS.get(mode, ())
+  sections = _MODE_SECTIONS.get(mode, ())
   if mode == 'evaluate' and config.evaluate.feature_extractor == 'inception':
     sections = ('evaluate',)  # Inception's batches are split over devices.
   mesh = sharding.mesh_for(config)
@@ -326,7 +328,7 @@ def run(
   """
   if mode not in MODES:
     raise config_lib.ConfigError(f'--mode={mode!r}; allowed: {MODES}.')
-  config_lib.validate(config)
+  config_lib.validate(config, training=_MODE_SECTIONS.get(mode, ()))
   if mode == 'plan':  # Shapes only: needs no data, workdir or writes.
     plan.print_plan(config)
     return

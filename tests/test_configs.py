@@ -168,6 +168,40 @@ def test_a_workdir_recorded_before_the_grids_rename_still_resumes(tmp_path):
     pipeline.record_stage_config(config, str(tmp_path), kind)
 
 
+@pytest.mark.parametrize(
+  'training, refused',
+  [
+    ((), ''),
+    (('teacher',), ''),  # An ε-teacher is fine (Stable Diffusion 1.x is ε).
+    (('guided',), 'guided stage'),
+    (('teacher', 'guided', 'distill'), 'guided and distill stage'),
+    (('distill',), 'distill stage'),
+  ],
+)
+def test_eps_students_need_an_explicit_opt_in(training, refused):
+  config = config_lib.base_config()
+  config.model.mean_type = 'eps'
+  if refused:
+    with helpers.raises_user_error(ValueError, refused) as info:
+      config_lib.validate(config, training)
+    assert isinstance(info.value, config_lib.ConfigError)
+    assert 'PD §4' in str(info.value)
+    assert 'config.allow_eps_students=True' in str(info.value)
+  else:
+    config_lib.validate(config, training)
+  config.allow_eps_students = True
+  config_lib.validate(config, training)
+
+
+def test_eps_students_are_refused_before_any_work(tmp_path):
+  config = helpers.load_config('digits')
+  config.model.mean_type = 'eps'
+  workdir = tmp_path / 'run'
+  with pytest.raises(config_lib.ConfigError, match='allow_eps_students'):
+    pipeline.run(config, str(workdir), 'distill_single_w')
+  assert not workdir.exists()
+
+
 def test_invalid_config_fails_before_any_work(tmp_path):
   config = helpers.load_config('digits')
   config.teacher.batch_size = -4
