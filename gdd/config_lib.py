@@ -82,7 +82,36 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key gdd knows, with defaults; config files override values."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  _add_network_sections(config)
+  _add_stage_sections(config)
+  _add_mode_sections(config)
+  # True lets the guided and distill stages train ε-students
+  # (model.mean_type='eps'), refused otherwise: PD §4 finds ε-prediction
+  # unstable for distillation. For measuring that choice on purpose (e.g.
+  # from a Stable Diffusion 1.x ε-teacher); the teacher may be ε regardless.
+  config.allow_eps_students = False
+  # Trace this many training steps of each stage with jax.profiler (after
+  # the first two, which compile), into STAGE/profile; 0: no trace.
+  config.profile_steps = 0
+  # Multi-process runs: gdd calls jax.distributed.initialize() with the keys
+  # that are set; unset (None) keys are auto-detected (Cloud TPU, SLURM,
+  # Open MPI). launch/README.md has recipes.
+  config.distributed = ml_collections.ConfigDict(
+    {
+      'initialize': False,
+      'coordinator_address': config_dict.placeholder(str),
+      'num_processes': config_dict.placeholder(int),
+      'process_id': config_dict.placeholder(int),
+      # e.g. (0, 1, 2, 3): the local GPUs this process drives. Unset on a
+      # SLURM GPU job would mean only GPU SLURM_LOCALID (JAX's detection).
+      'local_device_ids': config_dict.placeholder(tuple),
+    }
+  )
+  return config
 
+
+def _add_network_sections(config: ml_collections.ConfigDict) -> None:
+  """The data, the network, its memory layout and the diffusion process."""
   config.data = ml_collections.ConfigDict(
     {
       'name': 'digits',
@@ -132,6 +161,10 @@ def base_config() -> ml_collections.ConfigDict:
       'clip_x': True,
     }
   )
+
+
+def _add_stage_sections(config: ml_collections.ConfigDict) -> None:
+  """One section per training stage: teacher, guided, distill (single_w)."""
   config.teacher = train_config()
   # Probability that a label is replaced by the null label (CFG training).
   config.teacher.p_uncond = 0.1
@@ -157,6 +190,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Its rounds reuse the distill section (steps, optimiser, step counts).
   config.single_w = ml_collections.ConfigDict({'w': 1.0})
 
+
+def _add_mode_sections(config: ml_collections.ConfigDict) -> None:
+  """Training-time sample grids and the non-training --modes."""
   # Sample grids written during training (every `grids_every` steps; not
   # `--mode=evaluate`, which is `config.evaluate`): one grid per w, rows =
   # classes.
@@ -180,9 +216,24 @@ def base_config() -> ml_collections.ConfigDict:
       'output': '',
     }
   )
-  # `--mode=evaluate`: every finished stage over models × samplers × steps ×
-  # w, scored by FID/IS (Inception-v3) or, on digits, by FD-digits.
-  config.evaluate = ml_collections.ConfigDict(
+  config.evaluate = _evaluate_config()
+  # `--mode=plan`: memory and FLOPs per device for a target accelerator.
+  config.plan = ml_collections.ConfigDict(
+    {
+      # e.g. '8xH100', 'v5e-64', 'v4-32'; '' plans for the devices present.
+      'target': '',
+      # The model FLOP utilisation the time-per-step estimate assumes.
+      'assumed_mfu': 0.4,
+    }
+  )
+
+
+def _evaluate_config() -> ml_collections.ConfigDict:
+  """The `--mode=evaluate` section: every finished stage, rows × w.
+
+  Scored by FID/IS (Inception-v3) or, on digits, by FD-digits.
+  """
+  return ml_collections.ConfigDict(
     {
       # 'inception' (FID/IS; needs inception_weights) or 'digits'.
       'feature_extractor': 'inception',
@@ -210,38 +261,6 @@ def base_config() -> ml_collections.ConfigDict:
       'speed_student_num_steps': 4,
     }
   )
-  # `--mode=plan`: memory and FLOPs per device for a target accelerator.
-  config.plan = ml_collections.ConfigDict(
-    {
-      # e.g. '8xH100', 'v5e-64', 'v4-32'; '' plans for the devices present.
-      'target': '',
-      # The model FLOP utilisation the time-per-step estimate assumes.
-      'assumed_mfu': 0.4,
-    }
-  )
-  # True lets the guided and distill stages train ε-students
-  # (model.mean_type='eps'), refused otherwise: PD §4 finds ε-prediction
-  # unstable for distillation. For measuring that choice on purpose (e.g.
-  # from a Stable Diffusion 1.x ε-teacher); the teacher may be ε regardless.
-  config.allow_eps_students = False
-  # Trace this many training steps of each stage with jax.profiler (after
-  # the first two, which compile), into STAGE/profile; 0: no trace.
-  config.profile_steps = 0
-  # Multi-process runs: gdd calls jax.distributed.initialize() with the keys
-  # that are set; unset (None) keys are auto-detected (Cloud TPU, SLURM,
-  # Open MPI). launch/README.md has recipes.
-  config.distributed = ml_collections.ConfigDict(
-    {
-      'initialize': False,
-      'coordinator_address': config_dict.placeholder(str),
-      'num_processes': config_dict.placeholder(int),
-      'process_id': config_dict.placeholder(int),
-      # e.g. (0, 1, 2, 3): the local GPUs this process drives. Unset on a
-      # SLURM GPU job would mean only GPU SLURM_LOCALID (JAX's detection).
-      'local_device_ids': config_dict.placeholder(tuple),
-    }
-  )
-  return config
 
 
 # What a stage's training reads: the config keys whose values change the
@@ -468,6 +487,22 @@ def validate(
   """
   _check_finite(config)
   _check(config, 'seed', lambda v: is_int(v, 0), 'an int >= 0')
+  _validate_network(config, training)
+  _validate_stages(config)
+  _validate_grids(config)
+  _validate_evaluate(config)
+  _validate_memory(config)
+  _validate_distributed(config)
+  _check(config, 'plan.target', lambda v: isinstance(v, str), 'a string')
+  _check(config, 'plan.assumed_mfu', lambda v: 0 < v <= 1, 'in (0, 1]')
+  _check(config, 'profile_steps', lambda v: is_int(v, 0), 'an int >= 0')
+  _validate_sample(config)
+
+
+def _validate_network(
+  config: ml_collections.ConfigDict, training: Iterable[str]
+) -> None:
+  """The data, model and diffusion sections."""
   _check(config, 'data.name', _one_of(DATASETS), f'one of {DATASETS}')
   _check(
     config,
@@ -514,6 +549,9 @@ def validate(
     f'one of {losses.WEIGHTINGS}',
   )
 
+
+def _validate_stages(config: ml_collections.ConfigDict) -> None:
+  """The teacher, guided, distill and single_w sections."""
   _validate_train(config, 'teacher')
   _check(config, 'teacher.p_uncond', lambda v: 0 < v < 1, 'in (0, 1)')
 
@@ -540,6 +578,8 @@ def validate(
 
   _check(config, 'single_w.w', _non_negative_number, 'a number >= 0')
 
+
+def _validate_grids(config: ml_collections.ConfigDict) -> None:
   _check(
     config,
     'grids.sample_ws',
@@ -549,18 +589,8 @@ def validate(
   _check(config, 'grids.teacher_num_steps', is_int, 'a positive int')
   _check(config, 'grids.samples_per_class', is_int, 'a positive int')
 
-  _validate_evaluate(config)
-  _validate_memory(config)
-  _validate_distributed(config)
-  _check(config, 'plan.target', lambda v: isinstance(v, str), 'a string')
-  _check(config, 'plan.assumed_mfu', lambda v: 0 < v <= 1, 'in (0, 1]')
-  _check(
-    config,
-    'profile_steps',
-    lambda v: is_int(v, 0),
-    'an int >= 0',
-  )
 
+def _validate_sample(config: ml_collections.ConfigDict) -> None:
   _check(config, 'sample.stage', _one_of(STAGES), f'one of {STAGES}')
   _check(config, 'sample.sampler', _one_of(SAMPLERS), f'one of {SAMPLERS}')
   for key in ('num_steps', 'num_samples', 'batch_size'):

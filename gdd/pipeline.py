@@ -128,8 +128,17 @@ def _load_export(stage_dir: epath.Path, abstract_params):
     return None
 
 
-def _require_finished(workdir: epath.PathLike, name: str, mode: str) -> None:
-  if not loop.params_dir(sample.stage_dir(workdir, name)).is_dir():
+# The stage each partial --mode starts from, which must be finished.
+_MODE_INPUTS = {
+  'guided': teacher.NAME,
+  'distill': guided.NAME,
+  'distill_single_w': teacher.NAME,
+}
+
+
+def _require_input(workdir: epath.PathLike, mode: str) -> None:
+  name = _MODE_INPUTS.get(mode)
+  if name and not loop.params_dir(sample.stage_dir(workdir, name)).is_dir():
     raise checkpointing.MissingExportError(
       f'--mode={mode} needs a finished {name!r} stage in {workdir}; run '
       f'--mode={"teacher" if name == "teacher" else "guided"} (or the '
@@ -144,12 +153,8 @@ def run_chain(
   info = data.get_info(config.data)
   teacher_model = common.build_model(config, info)
   student_model = guided.build_student(config, info)
-  if mode == 'guided':
-    _require_finished(workdir, teacher.NAME, mode)
-  if mode == 'distill':
-    _require_finished(workdir, guided.NAME, mode)
+  _require_input(workdir, mode)
   if mode == 'distill_single_w':
-    _require_finished(workdir, teacher.NAME, mode)
     _run_single_w_rounds(config, workdir, info, teacher_model)
     return
 
