@@ -592,7 +592,7 @@ class _StepLoop:
 
   @classmethod
   def open(cls, run: _StageRun, state: TrainState, batch) -> '_StepLoop':
-    """Compiles the step for `state` and `batch` (the first step's)."""
+    """The loop's side effects; compiles the step on the first `batch`."""
     return cls(
       run=run,
       report=periodic_actions.ReportProgress(
