@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from sklearn import svm
 
-from gdd import data, sample
+from gdd import data, sample, stages
 
 DEFAULT_ROWS = [
   'teacher:256:ddim',
@@ -92,10 +92,10 @@ def main(argv):
       predicted = classifier.predict(samples.reshape(len(samples), -1))
       accuracies.append(float(np.mean(predicted == labels)))
       times.append(seconds)
-    nfe = 2 * num_steps if stage == 'teacher' else num_steps
     cells = ' | '.join(f'{a:.3f}' for a in accuracies)
     print(
-      f'| {stage} | {sampler_name} | {num_steps} | {nfe} | {cells} | '
+      f'| {stage} | {sampler_name} | {num_steps} | '
+      f'{stages.nfe(stage, num_steps)} | {cells} | '
       f'{np.mean(times):.2e} |',
       flush=True,
     )

@@ -42,6 +42,7 @@ def main(argv):
       results = json.load(f)
     results['speed'] = speed
     report.write(results, out_dir)
+    print(f'updated {out_dir}/results.json and results.md')
 
 
 if __name__ == '__main__':

@@ -32,7 +32,7 @@ def get_config(variant: str = ''):
     num_train_steps=800_000,
     batch_size=128,
     ema_decay=0.9999,
-    eval_every=20_000,
+    grids_every=20_000,
     checkpoint_every=5_000,
   )
   config.teacher.optimizer.update(
@@ -42,13 +42,12 @@ def get_config(variant: str = ''):
     weight_decay=1e-3,
     grad_clip_norm=1.0,
   )
-  # Small enough to replicate: the 56M-param model's params, Adam moments,
-  # EMA, gradients (and a frozen teacher) take under 1.4 GB per device, and
-  # the batch of 128 puts at most 16 examples on a device (8×H100) at up to
-  # 0.17 GB each (--mode=plan on CPU; README, "Memory"). bfloat16 for speed;
-  # no FSDP, accumulation or remat needed on v5e-64 or 8×H100.
+  # Small enough to replicate: the 56M-param model's state and its share of
+  # the batch of 128 fit one device of v5e-64 or 8×H100 with room to spare
+  # (--mode=plan; README, "Planning a run", has the planned bytes).
+  # bfloat16 for speed; no FSDP, accumulation or remat needed there.
   config.model.dtype = 'bfloat16'
-  config.eval.teacher_num_steps = 128
+  config.grids.teacher_num_steps = 128
   # FID reference: the whole train split (50k), as in the PD/GD papers.
   config.evaluate.update(
     ws=(0.0, 1.0, 2.0, 4.0), inception_weights='inception_fid.npz'

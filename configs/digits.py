@@ -5,7 +5,8 @@ train a good guided teacher on a 2-core laptop CPU in minutes.
 
   python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits
 
-`--config=configs/digits.py:quick` is a smoke run of about a minute.
+`--config=configs/digits.py:quick` is a short smoke run (README has its
+measured time).
 """
 
 from gdd import config_lib
@@ -25,14 +26,14 @@ def get_config(variant: str = ''):
     mean_type='both',
   )
   config.teacher.update(
-    # About 0.2 s/step on a 2-core CPU (README has the measured stage times).
+    # README ("What the default run does") has the measured stage times.
     num_train_steps=3000,
     batch_size=64,
     # Averages the last ~500 updates; at 0.999 a 3000-update run would keep
     # 5% of the random initialisation in the EMA (no EMA warm-up here).
     ema_decay=0.998,
     log_every=100,
-    eval_every=1500,
+    grids_every=1500,
     checkpoint_every=500,
   )
   config.teacher.optimizer.update(
@@ -42,12 +43,12 @@ def get_config(variant: str = ''):
     num_train_steps=1000,
     batch_size=64,
     # Stage one starts from the teacher and first moves away from it at w=0;
-    # a long EMA (0.999) keeps those early params and measured FD-digits at
-    # w=0 of 3.61 after 2000 updates where the raw params scored 1.85
-    # (README, "Why this schedule"). 0.995 averages ~200 updates.
+    # a long EMA (0.999) keeps those early params and scored a worse
+    # FD-digits than the raw params (README, "Why this schedule", has the
+    # numbers). 0.995 averages ~200 updates.
     ema_decay=0.995,
     log_every=100,
-    eval_every=1000,
+    grids_every=1000,
     checkpoint_every=500,
   )
   config.guided.optimizer.update(learning_rate=2e-4, decay='cosine')
@@ -56,17 +57,17 @@ def get_config(variant: str = ''):
     num_train_steps=800,
     batch_size=64,
     log_every=100,
-    eval_every=800,
+    grids_every=800,
     checkpoint_every=500,
   )
   config.distill.optimizer.learning_rate = 2e-4
   # The stage-one model as a 32-step DDIM sampler is the first teacher, not
   # 1024 as on ImageNet: 8×8 digits need far fewer steps (the teacher's
-  # FD-digits at w=0 is 1.77 with 16 DDIM steps and 1.37 with 256, README),
-  # and 5 rounds of 800 updates keep the whole chain well under an hour on a
-  # 2-core CPU.
+  # 16-step FD-digits is already close to its 256-step one), and 5 rounds of
+  # 800 updates keep the whole chain short on a 2-core CPU (README, "Why
+  # this schedule", has the measurements).
   config.distill.initial_num_steps = 32
-  config.eval.teacher_num_steps = 64
+  config.grids.teacher_num_steps = 64
   config.evaluate.update(
     feature_extractor='digits',
     num_samples=1000,

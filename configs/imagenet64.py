@@ -41,22 +41,21 @@ def get_config(variant: str = ''):
     num_train_steps=400_000,
     batch_size=2048,
     ema_decay=0.9999,
-    eval_every=20_000,
+    grids_every=20_000,
     checkpoint_every=5_000,
   )
   config.teacher.optimizer.update(
     name='adam', learning_rate=3e-4, warmup_steps=1000, grad_clip_norm=1.0
   )
-  # Replicated, the float32 params, Adam moments, EMA and gradients of the
-  # 277M-param teacher take 5.5 GB per device, and each example up to 1.2 GB
-  # of activations (--mode=plan on CPU; README, "Memory"). bfloat16 compute,
-  # the state split over 8 devices and 8 micro-batches per step fit both
-  # targets: 32 examples per device and pass on 8×H100 (at most 41 fit), 4
-  # on a v5e-64 slice (at most 9; 4 micro-batches would also fit there).
+  # The 277M-param teacher's float32 state and activations do not fit the
+  # paper batch replicated. bfloat16 compute, the state split over 8
+  # devices and 8 micro-batches per step fit both targets, 8×H100 and a
+  # v5e-64 slice (--mode=plan; README, "Planning a run", has the planned
+  # bytes and the largest micro-batch that fits).
   config.model.dtype = 'bfloat16'
   config.memory.fsdp = 8
   config.teacher.grad_accum_steps = 8
-  config.eval.teacher_num_steps = 128
+  config.grids.teacher_num_steps = 128
   # FID reference: the whole validation split (50k). The first 50k of the
   # 1.28M train examples in stored order would not be a uniform sample.
   config.evaluate.update(

@@ -66,7 +66,7 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
       # 0 turns EMA off (the EMA params then equal the params).
       'ema_decay': 0.9999,
       'log_every': 100,
-      'eval_every': 5000,
+      'grids_every': 5000,
       'checkpoint_every': 1000,
       'max_checkpoints_to_keep': 3,
       # Micro-batches per step, summed inside the jitted step (lax.scan):
@@ -82,7 +82,36 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key gdd knows, with defaults; config files override values."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  _add_network_sections(config)
+  _add_stage_sections(config)
+  _add_mode_sections(config)
+  # True lets the guided and distill stages train ε-students
+  # (model.mean_type='eps'), refused otherwise: PD §4 finds ε-prediction
+  # unstable for distillation. For measuring that choice on purpose (e.g.
+  # from a Stable Diffusion 1.x ε-teacher); the teacher may be ε regardless.
+  config.allow_eps_students = False
+  # Trace this many training steps of each stage with jax.profiler (after
+  # the first two, which compile), into STAGE/profile; 0: no trace.
+  config.profile_steps = 0
+  # Multi-process runs: gdd calls jax.distributed.initialize() with the keys
+  # that are set; unset (None) keys are auto-detected (Cloud TPU, SLURM,
+  # Open MPI). launch/README.md has recipes.
+  config.distributed = ml_collections.ConfigDict(
+    {
+      'initialize': False,
+      'coordinator_address': config_dict.placeholder(str),
+      'num_processes': config_dict.placeholder(int),
+      'process_id': config_dict.placeholder(int),
+      # e.g. (0, 1, 2, 3): the local GPUs this process drives. Unset on a
+      # SLURM GPU job would mean only GPU SLURM_LOCALID (JAX's detection).
+      'local_device_ids': config_dict.placeholder(tuple),
+    }
+  )
+  return config
 
+
+def _add_network_sections(config: ml_collections.ConfigDict) -> None:
+  """The data, the network, its memory layout and the diffusion process."""
   config.data = ml_collections.ConfigDict(
     {
       'name': 'digits',
@@ -132,6 +161,10 @@ def base_config() -> ml_collections.ConfigDict:
       'clip_x': True,
     }
   )
+
+
+def _add_stage_sections(config: ml_collections.ConfigDict) -> None:
+  """One section per training stage: teacher, guided, distill (single_w)."""
   config.teacher = train_config()
   # Probability that a label is replaced by the null label (CFG training).
   config.teacher.p_uncond = 0.1
@@ -157,8 +190,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Its rounds reuse the distill section (steps, optimiser, step counts).
   config.single_w = ml_collections.ConfigDict({'w': 1.0})
 
-  # Sample grids written during training: one grid per w, rows = classes.
-  config.eval = ml_collections.ConfigDict(
+
+def _add_mode_sections(config: ml_collections.ConfigDict) -> None:
+  """Training-time sample grids and the non-training --modes."""
+  # Sample grids written during training (every `grids_every` steps; not
+  # `--mode=evaluate`, which is `config.evaluate`): one grid per w, rows =
+  # classes.
+  config.grids = ml_collections.ConfigDict(
     {
       'sample_ws': (0.0, 1.0, 2.0, 4.0),
       'teacher_num_steps': 64,
@@ -178,9 +216,24 @@ def base_config() -> ml_collections.ConfigDict:
       'output': '',
     }
   )
-  # `--mode=evaluate`: every finished stage over models × samplers × steps ×
-  # w, scored by FID/IS (Inception-v3) or, on digits, by FD-digits.
-  config.evaluate = ml_collections.ConfigDict(
+  config.evaluate = _evaluate_config()
+  # `--mode=plan`: memory and FLOPs per device for a target accelerator.
+  config.plan = ml_collections.ConfigDict(
+    {
+      # e.g. '8xH100', 'v5e-64', 'v4-32'; '' plans for the devices present.
+      'target': '',
+      # The model FLOP utilisation the time-per-step estimate assumes.
+      'assumed_mfu': 0.4,
+    }
+  )
+
+
+def _evaluate_config() -> ml_collections.ConfigDict:
+  """The `--mode=evaluate` section: every finished stage, rows × w.
+
+  Scored by FID/IS (Inception-v3) or, on digits, by FD-digits.
+  """
+  return ml_collections.ConfigDict(
     {
       # 'inception' (FID/IS; needs inception_weights) or 'digits'.
       'feature_extractor': 'inception',
@@ -208,33 +261,6 @@ def base_config() -> ml_collections.ConfigDict:
       'speed_student_num_steps': 4,
     }
   )
-  # `--mode=plan`: memory and FLOPs per device for a target accelerator.
-  config.plan = ml_collections.ConfigDict(
-    {
-      # e.g. '8xH100', 'v5e-64', 'v4-32'; '' plans for the devices present.
-      'target': '',
-      # The model FLOP utilisation the time-per-step estimate assumes.
-      'assumed_mfu': 0.4,
-    }
-  )
-  # Trace this many training steps of each stage with jax.profiler (after
-  # the first two, which compile), into STAGE/profile; 0: no trace.
-  config.profile_steps = 0
-  # Multi-process runs: gdd calls jax.distributed.initialize() with the keys
-  # that are set; unset (None) keys are auto-detected (Cloud TPU, SLURM,
-  # Open MPI). launch/README.md has recipes.
-  config.distributed = ml_collections.ConfigDict(
-    {
-      'initialize': False,
-      'coordinator_address': config_dict.placeholder(str),
-      'num_processes': config_dict.placeholder(int),
-      'process_id': config_dict.placeholder(int),
-      # e.g. (0, 1, 2, 3): the local GPUs this process drives. Unset on a
-      # SLURM GPU job would mean only GPU SLURM_LOCALID (JAX's detection).
-      'local_device_ids': config_dict.placeholder(tuple),
-    }
-  )
-  return config
 
 
 # What a stage's training reads: the config keys whose values change the
@@ -290,7 +316,7 @@ TRAINING_KEYS = {
 }
 _CADENCE_KEYS = {
   'log_every': 'how often metrics are logged',
-  'eval_every': 'how often sample grids are written',
+  'grids_every': 'how often sample grids are written',
   'checkpoint_every': 'how often the state is saved; resuming is exact',
   'max_checkpoints_to_keep': 'how many checkpoints stay on disk',
   'grad_accum_steps': (
@@ -310,7 +336,7 @@ NOT_TRAINING_KEYS = {
   'distill.final_num_steps': (
     'where the chain stops; round N reads only its teacher step count 2N'
   ),
-  'eval': 'the sample grids written during training',
+  'grids': 'the sample grids written during training',
   'sample': 'read by --mode=sample only',
   'evaluate': 'read by --mode=evaluate only',
   'distributed': 'how processes connect, not what they compute',
@@ -320,6 +346,7 @@ NOT_TRAINING_KEYS = {
   ),
   'plan': 'read by --mode=plan only',
   'profile_steps': 'a profiler trace changes no result',
+  'allow_eps_students': 'permits a model.mean_type; computes nothing itself',
 }
 
 
@@ -376,8 +403,15 @@ def _check(
     raise ConfigError(f'config.{key}={value!r} is invalid: allowed {allowed}.')
 
 
-def _positive_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool) and v > 0
+def is_int(value: Any, minimum: int = 1) -> bool:
+  """Whether `value` is an int >= `minimum` (1: a positive int).
+
+  The one integer rule of configs, models, data and samplers: a bool is not
+  an int here, nor is a numpy int (config.json could not store it).
+  """
+  return (
+    isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+  )
 
 
 def _non_negative_number(v: Any) -> bool:
@@ -389,7 +423,7 @@ def _one_of(options: Iterable[str]) -> Callable[[Any], bool]:
 
 
 def _positive_int_tuple(v: Any) -> bool:
-  return isinstance(v, tuple | list) and all(_positive_int(x) for x in v)
+  return isinstance(v, tuple | list) and all(map(is_int, v))
 
 
 def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
@@ -397,12 +431,12 @@ def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
     'num_train_steps',
     'batch_size',
     'log_every',
-    'eval_every',
+    'grids_every',
     'checkpoint_every',
     'max_checkpoints_to_keep',
     'grad_accum_steps',
   ):
-    _check(config, f'{stage}.{key}', _positive_int, 'a positive int')
+    _check(config, f'{stage}.{key}', is_int, 'a positive int')
   _check(
     config,
     f'{stage}.grad_accum_steps',
@@ -443,10 +477,32 @@ def _check_finite(config: ml_collections.ConfigDict) -> None:
       )
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError on the first invalid value; cheap, no JAX work."""
+def validate(
+  config: ml_collections.ConfigDict, training: Iterable[str] = ()
+) -> None:
+  """Raises ConfigError on the first invalid value; cheap, no JAX work.
+
+  `training` names the sections ('teacher', 'guided', 'distill') of the
+  stages this run trains, for the checks that hold for some stages only.
+  """
   _check_finite(config)
-  _check(config, 'seed', lambda v: isinstance(v, int), 'an int')
+  _check(config, 'seed', lambda v: is_int(v, 0), 'an int >= 0')
+  _validate_network(config, training)
+  _validate_stages(config)
+  _validate_grids(config)
+  _validate_evaluate(config)
+  _validate_memory(config)
+  _validate_distributed(config)
+  _check(config, 'plan.target', lambda v: isinstance(v, str), 'a string')
+  _check(config, 'plan.assumed_mfu', lambda v: 0 < v <= 1, 'in (0, 1]')
+  _check(config, 'profile_steps', lambda v: is_int(v, 0), 'an int >= 0')
+  _validate_sample(config)
+
+
+def _validate_network(
+  config: ml_collections.ConfigDict, training: Iterable[str]
+) -> None:
+  """The data, model and diffusion sections."""
   _check(config, 'data.name', _one_of(DATASETS), f'one of {DATASETS}')
   _check(
     config,
@@ -454,10 +510,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     lambda v: not (v and config.data.name == 'digits'),
     'False for digits (digits are not mirror-symmetric)',
   )
-  _check(config, 'data.shuffle_buffer', _positive_int, 'a positive int')
+  _check(config, 'data.shuffle_buffer', is_int, 'a positive int')
 
   for key in ('ch', 'emb_ch', 'num_res_blocks', 'head_dim'):
-    _check(config, f'model.{key}', _positive_int, 'a positive int')
+    _check(config, f'model.{key}', is_int, 'a positive int')
   _check(
     config,
     'model.ch_mult',
@@ -478,6 +534,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f'one of {parameterization.MEAN_TYPES}',
   )
   _check(config, 'model.dtype', _one_of(DTYPES), f'one of {DTYPES}')
+  _check_student_mean_type(config, training)
 
   _check(
     config,
@@ -492,6 +549,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f'one of {losses.WEIGHTINGS}',
   )
 
+
+def _validate_stages(config: ml_collections.ConfigDict) -> None:
+  """The teacher, guided, distill and single_w sections."""
   _validate_train(config, 'teacher')
   _check(config, 'teacher.p_uncond', lambda v: 0 < v < 1, 'in (0, 1)')
 
@@ -504,7 +564,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     '> guided.w_min',
   )
   _validate_train(config, 'distill')
-  power_of_two = lambda v: _positive_int(v) and v & (v - 1) == 0
+  power_of_two = lambda v: is_int(v) and v & (v - 1) == 0
   _check(config, 'distill.final_num_steps', power_of_two, 'a power of 2')
   _check(
     config,
@@ -518,32 +578,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   _check(config, 'single_w.w', _non_negative_number, 'a number >= 0')
 
+
+def _validate_grids(config: ml_collections.ConfigDict) -> None:
   _check(
     config,
-    'eval.sample_ws',
+    'grids.sample_ws',
     lambda v: len(v) > 0 and all(w >= 0 for w in v),
     'a non-empty tuple of guidance strengths w >= 0',
   )
-  _check(config, 'eval.teacher_num_steps', _positive_int, 'a positive int')
-  _check(config, 'eval.samples_per_class', _positive_int, 'a positive int')
+  _check(config, 'grids.teacher_num_steps', is_int, 'a positive int')
+  _check(config, 'grids.samples_per_class', is_int, 'a positive int')
 
-  _validate_evaluate(config)
-  _validate_memory(config)
-  _validate_distributed(config)
-  _check(config, 'plan.target', lambda v: isinstance(v, str), 'a string')
-  _check(config, 'plan.assumed_mfu', lambda v: 0 < v <= 1, 'in (0, 1]')
-  _check(
-    config,
-    'profile_steps',
-    lambda v: v == 0 or _positive_int(v),
-    'an int >= 0',
-  )
 
+def _validate_sample(config: ml_collections.ConfigDict) -> None:
   _check(config, 'sample.stage', _one_of(STAGES), f'one of {STAGES}')
   _check(config, 'sample.sampler', _one_of(SAMPLERS), f'one of {SAMPLERS}')
   for key in ('num_steps', 'num_samples', 'batch_size'):
-    _check(config, f'sample.{key}', _positive_int, 'a positive int')
+    _check(config, f'sample.{key}', is_int, 'a positive int')
   _check(config, 'sample.w', _non_negative_number, 'a number >= 0')
+
+
+def _check_student_mean_type(
+  config: ml_collections.ConfigDict, training: Iterable[str]
+) -> None:
+  """Refuses ε-students unless `allow_eps_students` opts in (method.md §2)."""
+  _check(
+    config,
+    'allow_eps_students',
+    lambda v: isinstance(v, bool),
+    'True or False',
+  )
+  if config.model.mean_type != 'eps' or config.allow_eps_students:
+    return
+  students = [s for s in ('guided', 'distill') if s in tuple(training)]
+  if students:
+    raise ConfigError(
+      "config.model.mean_type='eps' is refused for the "
+      f'{" and ".join(students)} stage(s): students predict ε unstably '
+      '(x̂ = (z − σ ε̂)/α amplifies their error as α → 0, where few-step '
+      "samplers start; PD §4). Use 'v', 'x' or 'both' (the configs' "
+      'choices), or set config.allow_eps_students=True to measure ε-students '
+      'on purpose (e.g. from a Stable Diffusion 1.x ε-teacher).'
+    )
 
 
 def _is_rule(rule: Any) -> bool:
@@ -557,11 +633,11 @@ def _is_rule(rule: Any) -> bool:
 
 
 def _validate_memory(config: ml_collections.ConfigDict) -> None:
-  _check(config, 'memory.fsdp', _positive_int, 'a positive int')
+  _check(config, 'memory.fsdp', is_int, 'a positive int')
   _check(
     config,
     'memory.fsdp_min_size',
-    lambda v: v == 0 or _positive_int(v),
+    lambda v: is_int(v, 0),
     'an int >= 0 (array elements)',
   )
   _check(
@@ -596,29 +672,21 @@ def _validate_distributed(config: ml_collections.ConfigDict) -> None:
   _check(
     config,
     'distributed.num_processes',
-    unset_or(_positive_int),
+    unset_or(is_int),
     'a positive int or unset (auto-detect)',
   )
   num_processes = config.distributed.num_processes
   _check(
     config,
     'distributed.process_id',
-    unset_or(
-      lambda v: (
-        isinstance(v, int)
-        and 0 <= v < (num_processes if num_processes else v + 1)
-      )
-    ),
+    unset_or(lambda v: is_int(v, 0) and v < (num_processes or v + 1)),
     'an int in [0, distributed.num_processes) or unset (auto-detect)',
   )
   _check(
     config,
     'distributed.local_device_ids',
     unset_or(
-      lambda v: (
-        isinstance(v, tuple | list)
-        and all(isinstance(i, int) and i >= 0 for i in v)
-      )
+      lambda v: isinstance(v, tuple | list) and all(is_int(i, 0) for i in v)
     ),
     'a tuple of local device indices, e.g. (0, 1, 2, 3), or unset',
   )
@@ -632,7 +700,7 @@ def _validate_evaluate(config: ml_collections.ConfigDict) -> None:
     f'one of {FEATURE_EXTRACTORS}',
   )
   for key in ('num_samples', 'batch_size', 'num_reference'):
-    _check(config, f'evaluate.{key}', _positive_int, 'a positive int')
+    _check(config, f'evaluate.{key}', is_int, 'a positive int')
   _check(
     config,
     'evaluate.ws',
@@ -650,11 +718,11 @@ def _validate_evaluate(config: ml_collections.ConfigDict) -> None:
     'a tuple of positive ints (empty: no speed benchmark)',
   )
   for key in ('max_stochastic_steps', 'speed_batch_size'):
-    _check(config, f'evaluate.{key}', _positive_int, 'a positive int')
+    _check(config, f'evaluate.{key}', is_int, 'a positive int')
   _check(
     config,
     'evaluate.speed_student_num_steps',
-    _positive_int,
+    is_int,
     'a positive int',
   )
 
@@ -679,7 +747,7 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
     batch_size=32,
     ema_decay=0.9,
     log_every=10,
-    eval_every=20,
+    grids_every=20,
     checkpoint_every=20,
   )
   config.teacher.optimizer.update(learning_rate=1e-3, warmup_steps=5)
@@ -688,7 +756,7 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
       num_train_steps=20,
       batch_size=32,
       log_every=10,
-      eval_every=20,
+      grids_every=20,
       checkpoint_every=20,
     )
   # The tiny model fits anywhere: no FSDP, accumulation or remat; float32,
@@ -700,7 +768,7 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
   config.guided.optimizer.learning_rate = 5e-4
   config.distill.optimizer.learning_rate = 5e-4
   config.distill.initial_num_steps = 8
-  config.eval.update(teacher_num_steps=8, samples_per_class=1)
+  config.grids.update(teacher_num_steps=8, samples_per_class=1)
   config.sample.update(num_steps=8, num_samples=20)
   config.evaluate.update(
     num_samples=100,

@@ -95,7 +95,7 @@ def _run_stage(
     record_stage_config(config, stage_dir, kind, trained_from)
     params = _load_export(stage_dir, abstract_params)
     if params is not None:
-      print(f'{name}: already finished ({stage_dir}); skipping.')
+      logging.info('%s: already finished (%s); skipping.', name, stage_dir)
       return params
     start = time.perf_counter()
     params = loop.train_stage(
@@ -104,7 +104,7 @@ def _run_stage(
       stage_dir,
       replace_export=loop.params_dir(stage_dir).exists(),
     )
-  print(f'{name}: finished in {time.perf_counter() - start:.0f} s.')
+  logging.info('%s: finished in %.0f s.', name, time.perf_counter() - start)
   return params
 
 
@@ -128,8 +128,17 @@ def _load_export(stage_dir: epath.Path, abstract_params):
     return None
 
 
-def _require_finished(workdir: epath.PathLike, name: str, mode: str) -> None:
-  if not loop.params_dir(sample.stage_dir(workdir, name)).is_dir():
+# The stage each partial --mode starts from, which must be finished.
+_MODE_INPUTS = {
+  'guided': teacher.NAME,
+  'distill': guided.NAME,
+  'distill_single_w': teacher.NAME,
+}
+
+
+def _require_input(workdir: epath.PathLike, mode: str) -> None:
+  name = _MODE_INPUTS.get(mode)
+  if name and not loop.params_dir(sample.stage_dir(workdir, name)).is_dir():
     raise checkpointing.MissingExportError(
       f'--mode={mode} needs a finished {name!r} stage in {workdir}; run '
       f'--mode={"teacher" if name == "teacher" else "guided"} (or the '
@@ -144,12 +153,8 @@ def run_chain(
   info = data.get_info(config.data)
   teacher_model = common.build_model(config, info)
   student_model = guided.build_student(config, info)
-  if mode == 'guided':
-    _require_finished(workdir, teacher.NAME, mode)
-  if mode == 'distill':
-    _require_finished(workdir, guided.NAME, mode)
+  _require_input(workdir, mode)
   if mode == 'distill_single_w':
-    _require_finished(workdir, teacher.NAME, mode)
     _run_single_w_rounds(config, workdir, info, teacher_model)
     return
 
@@ -288,9 +293,11 @@ def finished_summary(workdir: epath.PathLike) -> str:
   return f'distilled step counts {rounds} in {distill_dir}'
 
 
-# The config sections whose batch_size each training --mode splits evenly
-# over the devices (samplers pad their batches and need no check).
-_MODE_BATCH_SECTIONS = {
+# The config sections of the stages each training --mode trains: their
+# values are checked for those stages (`config_lib.validate`), and their
+# batch_size is split evenly over the devices (samplers pad their batches
+# and need no check).
+_MODE_SECTIONS = {
   'all': ('teacher', 'guided', 'distill'),
   'teacher': ('teacher',),
   'guided': ('guided',),
@@ -301,7 +308,7 @@ _MODE_BATCH_SECTIONS = {
 
 def _check_batch_sizes(config: ml_collections.ConfigDict, mode: str) -> None:
   """Every batch that `mode` will split over the devices, before any stage."""
-  sections = _MODE_BATCH_SECTIONS.get(mode, ())
+  sections = _MODE_SECTIONS.get(mode, ())
   if mode == 'evaluate' and config.evaluate.feature_extractor == 'inception':
     sections = ('evaluate',)  # Inception's batches are split over devices.
   mesh = sharding.mesh_for(config)
@@ -320,11 +327,13 @@ def run(
   """Validates everything cheap first, then runs the stages of `mode`.
 
   While stages train, SIGTERM/SIGINT stop the run cleanly after saving
-  (`preemption.InterruptedRunError`).
+  (`preemption.InterruptedRunError`). Stdout gets only the command's output
+  (the samples' path, the evaluation folder, the chain's summary, the plan);
+  progress goes to the absl log.
   """
   if mode not in MODES:
     raise config_lib.ConfigError(f'--mode={mode!r}; allowed: {MODES}.')
-  config_lib.validate(config)
+  config_lib.validate(config, training=_MODE_SECTIONS.get(mode, ()))
   if mode == 'plan':  # Shapes only: needs no data, workdir or writes.
     plan.print_plan(config)
     return
@@ -336,6 +345,7 @@ def run(
   data.check_available(config.data)
   if mode == 'evaluate':
     evaluate.run(config, workdir)
+    print(f'evaluation written to {evaluate.eval_dir(workdir)}')
     return
   with preemption.catch_signals():
     run_chain(config, workdir, mode)

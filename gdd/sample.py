@@ -20,6 +20,7 @@ from etils import epath
 
 from gdd import data, errors, images, paths
 from gdd.evaluation import npz
+from gdd.models import UNet
 from gdd.stages import common, guided, progressive, teacher
 from gdd.train import loop, sharding
 
@@ -170,24 +171,70 @@ def load_sampler(
   folder = _resolve(workdir, stage, num_steps, sampler, w)
   config = load_stage_config(workdir, folder)
   info = data.get_info(config.data)
-  if stage == 'teacher':
-    model = common.build_model(config, info)
-    make_denoiser = functools.partial(teacher.guided_denoiser, model)
-    w_range = (0.0, float('inf'))
-  elif stage == 'single_w':
-    model = common.build_model(config, info)
-    make_denoiser = functools.partial(common.plain_denoiser, model)
-    w_range = (w, w)
-  else:
-    model = guided.build_student(config, info)
-    make_denoiser = functools.partial(common.plain_denoiser, model)
-    w_range = (config.guided.w_min, config.guided.w_max)
+  model, make_denoiser, w_range = _stage_model(config, info, stage, w)
   sample_fn = common.make_sample_fn(
     config, model, make_denoiser, num_steps=num_steps, sampler=sampler
   )
   params = loop.load_exported_params(
     stage_dir(workdir, folder), common.abstract_params(model)
   )
+  check_request = functools.partial(
+    _check_request, stage=stage, w_range=w_range, info=info
+  )
+  return _sharded_sampler(sample_fn, params, check_request)
+
+
+def _stage_model(
+  config: ml_collections.ConfigDict,
+  info: data.DatasetInfo,
+  stage: str,
+  w: float | None,
+) -> tuple[UNet, common.DenoiserFactory, tuple[float, float]]:
+  """(network, denoiser factory, allowed w range) of a stage kind."""
+  if stage == 'teacher':
+    model = common.build_model(config, info)
+    return (
+      model,
+      functools.partial(teacher.guided_denoiser, model),
+      (0.0, float('inf')),
+    )
+  if stage == 'single_w':
+    model = common.build_model(config, info)
+    return model, functools.partial(common.plain_denoiser, model), (w, w)
+  model = guided.build_student(config, info)
+  return (
+    model,
+    functools.partial(common.plain_denoiser, model),
+    (config.guided.w_min, config.guided.w_max),
+  )
+
+
+def _check_request(
+  labels: np.ndarray,
+  w: float,
+  *,
+  stage: str,
+  w_range: tuple[float, float],
+  info: data.DatasetInfo,
+) -> None:
+  """Raises SampleRequestError unless the stage can sample `labels` at w."""
+  if labels.ndim != 1 or labels.min() < 0 or labels.max() >= info.num_classes:
+    raise SampleRequestError(
+      f'labels must be a 1-D int array in [0, {info.num_classes}); got '
+      f'shape {labels.shape}, range [{labels.min()}, {labels.max()}].'
+    )
+  if not w_range[0] <= w <= w_range[1]:
+    raise SampleRequestError(
+      f'w={w!r} is outside the range this {stage} model allows '
+      f'[{w_range[0]:g}, {w_range[1]:g}]; students are trained for '
+      'config.guided.w_min..w_max only, a single-w model for its one w.'
+    )
+
+
+def _sharded_sampler(
+  sample_fn, params, check_request: Callable[[np.ndarray, float], None]
+) -> SamplerFn:
+  """`sample_fn` jitted over all devices, compiled once per batch size."""
   mesh = sharding.make_mesh()
   rep = sharding.replicated(mesh)
   batch = sharding.batch_sharded(mesh)
@@ -221,17 +268,7 @@ def load_sampler(
   def sample(rng: jax.Array, labels, w) -> jnp.ndarray:
     rng = _raw_key(rng)
     labels = np.asarray(labels, np.int32)
-    if labels.ndim != 1 or labels.min() < 0 or labels.max() >= info.num_classes:
-      raise SampleRequestError(
-        f'labels must be a 1-D int array in [0, {info.num_classes}); got '
-        f'shape {labels.shape}, range [{labels.min()}, {labels.max()}].'
-      )
-    if not w_range[0] <= w <= w_range[1]:
-      raise SampleRequestError(
-        f'w={w!r} is outside the range this {stage} model allows '
-        f'[{w_range[0]:g}, {w_range[1]:g}]; students are trained for '
-        'config.guided.w_min..w_max only, a single-w model for its one w.'
-      )
+    check_request(labels, w)
     n = len(labels)
     padded = np.pad(labels, (0, -n % num_devices), mode='edge')
     # Global arrays: jit refuses host arrays with a sharding on many hosts.

@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from gdd import config_lib, errors
+from gdd.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +29,18 @@ def raises_user_error(builtin: type[Exception], match: str):
   assert isinstance(info.value, errors.UserError), repr(info.value)
 
 
+def checkpoint_steps(stage_dir: str) -> list[int]:
+  """The steps of a stage's finished checkpoints, ascending.
+
+  Orbax names a finished checkpoint by its step; an unfinished save is a
+  temporary folder whose name is not a number.
+  """
+  folder = loop.checkpoints_dir(stage_dir)
+  if not folder.exists():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
 def quick_config(
   name: str = 'digits', num_train_steps: int = 4
 ) -> ml_collections.ConfigDict:
@@ -38,12 +51,12 @@ def quick_config(
       num_train_steps=num_train_steps,
       batch_size=16,
       log_every=2,
-      eval_every=1000,
+      grids_every=1000,
       checkpoint_every=1000,
     )
   config.teacher.optimizer.warmup_steps = 1
   config.distill.initial_num_steps = 8
-  config.eval.update(teacher_num_steps=2, samples_per_class=1)
+  config.grids.update(teacher_num_steps=2, samples_per_class=1)
   config.sample.update(num_steps=2, num_samples=12, batch_size=8)
   config_lib.validate(config)
   return config

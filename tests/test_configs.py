@@ -1,6 +1,7 @@
 """Every config loads and validates; bad values fail early and clearly."""
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -55,7 +56,7 @@ def test_unknown_variant_is_rejected():
     ('diffusion.logsnr_max', -30.0, '> diffusion.logsnr_min'),
     ('sample.w', -1.0, 'config.sample.w=-1.0'),
     ('sample.sampler', 'euler', 'ddim'),
-    ('eval.sample_ws', (), 'non-empty'),
+    ('grids.sample_ws', (), 'non-empty'),
     ('evaluate.feature_extractor', 'clip', "one of \\('inception'"),
     ('evaluate.ws', (-1.0,), 'guidance strengths w >= 0'),
     ('evaluate.num_samples', 0, 'config.evaluate.num_samples=0'),
@@ -64,7 +65,7 @@ def test_unknown_variant_is_rejected():
     ('teacher.optimizer.learning_rate', float('inf'), 'rate=inf .* a finite'),
     ('teacher.optimizer.learning_rate', float('nan'), 'rate=nan .* a finite'),
     ('guided.w_max', float('inf'), 'config.guided.w_max=inf .* a finite'),
-    ('eval.sample_ws', (0.0, float('nan')), r'\(0.0, nan\) .* finite numbers'),
+    ('grids.sample_ws', (0.0, float('nan')), r'\(0.0, nan\) .* finite numbers'),
     ('evaluate.ws', (0.0, float('inf')), r'ws=\(0.0, inf\) .* finite numbers'),
   ],
 )
@@ -152,6 +153,53 @@ def test_keys_a_stage_does_not_learn_from_may_change(kind, tmp_path):
       field_type = (config[section] if section else config).get_type(name)
       _set(changed, key, _changed(value, field_type))
   pipeline.record_stage_config(changed, str(tmp_path), kind)
+
+
+def test_a_workdir_recorded_before_the_grids_rename_still_resumes(tmp_path):
+  # Older runs recorded the training-time grids as `eval` (and
+  # `<stage>.eval_every`); neither is a training key.
+  config = config_lib.base_config()
+  stored = json.loads(config.to_json())
+  stored['eval'] = stored.pop('grids')
+  for stage in ('teacher', 'guided', 'distill'):
+    stored[stage]['eval_every'] = stored[stage].pop('grids_every')
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  for kind in config_lib.STAGES:
+    pipeline.record_stage_config(config, str(tmp_path), kind)
+
+
+@pytest.mark.parametrize(
+  'training, refused',
+  [
+    ((), ''),
+    (('teacher',), ''),  # An ε-teacher is fine (Stable Diffusion 1.x is ε).
+    (('guided',), 'guided stage'),
+    (('teacher', 'guided', 'distill'), 'guided and distill stage'),
+    (('distill',), 'distill stage'),
+  ],
+)
+def test_eps_students_need_an_explicit_opt_in(training, refused):
+  config = config_lib.base_config()
+  config.model.mean_type = 'eps'
+  if refused:
+    with helpers.raises_user_error(ValueError, refused) as info:
+      config_lib.validate(config, training)
+    assert isinstance(info.value, config_lib.ConfigError)
+    assert 'PD §4' in str(info.value)
+    assert 'config.allow_eps_students=True' in str(info.value)
+  else:
+    config_lib.validate(config, training)
+  config.allow_eps_students = True
+  config_lib.validate(config, training)
+
+
+def test_eps_students_are_refused_before_any_work(tmp_path):
+  config = helpers.load_config('digits')
+  config.model.mean_type = 'eps'
+  workdir = tmp_path / 'run'
+  with pytest.raises(config_lib.ConfigError, match='allow_eps_students'):
+    pipeline.run(config, str(workdir), 'distill_single_w')
+  assert not workdir.exists()
 
 
 def test_invalid_config_fails_before_any_work(tmp_path):

@@ -1,6 +1,8 @@
 """Identities of the pure diffusion maths (schedules, parameterisations,
 guidance, losses, samplers)."""
 
+from typing import NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,27 @@ from gdd.diffusion import (
 
 def _random(shape, seed):
   return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+class _Prediction(NamedTuple):
+  """Denoised estimates for one z_t: data x̂, noise ε̂ and velocity v̂."""
+
+  x: jnp.ndarray
+  eps: jnp.ndarray
+  v: jnp.ndarray
+
+
+def _eps_from_x(x, z, logsnr):
+  """ε̂ = (z − α x̂)/σ: the noise that maps x̂ to z at this log-SNR."""
+  alpha, sigma = schedules.alpha_sigma(schedules.broadcast_to_image(logsnr, z))
+  return (z - alpha * x) / sigma
+
+
+def _prediction_from_x(x, z, logsnr) -> _Prediction:
+  """(x̂, ε̂, v̂) from x̂ alone: v̂ = α ε̂ − σ x̂."""
+  alpha, sigma = schedules.alpha_sigma(schedules.broadcast_to_image(logsnr, z))
+  eps = _eps_from_x(x, z, logsnr)
+  return _Prediction(x=x, eps=eps, v=alpha * eps - sigma * x)
 
 
 def test_schedule_endpoints_and_midpoint():
@@ -76,9 +99,10 @@ def test_parameterisation_round_trip(mean_type):
   eps = _random((4, 8, 8, 3), 1)
   logsnr = jnp.array([-6.0, -1.0, 2.0, 6.0])
   z = schedules.diffuse(x, eps, logsnr)
-  pred = parameterization.predict(
-    _output_for(mean_type, x, eps, z, logsnr), z, logsnr, mean_type=mean_type
+  x_hat = parameterization.x_from_output(
+    _output_for(mean_type, x, eps, z, logsnr), z, logsnr, mean_type
   )
+  pred = _prediction_from_x(x_hat, z, logsnr)
   np.testing.assert_allclose(pred.x, x, atol=2e-4)
   np.testing.assert_allclose(pred.eps, eps, atol=2e-4)
   alpha, sigma = schedules.alpha_sigma(schedules.broadcast_to_image(logsnr, z))
@@ -92,27 +116,15 @@ def test_unknown_mean_type_is_rejected():
     )
 
 
-def test_predict_clips_x_and_derives_eps_from_clipped_x():
-  z = jnp.full((1, 2, 2, 1), 0.5)
-  logsnr = jnp.zeros(1)
-  pred = parameterization.predict(
-    jnp.full((1, 2, 2, 1), 3.0), z, logsnr, mean_type='x', clip_x=True
-  )
-  np.testing.assert_allclose(pred.x, 1.0)
-  np.testing.assert_allclose(
-    pred.eps, parameterization.eps_from_x(pred.x, z, logsnr)
-  )
-
-
 def test_guidance_is_the_same_in_x_eps_and_v_space():
   z = _random((3, 4, 4, 1), 0)
   logsnr = jnp.array([-2.0, 0.5, 3.0])
   x_cond, x_uncond = _random(z.shape, 1), _random(z.shape, 2)
   w = jnp.array([0.0, 1.0, 4.0])
   x_guided = guidance.combine(x_cond, x_uncond, w)
-  cond = parameterization.prediction_from_x(x_cond, z, logsnr)
-  uncond = parameterization.prediction_from_x(x_uncond, z, logsnr)
-  guided = parameterization.prediction_from_x(x_guided, z, logsnr)
+  cond = _prediction_from_x(x_cond, z, logsnr)
+  uncond = _prediction_from_x(x_uncond, z, logsnr)
+  guided = _prediction_from_x(x_guided, z, logsnr)
   np.testing.assert_allclose(
     guidance.combine(cond.eps, uncond.eps, w), guided.eps, atol=1e-4
   )
@@ -154,7 +166,7 @@ def test_loss_weightings_match_their_definitions(weighting):
   logsnr = jnp.array([-3.0, 0.0, 3.0])
   z = schedules.diffuse(x, eps, logsnr)
   x_mse = jnp.mean((x_pred - x) ** 2, axis=(1, 2, 3))
-  eps_pred = parameterization.eps_from_x(x_pred, z, logsnr)
+  eps_pred = _eps_from_x(x_pred, z, logsnr)
   eps_mse = jnp.mean((eps_pred - eps) ** 2, axis=(1, 2, 3))
   alpha, sigma = schedules.alpha_sigma(logsnr)
   v_mse = jnp.mean(

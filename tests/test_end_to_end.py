@@ -1,6 +1,7 @@
 """End to end: the teacher on digits and on mocked TFDS data, then sampling."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -39,9 +40,10 @@ def test_teacher_run_writes_the_workdir_layout(digits_workdir):
     assert json.load(f)['teacher']['num_train_steps'] == 4
 
 
-def test_rerunning_a_finished_stage_does_nothing(digits_workdir, capsys):
-  pipeline.run(_teacher_config(), digits_workdir, 'teacher')
-  assert 'already finished' in capsys.readouterr().out
+def test_rerunning_a_finished_stage_does_nothing(digits_workdir, caplog):
+  with caplog.at_level(logging.INFO):
+    pipeline.run(_teacher_config(), digits_workdir, 'teacher')
+  assert 'already finished' in caplog.text
 
 
 def test_changed_training_config_is_reported(digits_workdir):

@@ -35,15 +35,6 @@ def _config(**teacher_overrides):
   return config
 
 
-def _steps(stage_dir: str) -> list[int]:
-  ckpt = checkpointing.Checkpointer(
-    loop.checkpoints_dir(stage_dir), max_to_keep=10
-  )
-  steps = sorted(ckpt.all_steps())
-  ckpt.close()
-  return steps
-
-
 def _export(stage_dir: str):
   return jax.device_get(checkpointing.load_params(loop.params_dir(stage_dir)))
 
@@ -92,7 +83,7 @@ def test_a_diverged_state_is_never_checkpointed(
   stage_dir = str(tmp_path / 'teacher')
   with pytest.raises(loop.NonFiniteLossError, match=message):
     loop.train_stage(_stage(config), config, stage_dir)
-  assert _steps(stage_dir) == kept
+  assert helpers.checkpoint_steps(stage_dir) == kept
   for step in kept:
     ckpt = checkpointing.Checkpointer(
       loop.checkpoints_dir(stage_dir), max_to_keep=10
@@ -117,7 +108,12 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_one(
     loop.train_stage(_stage(config), config, stage_dir)
   assert 'Checkpoint 8 in' in caplog.text
   assert 'Resuming from checkpoint 6 instead' in caplog.text
-  assert _steps(stage_dir) == [2, 4, 6, 8]  # 8 was trained and saved again.
+  assert helpers.checkpoint_steps(stage_dir) == [
+    2,
+    4,
+    6,
+    8,
+  ]  # 8 was trained and saved again.
   _assert_recovered(stage_dir, finished_workdir, moved=['checkpoints', '8'])
 
 
@@ -185,7 +181,7 @@ def test_bad_data_between_checkpoints_is_blamed_on_the_data(
     match='a batch of the steps up to 4 holds NaN or Inf.*Checkpoint 2 is kept',
   ):
     loop.train_stage(_stage(config), config, stage_dir)
-  assert _steps(stage_dir) == [2]
+  assert helpers.checkpoint_steps(stage_dir) == [2]
 
 
 def test_sigterm_saves_the_current_step_and_resumes_exactly(
@@ -205,7 +201,7 @@ def test_sigterm_saves_the_current_step_and_resumes_exactly(
   with pytest.raises(preemption.InterruptedRunError, match='after step 5'):
     loop.train_stage(_stage(config), config, stage_dir)
   monkeypatch.setattr(data, 'train_batches', real_batches)
-  assert _steps(stage_dir) == [2, 4, 5]
+  assert helpers.checkpoint_steps(stage_dir) == [2, 4, 5]
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
   loop.train_stage(_stage(config), config, stage_dir)
@@ -266,7 +262,7 @@ def test_a_second_run_on_a_workdir_fails_at_once_and_sigterm_exits_75(
   assert first.returncode == preemption.EXIT_CODE, stderr
   assert 'stopped by SIGTERM after step' in stderr
   step = int(stderr.split('after step ')[1].split(';')[0])
-  assert _steps(str(workdir / 'teacher'))[-1] == step
+  assert helpers.checkpoint_steps(str(workdir / 'teacher'))[-1] == step
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):

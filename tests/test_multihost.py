@@ -29,7 +29,7 @@ from tests import conftest, helpers
 _OVERRIDES = (
   '--config.teacher.num_train_steps=12',
   '--config.teacher.checkpoint_every=4',
-  '--config.teacher.eval_every=1000',
+  '--config.teacher.grids_every=1000',
   '--config.guided.num_train_steps=4',
   '--config.distill.num_train_steps=4',
   '--config.distill.final_num_steps=4',

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gdd import errors
+from gdd import config_lib, errors
 from gdd.data import digits
 
 DIGITS = 'digits'
@@ -74,11 +74,7 @@ def _validate(data_config: ml_collections.ConfigDict) -> None:
       )
     return
   shuffle_buffer = data_config.get('shuffle_buffer')
-  if (
-    not isinstance(shuffle_buffer, int)
-    or isinstance(shuffle_buffer, bool)
-    or shuffle_buffer < 1
-  ):
+  if not config_lib.is_int(shuffle_buffer):
     raise ValueError(
       f'config.data.shuffle_buffer must be a positive int for {name!r}, got '
       f'{shuffle_buffer!r}.'
@@ -127,7 +123,7 @@ def check_available(data_config: ml_collections.ConfigDict) -> None:
 
 
 def _check_int(key: str, value: int, minimum: int) -> None:
-  if not isinstance(value, int | np.integer) or value < minimum:
+  if not config_lib.is_int(value, minimum):
     raise ValueError(f'{key} must be an int >= {minimum}, got {value!r}.')
 
 
@@ -205,8 +201,8 @@ def train_batches(
   _check_int('start_step', start_step, 0)
   _check_int('process_count', process_count, 1)
   _check_int('global_batch_size', global_batch_size, 1)
-  if not isinstance(process_index, int | np.integer) or not (
-    0 <= process_index < process_count
+  if not (
+    config_lib.is_int(process_index, 0) and process_index < process_count
   ):
     raise ValueError(
       f'process_index must be in [0, {process_count}), got {process_index!r}.'

@@ -21,9 +21,10 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
-from gdd import config_lib, data, images, paths, sample
+from gdd import config_lib, data, images, paths, sample, stages
 from gdd.evaluation import features, fid, report
 from gdd.stages import progressive
 from gdd.train import loop
@@ -43,10 +44,8 @@ class Row:
 
   @property
   def nfe(self) -> int:
-    """Network evaluations per sample: the CFG teacher makes 2 per step."""
-    if self.model == REAL:
-      return 0
-    return 2 * self.num_steps if self.model == 'teacher' else self.num_steps
+    """Network evaluations per sample (none for real images)."""
+    return 0 if self.model == REAL else stages.nfe(self.model, self.num_steps)
 
 
 def eval_dir(workdir: epath.PathLike) -> epath.Path:
@@ -203,7 +202,7 @@ def _evaluate_row(
         ),
       )
     )
-    print(report.format_record(records[-1]), flush=True)
+    logging.info('%s', report.format_record(records[-1]))
   return records
 
 
@@ -231,7 +230,7 @@ def _evaluate_real(config, extractor, reference) -> dict:
       _num_splits(len(real['label'])),
     ),
   )
-  print(report.format_record(record), flush=True)
+  logging.info('%s', report.format_record(record))
   return record
 
 
@@ -269,7 +268,7 @@ def measure_speed(
   if not ev.speed_teacher_num_steps:
     return None
   if student_steps not in sample.finished_rounds(workdir):
-    print(f'speed: no finished {student_steps}-step round; skipped.')
+    logging.warning('Speed: no finished %d-step round; skipped.', student_steps)
     return None
   info = data.get_info(config.data)
   labels = np.arange(ev.speed_batch_size, dtype=np.int32) % info.num_classes
@@ -289,10 +288,13 @@ def measure_speed(
         'teacher_num_steps': teacher_steps,
         'teacher_seconds': teacher_seconds,
         'measured_ratio': teacher_seconds / student_seconds,
-        'ideal_ratio': 2 * teacher_steps / student_steps,
+        'ideal_ratio': (
+          stages.nfe('teacher', teacher_steps)
+          / stages.nfe('distill', student_steps)
+        ),
       }
     )
-    print(report.format_speed_row(rows[-1], student_steps), flush=True)
+    logging.info('%s', report.format_speed_row(rows[-1], student_steps))
   return {
     'device': device_description(),
     'batch_size': ev.speed_batch_size,

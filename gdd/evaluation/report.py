@@ -11,7 +11,7 @@ import matplotlib
 from etils import epath
 from matplotlib import figure
 
-from gdd import paths
+from gdd import paths, stages
 
 # Figures are built with matplotlib's object API and saved to files, never
 # through pyplot: no global backend is set, so a notebook that imports gdd
@@ -136,7 +136,8 @@ def speed_table(speed: dict) -> str:
   ]
   for row in speed['rows']:
     lines.append(
-      f'| {row["teacher_num_steps"]} | {2 * row["teacher_num_steps"]} | '
+      f'| {row["teacher_num_steps"]} | '
+      f'{stages.nfe("teacher", row["teacher_num_steps"])} | '
       f'{row["teacher_seconds"]:.3f} | {row["measured_ratio"]:.1f}× | '
       f'{row["ideal_ratio"]:.0f}× |'
     )
@@ -272,4 +273,3 @@ def write(results: dict, out_dir: epath.PathLike) -> None:
   (out_dir / 'results.md').write_text(markdown(results))
   plot_quality_vs_nfe(results, out_dir / 'quality_vs_nfe.png')
   plot_quality_vs_w(results, out_dir / 'quality_vs_w.png')
-  print(f'evaluation written to {out_dir}: results.json, results.md, plots')

@@ -62,10 +62,10 @@ class UNetConfig:
       'head_dim',
     ):
       self._require(
-        _is_positive_int(getattr(self, name)), name, 'a positive int'
+        config_lib.is_int(getattr(self, name)), name, 'a positive int'
       )
     self._require(
-      bool(self.ch_mult) and all(map(_is_positive_int, self.ch_mult)),
+      bool(self.ch_mult) and all(map(config_lib.is_int, self.ch_mult)),
       'ch_mult',
       'a non-empty tuple of positive ints',
     )
@@ -128,10 +128,6 @@ class UNetConfig:
   def resolutions(self) -> tuple[int, ...]:
     """Spatial size of each level, from image_size down."""
     return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
-
-
-def _is_positive_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class UNet(nn.Module):

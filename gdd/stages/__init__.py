@@ -23,7 +23,7 @@ class Stage:
   Attributes:
     name: folder of the stage under the workdir, e.g. 'teacher'.
     train_config: the stage's config block (num_train_steps, batch_size,
-      optimizer, ema_decay, log/eval/checkpoint intervals).
+      optimizer, ema_decay, log/grid/checkpoint intervals).
     init_params: (rng, frozen_params) -> initial params of the trained
       network; a student starts from its teacher's (frozen) params.
     loss_fn: pure loss; the frozen params (a teacher's, or None) arrive as an
@@ -43,3 +43,14 @@ class Stage:
   frozen_params: Any
   sample_panels: dict[str, SampleFn]
   sample_ws: tuple[float, ...]
+
+
+def nfe(stage: str, num_steps: int) -> int:
+  """Network evaluations per sample of a `stage` sampler with `num_steps`.
+
+  `stage` is a workdir stage kind ('teacher', 'guided', 'distill',
+  'single_w'). The CFG teacher evaluates the conditional and the
+  unconditional model at every step (`guidance.guided_x`); every student
+  evaluates one network per step.
+  """
+  return 2 * num_steps if stage == 'teacher' else num_steps

@@ -102,7 +102,7 @@ def make_stage(
   """The stage-one `Stage`; `teacher_params` are the teacher's EMA params."""
   student = build_student(config, info)
   teacher = common.build_model(config, info)
-  num_steps = config.eval.teacher_num_steps
+  num_steps = config.grids.teacher_num_steps
   student_sample = common.make_sample_fn(
     config,
     student,
@@ -123,7 +123,7 @@ def make_stage(
       loss_fn, student=student, teacher=teacher, config=config
     ),
     frozen_params=teacher_params,
-    sample_ws=tuple(config.eval.sample_ws),
+    sample_ws=tuple(config.grids.sample_ws),
     sample_panels={
       f'teacher_{num_steps}step_ddim': lambda params, frozen, rng, labels, w: (
         teacher_sample(frozen, rng, labels, w)

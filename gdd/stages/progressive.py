@@ -15,11 +15,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import data
+from gdd import config_lib, data
 from gdd.diffusion import distillation, losses, schedules
 from gdd.stages import Stage, common, guided, teacher
-
-TIME_GRIDS = ('fine', 'student')
 
 
 def stage_name(student_num_steps: int) -> str:
@@ -60,7 +58,9 @@ def sample_grid_index(
   if time_grid == 'student':
     half = teacher_num_steps // 2
     return 2 * jax.random.randint(rng, (batch_size,), 1, half + 1)
-  raise ValueError(f'time_grid={time_grid!r}; allowed: {TIME_GRIDS}.')
+  raise ValueError(
+    f'time_grid={time_grid!r}; allowed: {config_lib.TIME_GRIDS}.'
+  )
 
 
 def loss_fn(
@@ -128,7 +128,7 @@ def make_stage(
     teacher_denoiser=functools.partial(common.plain_denoiser, student),
     teacher_params=teacher_params,
     student_num_steps=student_num_steps,
-    sample_ws=tuple(config.eval.sample_ws),
+    sample_ws=tuple(config.grids.sample_ws),
   )
 
 

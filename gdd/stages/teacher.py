@@ -59,7 +59,7 @@ def guided_denoiser(model: UNet, params, labels: jnp.ndarray, w):
 def make_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
   """The teacher `Stage`: fresh init, CFG loss, guided DDIM sample grids."""
   model = common.build_model(config, info)
-  num_steps = config.eval.teacher_num_steps
+  num_steps = config.grids.teacher_num_steps
   sample_fn = common.make_sample_fn(
     config,
     model,
@@ -72,7 +72,7 @@ def make_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
     init_params=lambda rng, frozen: common.init_params(model, rng),
     loss_fn=functools.partial(loss_fn, model=model, config=config),
     frozen_params=None,
-    sample_ws=tuple(config.eval.sample_ws),
+    sample_ws=tuple(config.grids.sample_ws),
     sample_panels={
       f'teacher_{num_steps}step_ddim': lambda params, frozen, rng, labels, w: (
         sample_fn(params, rng, labels, w)

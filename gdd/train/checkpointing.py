@@ -67,9 +67,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def save(self, step: int, state: Any) -> None:
     """Starts an async save of `state` as checkpoint `step`."""
     self._manager.save(step, args=ocp.args.StandardSave(state))

@@ -266,7 +266,9 @@ class _SampleGridWriter:
     stage_dir: epath.PathLike,
   ):
     self._stage_dir = paths.resolve(stage_dir)
-    self._labels = _grid_labels(info.num_classes, config.eval.samples_per_class)
+    self._labels = _grid_labels(
+      info.num_classes, config.grids.samples_per_class
+    )
     self._num_devices = mesh.devices.size
     self._mesh = mesh
     rep = sharding.replicated(mesh)
@@ -562,37 +564,78 @@ def _run_steps(run: _StageRun, state: TrainState) -> TrainState:
   if start_step >= num_steps:
     return state
   batches = _global_batches(run, start_step)
-  report = periodic_actions.ReportProgress(
-    num_train_steps=num_steps,
-    writer=run.writer,
-    every_steps=run.stage.train_config.log_every,
-  )
-  write_grids = _SampleGridWriter(
-    run.stage,
-    run.config,
-    data.get_info(run.config.data),
-    run.mesh,
-    run.stage_dir,
-  )
-  trace = profiling.StepTrace(
-    run.config.profile_steps,
-    start_step,
-    os.fspath(run.stage_dir / 'profile'),
-  )
   batch = next(batches)
-  metrics = _MetricMeans(_throughput(run, state, batch))
+  steps = _StepLoop.open(run, state, batch)
   try:
     for step in range(start_step + 1, num_steps + 1):
-      trace.before(step)
+      steps.trace.before(step)
       state, step_metrics = run.train_step(state, run.frozen_params, batch)
       batch = next(batches)
-      trace.after(step, step_metrics)
-      metrics.add(step_metrics)
-      report(step)
-      _after_step(run, step, state, batch, metrics, write_grids)
+      steps.trace.after(step, step_metrics)
+      steps.metrics.add(step_metrics)
+      steps.report(step)
+      steps.after_step(step, state, batch)
   finally:
-    trace.stop()
+    steps.trace.stop()
   return state
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepLoop:
+  """The stage run and the step loop's side effects (metrics, grids, …)."""
+
+  run: _StageRun
+  report: periodic_actions.ReportProgress
+  write_grids: _SampleGridWriter
+  trace: profiling.StepTrace
+  metrics: '_MetricMeans'
+
+  @classmethod
+  def open(cls, run: _StageRun, state: TrainState, batch) -> '_StepLoop':
+    """The loop's side effects; compiles the step on the first `batch`."""
+    return cls(
+      run=run,
+      report=periodic_actions.ReportProgress(
+        num_train_steps=run.stage.train_config.num_train_steps,
+        writer=run.writer,
+        every_steps=run.stage.train_config.log_every,
+      ),
+      write_grids=_SampleGridWriter(
+        run.stage,
+        run.config,
+        data.get_info(run.config.data),
+        run.mesh,
+        run.stage_dir,
+      ),
+      trace=profiling.StepTrace(
+        run.config.profile_steps,
+        int(state.step),
+        os.fspath(run.stage_dir / 'profile'),
+      ),
+      metrics=_MetricMeans(_throughput(run, state, batch)),
+    )
+
+  def after_step(self, step: int, state: TrainState, next_batch) -> None:
+    """Logs, checkpoints and grids due after `step`; stops if asked to."""
+    run, train_config = self.run, self.run.stage.train_config
+    stop = _stop_request(run, step)
+    is_last = step == train_config.num_train_steps
+    save_now = step % train_config.checkpoint_every == 0 or is_last or stop
+    if step % train_config.log_every == 0 or save_now:
+      run.writer.write_scalars(step, run.check(self.metrics.pop(), step))
+    if save_now:
+      sharding.sync_processes('save')  # The first save compiles its check.
+      run.save(step, state, next_batch)
+    # A stop skips the grids: a scheduler's grace period is short.
+    if (step % train_config.grids_every == 0 or is_last) and not stop:
+      sharding.sync_processes('grids')  # Their samplers compile at first use.
+      self.write_grids(step, state.ema_params, run.frozen_params, run.writer)
+    if stop:
+      raise preemption.InterruptedRunError(
+        f'[{run.stage.name}] stopped by {stop} after step {step}; checkpoint '
+        f'{step} is saved in {checkpoints_dir(run.stage_dir)}. Re-run the '
+        'same command to resume from it.'
+      )
 
 
 def _throughput(run: _StageRun, state, batch) -> throughput.Throughput:
@@ -601,31 +644,6 @@ def _throughput(run: _StageRun, state, batch) -> throughput.Throughput:
   sharding.sync_processes('train_step_compiled')
   device = run.mesh.devices.flat[0]
   return throughput.Throughput.of(compiled, device, run.config.model.dtype)
-
-
-def _after_step(
-  run: _StageRun, step: int, state, next_batch, metrics, write_grids
-) -> None:
-  """Logs, checkpoints and grids due after `step`; stops if asked to."""
-  train_config = run.stage.train_config
-  stop = _stop_request(run, step)
-  is_last = step == train_config.num_train_steps
-  save_now = step % train_config.checkpoint_every == 0 or is_last or stop
-  if step % train_config.log_every == 0 or save_now:
-    run.writer.write_scalars(step, run.check(metrics.pop(), step))
-  if save_now:
-    sharding.sync_processes('save')  # The first save compiles its check.
-    run.save(step, state, next_batch)
-  # A stop skips the grids: a scheduler's grace period is short.
-  if (step % train_config.eval_every == 0 or is_last) and not stop:
-    sharding.sync_processes('grids')  # Their samplers compile at first use.
-    write_grids(step, state.ema_params, run.frozen_params, run.writer)
-  if stop:
-    raise preemption.InterruptedRunError(
-      f'[{run.stage.name}] stopped by {stop} after step {step}; checkpoint '
-      f'{step} is saved in {checkpoints_dir(run.stage_dir)}. Re-run the '
-      'same command to resume from it.'
-    )
 
 
 def _stop_request(run: _StageRun, step: int) -> str | None:
