@@ -10,13 +10,10 @@ section of an existing `WORKDIR/eval/results.json` and re-renders
 results.md, so the speed can be re-timed without re-scoring every row.
 """
 
-import json
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from gdd import config_lib
+from gdd import config_lib, workdir_lib
 from gdd.evaluation import evaluate, report
 
 _CONFIG = config_flags.DEFINE_config_file('config', lock_config=True)
@@ -37,9 +34,8 @@ def main(argv):
   print(f'device: {evaluate.device_description()}')
   print(report.speed_table(speed))
   if _UPDATE_EVAL.value:
-    out_dir = evaluate.eval_dir(_WORKDIR.value)
-    with open(os.path.join(out_dir, 'results.json')) as f:
-      results = json.load(f)
+    out_dir = workdir_lib.eval_dir(_WORKDIR.value)
+    results = report.read(out_dir)
     results['speed'] = speed
     report.write(results, out_dir)
     print(f'updated {out_dir}/results.json and results.md')

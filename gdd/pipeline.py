@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from gdd import config_lib, data, errors, paths, plan, sample
+from gdd import config_lib, data, errors, paths, plan, sample, workdir_lib
 from gdd.evaluation import evaluate
 from gdd.stages import Stage, common, guided, progressive, teacher
 from gdd.train import checkpointing, lock, loop, preemption, sharding
@@ -50,10 +50,9 @@ def record_stage_config(
   w range) in `stage.json` for people and tools reading the workdir.
   """
   stage_dir = paths.resolve(stage_dir)
-  path = stage_dir / 'config.json'
   current = json.loads(config.to_json())
-  if path.exists():
-    stored = json.loads(path.read_text())
+  stored = workdir_lib.read_config_record(stage_dir)
+  if stored is not None:
     old = config_lib.training_keys(stored, kind)
     new = config_lib.training_keys(current, kind)
     diffs = [
@@ -69,9 +68,9 @@ def record_stage_config(
       )
     return
   if jax.process_index() == 0:
-    paths.write_atomically(path, config.to_json(indent=2).encode())
+    workdir_lib.write_config_record(stage_dir, config)
     if trained_from is not None:
-      (stage_dir / 'stage.json').write_text(json.dumps(trained_from, indent=2))
+      workdir_lib.write_stage_record(stage_dir, trained_from)
 
 
 def _run_stage(
@@ -89,7 +88,7 @@ def _run_stage(
   Holds the stage folder's lock throughout, so a second run on the same
   folder fails at once instead of writing the same checkpoints.
   """
-  stage_dir = sample.stage_dir(workdir, name)
+  stage_dir = workdir_lib.stage_dir(workdir, name)
   preemption.raise_if_requested(f'stage {name}')
   with lock.hold(stage_dir):
     record_stage_config(config, stage_dir, kind, trained_from)
@@ -102,7 +101,7 @@ def _run_stage(
       make_stage(),
       config,
       stage_dir,
-      replace_export=loop.params_dir(stage_dir).exists(),
+      replace_export=workdir_lib.params_dir(stage_dir).exists(),
     )
   logging.info('%s: finished in %.0f s.', name, time.perf_counter() - start)
   return params
@@ -114,7 +113,7 @@ def _load_export(stage_dir: epath.Path, abstract_params):
   An export that cannot be read stays where it is for now: training
   restores the stage's final checkpoint and only then replaces it.
   """
-  if not loop.params_dir(stage_dir).exists():
+  if not workdir_lib.params_dir(stage_dir).exists():
     return None
   try:
     return loop.load_exported_params(stage_dir, abstract_params)
@@ -138,7 +137,7 @@ _MODE_INPUTS = {
 
 def _require_input(workdir: epath.PathLike, mode: str) -> None:
   name = _MODE_INPUTS.get(mode)
-  if name and not loop.params_dir(sample.stage_dir(workdir, name)).is_dir():
+  if name and not workdir_lib.is_finished(workdir_lib.stage_dir(workdir, name)):
     raise checkpointing.MissingExportError(
       f'--mode={mode} needs a finished {name!r} stage in {workdir}; run '
       f'--mode={"teacher" if name == "teacher" else "guided"} (or the '
@@ -182,7 +181,7 @@ def run_chain(
     name=guided.NAME,
     abstract_params=student_abstract,
     trained_from={
-      'teacher': os.fspath(sample.stage_dir(workdir, teacher.NAME)),
+      'teacher': os.fspath(workdir_lib.stage_dir(workdir, teacher.NAME)),
       'w_range': [config.guided.w_min, config.guided.w_max],
     },
   )
@@ -194,7 +193,7 @@ def run_chain(
     params,
     first_teacher=guided.NAME,
     kind='distill',
-    stage_name=progressive.stage_name,
+    w=None,
     make_stage=functools.partial(progressive.make_stage, config, info),
     abstract_params=student_abstract,
     w_record={'w_range': [config.guided.w_min, config.guided.w_max]},
@@ -207,7 +206,7 @@ def _guided_stage(config, workdir, info, teacher_model, teacher_params):
   export again (its `teacher_params` are None)."""
   if teacher_params is None:
     teacher_params = loop.load_exported_params(
-      sample.stage_dir(workdir, teacher.NAME),
+      workdir_lib.stage_dir(workdir, teacher.NAME),
       common.abstract_params(teacher_model),
     )
   return guided.make_stage(config, info, teacher_params)
@@ -217,7 +216,7 @@ def _run_single_w_rounds(config, workdir, info, teacher_model) -> None:
   """The single-w baseline: halving rounds at w = config.single_w.w."""
   w = config.single_w.w
   teacher_params = loop.load_exported_params(
-    sample.stage_dir(workdir, teacher.NAME),
+    workdir_lib.stage_dir(workdir, teacher.NAME),
     common.abstract_params(teacher_model),
   )
   first_round = progressive.round_step_counts(config)[0]
@@ -237,16 +236,14 @@ def _run_single_w_rounds(config, workdir, info, teacher_model) -> None:
     teacher_params,
     first_teacher=teacher.NAME,
     kind='single_w',
-    stage_name=functools.partial(progressive.single_w_stage_name, w),
+    w=w,
     make_stage=make_stage,
     abstract_params=common.abstract_params(teacher_model),
     w_record={'w': w},
   )
-  rounds = sample.finished_rounds(workdir, progressive.single_w_root(w))
-  print(
-    f'single-w chain finished: step counts {rounds} in '
-    f'{sample.stage_dir(workdir, progressive.single_w_root(w))}'
-  )
+  rounds = workdir_lib.finished_rounds(workdir, 'single_w', w=w)
+  root = workdir_lib.rounds_dir(workdir, 'single_w', w)
+  print(f'single-w chain finished: step counts {rounds} in {root}')
 
 
 def _run_rounds(
@@ -256,7 +253,7 @@ def _run_rounds(
   *,
   first_teacher: str,
   kind: str,
-  stage_name: Callable[[int], str],
+  w: float | None,
   make_stage: Callable[..., Stage],
   abstract_params,
   w_record: dict,
@@ -264,32 +261,34 @@ def _run_rounds(
   """Halving rounds initial_num_steps → … → final_num_steps, each resumable.
 
   `params` are the first teacher's (the folder `first_teacher`); each
-  finished round's student is the next round's teacher.
+  finished round's student is the next round's teacher. `kind` and `w`
+  name the chain (`workdir_lib.round_name`).
   """
   teacher_steps = config.distill.initial_num_steps
   teacher_dir = first_teacher
   for student_steps in progressive.round_step_counts(config):
+    name = workdir_lib.round_name(kind, student_steps, w)
     params = _run_stage(
       config,
       workdir,
       kind,
       functools.partial(make_stage, params, student_num_steps=student_steps),
-      name=stage_name(student_steps),
+      name=name,
       abstract_params=abstract_params,
       trained_from={
-        'teacher': os.fspath(sample.stage_dir(workdir, teacher_dir)),
+        'teacher': os.fspath(workdir_lib.stage_dir(workdir, teacher_dir)),
         'teacher_num_steps': teacher_steps,
         'student_num_steps': student_steps,
         **w_record,
         'time_grid': config.distill.time_grid,
       },
     )
-    teacher_steps, teacher_dir = student_steps, stage_name(student_steps)
+    teacher_steps, teacher_dir = student_steps, name
 
 
 def finished_summary(workdir: epath.PathLike) -> str:
-  rounds = sample.finished_rounds(workdir)
-  distill_dir = sample.stage_dir(workdir, 'distill')
+  rounds = workdir_lib.finished_rounds(workdir)
+  distill_dir = workdir_lib.rounds_dir(workdir, 'distill')
   return f'distilled step counts {rounds} in {distill_dir}'
 
 
@@ -345,7 +344,7 @@ def run(
   data.check_available(config.data)
   if mode == 'evaluate':
     evaluate.run(config, workdir)
-    print(f'evaluation written to {evaluate.eval_dir(workdir)}')
+    print(f'evaluation written to {workdir_lib.eval_dir(workdir)}')
     return
   with preemption.catch_signals():
     run_chain(config, workdir, mode)

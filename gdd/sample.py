@@ -6,7 +6,6 @@ the stage's recorded config, loads its params export and returns a jitted
 """
 
 import functools
-import json
 import math
 import os
 import time
@@ -18,10 +17,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from gdd import data, errors, images, paths
+from gdd import data, errors, images, paths, workdir_lib
 from gdd.evaluation import npz
 from gdd.models import UNet
-from gdd.stages import common, guided, progressive, teacher
+from gdd.stages import common, guided, teacher
 from gdd.train import loop, sharding
 
 SamplerFn = Callable[[jax.Array, jnp.ndarray, float], jnp.ndarray]
@@ -44,21 +43,19 @@ class StageNotFoundError(errors.UserError, FileNotFoundError):
   """The workdir has no trained stage where a request needs one."""
 
 
-def stage_dir(workdir: epath.PathLike, stage: str) -> epath.Path:
-  return paths.resolve(workdir) / stage
-
-
 def load_stage_config(
   workdir: epath.PathLike, stage: str
 ) -> ml_collections.ConfigDict:
   """The config a stage was trained with (its `config.json`)."""
-  path = stage_dir(workdir, stage) / 'config.json'
-  if not path.exists():
+  stage_dir = workdir_lib.stage_dir(workdir, stage)
+  record = workdir_lib.read_config_record(stage_dir)
+  if record is None:
     raise StageNotFoundError(
-      f'No {stage!r} stage in {workdir} ({path} is missing). Train it first: '
+      f'No {stage!r} stage in {workdir} '
+      f'({workdir_lib.config_record(stage_dir)} is missing). Train it first: '
       f'python -m gdd.main --config=... --workdir={workdir} --mode={stage}'
     )
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(record)
 
 
 def _resolve(
@@ -80,29 +77,26 @@ def _resolve(
     )
   if stage in ('teacher', 'guided'):
     return stage
-  if stage == 'distill':
-    root, stage_name = 'distill', progressive.stage_name
-  else:
-    if w is None:
-      raise SampleRequestError(
-        "stage='single_w' needs w: each single-w model is trained for one "
-        f'w; trained: {single_w_values(workdir) or "none"}.'
-      )
-    root = progressive.single_w_root(w)
-    stage_name = functools.partial(progressive.single_w_stage_name, w)
+  if stage == 'single_w' and w is None:
+    raise SampleRequestError(
+      "stage='single_w' needs w: each single-w model is trained for one "
+      f'w; trained: {workdir_lib.single_w_values(workdir) or "none"}.'
+    )
+  round_w = w if stage == 'single_w' else None
   # The stochastic N-step sampler jumps with the N/2-step model (§7).
   model_steps = num_steps // 2 if sampler == 'stochastic' else num_steps
-  folder = stage_name(model_steps)
+  folder = workdir_lib.round_name(stage, model_steps, round_w)
   if sampler == 'stochastic' and num_steps % 2:
     raise SampleRequestError(
       f'num_steps={num_steps}: the stochastic sampler needs an even step '
       'count (it uses the model distilled for num_steps / 2).'
     )
-  if not loop.params_dir(stage_dir(workdir, folder)).is_dir():
-    distilled = finished_rounds(workdir, root)
+  if not workdir_lib.is_finished(workdir_lib.stage_dir(workdir, folder)):
+    distilled = workdir_lib.finished_rounds(workdir, stage, w=round_w)
     raise SampleRequestError(
       f'No finished distillation round for {model_steps} steps in '
-      f'{stage_dir(workdir, root)}; distilled step counts: '
+      f'{workdir_lib.rounds_dir(workdir, stage, round_w)}; distilled step '
+      'counts: '
       f'{distilled or "none"}. '
       + (
         'The stochastic sampler needs the round for num_steps / 2.'
@@ -111,29 +105,6 @@ def _resolve(
       )
     )
   return folder
-
-
-def finished_rounds(
-  workdir: epath.PathLike, root: str = 'distill'
-) -> list[int]:
-  """Student step counts of the finished rounds under `root`, descending."""
-  root = stage_dir(workdir, root)
-  if not root.is_dir():
-    return []
-  counts = [
-    int(folder.name.removesuffix('steps'))
-    for folder in root.iterdir()
-    if folder.name.endswith('steps') and loop.params_dir(folder).is_dir()
-  ]
-  return sorted(counts, reverse=True)
-
-
-def single_w_values(workdir: epath.PathLike) -> list[float]:
-  """The w of every single-w chain in the workdir."""
-  root = stage_dir(workdir, 'single_w')
-  if not root.is_dir():
-    return []
-  return sorted(float(folder.name[1:]) for folder in root.iterdir())
 
 
 def load_sampler(
@@ -176,7 +147,7 @@ def load_sampler(
     config, model, make_denoiser, num_steps=num_steps, sampler=sampler
   )
   params = loop.load_exported_params(
-    stage_dir(workdir, folder), common.abstract_params(model)
+    workdir_lib.stage_dir(workdir, folder), common.abstract_params(model)
   )
   check_request = functools.partial(
     _check_request, stage=stage, w_range=w_range, info=info
@@ -304,12 +275,6 @@ def _raw_key(rng: jax.Array) -> jax.Array:
   return rng
 
 
-def default_output(workdir: epath.PathLike, sample_config) -> epath.Path:
-  c = sample_config
-  name = f'{c.stage}_{c.sampler}_{c.num_steps}steps_w{c.w:g}.npz'
-  return paths.resolve(workdir) / 'samples' / name
-
-
 def sample_to_files(
   config: ml_collections.ConfigDict, workdir: epath.PathLike
 ) -> str:
@@ -335,7 +300,12 @@ def sample_to_files(
     chunks.append(images.to_uint8(sharding.to_host(batch)))
   samples = np.concatenate(chunks)
 
-  output = paths.resolve(c.output or default_output(workdir, c))
+  output = paths.resolve(
+    c.output
+    or workdir_lib.samples_file(
+      workdir, stage=c.stage, sampler=c.sampler, num_steps=c.num_steps, w=c.w
+    )
+  )
   # The suffix np.savez would add to a file name, so that the path returned
   # is the file written.
   if not output.name.endswith('.npz'):

@@ -6,8 +6,7 @@ import os
 import ml_collections
 import pytest
 
-from gdd import config_lib, errors
-from gdd.train import loop
+from gdd import config_lib, errors, workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +34,7 @@ def checkpoint_steps(stage_dir: str) -> list[int]:
   Orbax names a finished checkpoint by its step; an unfinished save is a
   temporary folder whose name is not a number.
   """
-  folder = loop.checkpoints_dir(stage_dir)
+  folder = workdir_lib.checkpoints_dir(stage_dir)
   if not folder.exists():
     return []
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())

@@ -15,17 +15,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gdd import data, pipeline, sample
-from gdd.train import checkpointing, loop
+from gdd import data, pipeline, sample, workdir_lib
+from gdd.train import checkpointing
 from tests import helpers
 
 
 def _params(stage_dir):
-  return jax.device_get(checkpointing.load_params(loop.params_dir(stage_dir)))
+  return jax.device_get(
+    checkpointing.load_params(workdir_lib.params_dir(stage_dir))
+  )
 
 
 def test_chain_writes_every_stage_with_its_record(chain_workdir):
-  assert sample.finished_rounds(chain_workdir) == [4, 2, 1]
+  assert workdir_lib.finished_rounds(chain_workdir) == [4, 2, 1]
   with open(
     os.path.join(chain_workdir, 'distill', '2steps', 'stage.json')
   ) as f:
@@ -107,7 +109,7 @@ def test_kill_during_a_halving_round_then_rerun(
   with pytest.raises(KeyboardInterrupt):
     pipeline.run(config, workdir, 'all')
   monkeypatch.setattr(data, 'train_batches', real_batches)
-  assert sample.finished_rounds(workdir) == [4]
+  assert workdir_lib.finished_rounds(workdir) == [4]
   pipeline.run(config, workdir, 'all')
   for steps in (2, 1):
     name = os.path.join('distill', f'{steps}steps')
@@ -147,7 +149,10 @@ def single_w_workdir(chain_workdir, tmp_path_factory):
 
 
 def test_single_w_baseline_runs_its_own_rounds(single_w_workdir):
-  assert sample.finished_rounds(single_w_workdir, 'single_w/w2') == [2, 1]
+  assert workdir_lib.finished_rounds(single_w_workdir, 'single_w', w=2) == [
+    2,
+    1,
+  ]
   assert not os.path.exists(os.path.join(single_w_workdir, 'guided'))
   with open(
     os.path.join(single_w_workdir, 'single_w', 'w2', '2steps', 'stage.json')

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from gdd import pipeline, sample
-from gdd.train import loop
+from gdd import pipeline, sample, workdir_lib
 from tests import helpers
 
 
@@ -34,8 +33,8 @@ def digits_workdir(tmp_path_factory):
 
 def test_teacher_run_writes_the_workdir_layout(digits_workdir):
   stage_dir = os.path.join(digits_workdir, 'teacher')
-  assert os.path.isdir(loop.params_dir(stage_dir))
-  assert os.path.isdir(loop.checkpoints_dir(stage_dir))
+  assert os.path.isdir(workdir_lib.params_dir(stage_dir))
+  assert os.path.isdir(workdir_lib.checkpoints_dir(stage_dir))
   with open(os.path.join(stage_dir, 'config.json')) as f:
     assert json.load(f)['teacher']['num_train_steps'] == 4
 
@@ -177,7 +176,7 @@ def test_teacher_runs_on_mocked_tfds(name, tmp_path):
     num_examples=num_examples, data_dir=config.data.data_dir
   ):
     pipeline.run(config, workdir, 'teacher')
-  assert os.path.isdir(loop.params_dir(os.path.join(workdir, 'teacher')))
+  assert os.path.isdir(workdir_lib.params_dir(os.path.join(workdir, 'teacher')))
 
 
 def test_missing_tfds_dataset_fails_before_compiling(tmp_path):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from gdd import config_lib, data, errors, pipeline, sample
+from gdd import config_lib, data, errors, pipeline, sample, workdir_lib
 from gdd.stages import teacher
 from gdd.train import checkpointing, lock, loop, preemption
 from tests import conftest, helpers
@@ -36,7 +36,9 @@ def _config(**teacher_overrides):
 
 
 def _export(stage_dir: str):
-  return jax.device_get(checkpointing.load_params(loop.params_dir(stage_dir)))
+  return jax.device_get(
+    checkpointing.load_params(workdir_lib.params_dir(stage_dir))
+  )
 
 
 def _truncate_files(folder: str) -> None:
@@ -85,9 +87,7 @@ def test_a_diverged_state_is_never_checkpointed(
     loop.train_stage(_stage(config), config, stage_dir)
   assert helpers.checkpoint_steps(stage_dir) == kept
   for step in kept:
-    ckpt = checkpointing.Checkpointer(
-      loop.checkpoints_dir(stage_dir), max_to_keep=10
-    )
+    ckpt = checkpointing.Checkpointer(stage_dir, max_to_keep=10)
     state = jax.device_get(ckpt.restore(step, None))
     ckpt.close()
     for leaf in jax.tree.leaves((state['params'], state['ema_params'])):
@@ -100,8 +100,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_one(
   stage_dir = os.path.join(_copy(finished_workdir, tmp_path), 'teacher')
   # As if the run had died after saving checkpoint 8, before exporting, and
   # checkpoint 8's files were damaged.
-  shutil.rmtree(loop.params_dir(stage_dir))
-  _truncate_files(os.path.join(loop.checkpoints_dir(stage_dir), '8'))
+  shutil.rmtree(workdir_lib.params_dir(stage_dir))
+  _truncate_files(os.path.join(workdir_lib.checkpoints_dir(stage_dir), '8'))
 
   config = _config()
   with caplog.at_level(logging.WARNING):
@@ -119,7 +119,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_one(
 
 def _assert_recovered(stage_dir, finished_workdir, *, moved: list[str]):
   """One thing was moved aside, and the export equals the reference run's."""
-  aside = os.listdir(os.path.join(stage_dir, checkpointing.UNREADABLE_DIR))
+  aside = os.listdir(workdir_lib.unreadable_dir(stage_dir))
   assert [name.split('_')[:2] for name in aside] == [moved]
   chex.assert_trees_all_equal(
     _export(stage_dir), _export(os.path.join(finished_workdir, 'teacher'))
@@ -131,7 +131,7 @@ def test_a_broken_params_export_is_written_again(
 ):
   workdir = _copy(finished_workdir, tmp_path)
   stage_dir = os.path.join(workdir, 'teacher')
-  _truncate_files(loop.params_dir(stage_dir))
+  _truncate_files(workdir_lib.params_dir(stage_dir))
   with pytest.raises(checkpointing.UnreadableCheckpointError, match='Re-run'):
     sample.load_sampler(workdir, 'teacher', num_steps=2)
 
@@ -145,18 +145,16 @@ def test_nothing_readable_is_one_error_that_names_the_folder(
   finished_workdir, tmp_path
 ):
   workdir = _copy(finished_workdir, tmp_path)
-  checkpoints = loop.checkpoints_dir(os.path.join(workdir, 'teacher'))
+  checkpoints = workdir_lib.checkpoints_dir(os.path.join(workdir, 'teacher'))
   _truncate_files(checkpoints)
-  _truncate_files(loop.params_dir(os.path.join(workdir, 'teacher')))
+  _truncate_files(workdir_lib.params_dir(os.path.join(workdir, 'teacher')))
   with pytest.raises(checkpointing.UnreadableCheckpointError) as error:
     pipeline.run(_config(), workdir, 'teacher')
   assert f'No checkpoint in {checkpoints} can be read' in str(error.value)
   assert sorted(os.listdir(checkpoints)) == ['2', '4', '6', '8']
   stage_dir = os.path.join(workdir, 'teacher')
-  assert os.path.isdir(loop.params_dir(stage_dir))
-  assert not os.path.exists(
-    os.path.join(stage_dir, checkpointing.UNREADABLE_DIR)
-  )
+  assert os.path.isdir(workdir_lib.params_dir(stage_dir))
+  assert not os.path.exists(workdir_lib.unreadable_dir(stage_dir))
 
 
 def test_bad_data_between_checkpoints_is_blamed_on_the_data(
@@ -244,7 +242,7 @@ def test_a_second_run_on_a_workdir_fails_at_once_and_sigterm_exits_75(
 ):
   workdir = tmp_path / 'run'
   first = _gdd(workdir, '--config.teacher.num_train_steps=100000')
-  lock_file = workdir / 'teacher' / lock.LOCK_FILE
+  lock_file = workdir_lib.lock_file(workdir / 'teacher')
   deadline = time.time() + 300
   while not (lock_file.exists() and lock_file.read_text()):
     assert first.poll() is None, first.communicate()

@@ -26,9 +26,9 @@ from etils.epath import backend, gpath
 from fsspec.implementations import memory
 from PIL import Image
 
-from gdd import config_lib, images, paths, pipeline, sample
+from gdd import config_lib, images, paths, pipeline, sample, workdir_lib
 from gdd.evaluation import fid, report
-from gdd.train import checkpointing, lock, loop
+from gdd.train import checkpointing, lock
 from tests import helpers
 
 RUN = 'gs://bucket/run'
@@ -96,7 +96,7 @@ def test_stage_config_is_recorded_and_checked_on_gcs(gcs):
 
 def test_the_stage_lock_on_gcs_names_its_holder_and_goes_on_release(gcs):
   stage_dir = f'{RUN}/teacher'
-  lock_file = epath.Path(f'{stage_dir}/{lock.LOCK_FILE}')
+  lock_file = workdir_lib.lock_file(stage_dir)
   with lock.hold(stage_dir):
     assert json.loads(lock_file.read_text())['pid'] == os.getpid()
     refused = pytest.raises(lock.LockHeldError, match=f'pid {os.getpid()} on')
@@ -110,7 +110,7 @@ def test_the_stage_lock_on_gcs_names_its_holder_and_goes_on_release(gcs):
 
 def test_a_dead_runs_lock_on_gcs_holds_until_deleted(gcs):
   stage_dir = f'{RUN}/teacher'
-  lock_file = epath.Path(f'{stage_dir}/{lock.LOCK_FILE}')
+  lock_file = workdir_lib.lock_file(stage_dir)
   dead = {'host': 'lost-host', 'pid': 12, 'started': 'then', 'command': 'x'}
   lock_file.write_text(json.dumps(dead))
   refused = pytest.raises(lock.LockHeldError, match='pid 12 on host lost-host')
@@ -135,8 +135,8 @@ def test_move_aside_on_gcs_keeps_the_files(gcs):
 def test_finished_rounds_are_listed_on_gcs(gcs):
   for folder in ('distill/4steps/params', 'distill/2steps/checkpoints'):
     epath.Path(f'{RUN}/{folder}/x').write_bytes(b'')
-  assert sample.finished_rounds(RUN) == [4]
-  assert sample.finished_rounds(f'{RUN}/nothing') == []
+  assert workdir_lib.finished_rounds(RUN) == [4]
+  assert workdir_lib.finished_rounds(f'{RUN}/nothing') == []
 
 
 def test_evaluation_files_and_images_go_to_gcs(gcs):
@@ -202,12 +202,10 @@ def test_orbax_is_handed_the_url_unchanged(gcs, monkeypatch):
     handed.append(directory)
 
   monkeypatch.setattr(checkpointing.ocp, 'CheckpointManager', record_directory)
-  checkpointing.Checkpointer(
-    loop.checkpoints_dir(f'{RUN}/teacher'), max_to_keep=1
-  )
+  checkpointing.Checkpointer(f'{RUN}/teacher', max_to_keep=1)
   assert handed == [epath.Path(f'{RUN}/teacher/checkpoints')]
   with pytest.raises(checkpointing.MissingExportError, match=f'{RUN}/guided'):
-    checkpointing.load_params(loop.params_dir(f'{RUN}/guided'))
+    checkpointing.load_params(workdir_lib.params_dir(f'{RUN}/guided'))
 
 
 @pytest.mark.skipif(
@@ -220,7 +218,7 @@ def test_orbax_round_trip_on_a_real_store():
   run = paths.resolve(os.environ['GDD_TEST_WORKDIR_URL']) / uuid.uuid4().hex
   state = {'w': jnp.arange(4.0)}
   try:
-    ckpt = checkpointing.Checkpointer(run / 'checkpoints', max_to_keep=1)
+    ckpt = checkpointing.Checkpointer(run, max_to_keep=1)
     ckpt.save(3, state)
     ckpt.wait_until_finished()
     restored = ckpt.restore_latest(state)

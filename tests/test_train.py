@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdd import data
+from gdd import data, workdir_lib
 from gdd.stages import teacher
 from gdd.train import checkpointing, loop, optim, sharding
 from tests import helpers
@@ -86,7 +86,9 @@ def test_learning_rate_schedules():
 
 
 def _final_params(stage_dir):
-  return jax.device_get(checkpointing.load_params(loop.params_dir(stage_dir)))
+  return jax.device_get(
+    checkpointing.load_params(workdir_lib.params_dir(stage_dir))
+  )
 
 
 def _tiny_teacher(config):
@@ -113,10 +115,8 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     loop.train_stage(stage, config, killed_dir)
   monkeypatch.setattr(data, 'train_batches', real_batches)
-  assert not os.path.exists(loop.params_dir(killed_dir))
-  ckpt = checkpointing.Checkpointer(
-    loop.checkpoints_dir(killed_dir), max_to_keep=10
-  )
+  assert not os.path.exists(workdir_lib.params_dir(killed_dir))
+  ckpt = checkpointing.Checkpointer(killed_dir, max_to_keep=10)
   assert ckpt.latest_step() == 4
   ckpt.close()
 
@@ -147,13 +147,11 @@ def test_non_finite_data_stops_and_keeps_the_good_state(tmp_path, monkeypatch):
   ):
     loop.train_stage(_tiny_teacher(config), config, stage_dir)
   assert helpers.checkpoint_steps(stage_dir) == [2, 4]
-  ckpt = checkpointing.Checkpointer(
-    loop.checkpoints_dir(stage_dir), max_to_keep=3
-  )
+  ckpt = checkpointing.Checkpointer(stage_dir, max_to_keep=3)
   state = jax.device_get(ckpt.restore(4, None))
   ckpt.close()
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
-  assert not os.path.exists(loop.params_dir(stage_dir))
+  assert not os.path.exists(workdir_lib.params_dir(stage_dir))
 
 
 def test_train_stage_writes_logs_and_sample_grids(tmp_path):

@@ -24,10 +24,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from gdd import config_lib, data, images, paths, sample, stages
+from gdd import config_lib, data, images, paths, sample, stages, workdir_lib
 from gdd.evaluation import features, fid, report
-from gdd.stages import progressive
-from gdd.train import loop
 
 # Real images scored as if they were a model (the floor of the metric).
 REAL = 'real'
@@ -48,10 +46,6 @@ class Row:
     return 0 if self.model == REAL else stages.nfe(self.model, self.num_steps)
 
 
-def eval_dir(workdir: epath.PathLike) -> epath.Path:
-  return paths.resolve(workdir) / 'eval'
-
-
 def plan_rows(
   config: ml_collections.ConfigDict, workdir: epath.PathLike
 ) -> list[Row]:
@@ -60,24 +54,23 @@ def plan_rows(
   rows = []
 
   def finished(stage: str) -> bool:
-    return loop.params_dir(sample.stage_dir(workdir, stage)).is_dir()
+    return workdir_lib.is_finished(workdir_lib.stage_dir(workdir, stage))
 
   if finished('teacher'):
     rows += [Row('teacher', 'ddim', n) for n in ev.teacher_num_steps]
   if finished('guided'):
     rows += [Row('guided', 'ddim', n) for n in ev.guided_num_steps]
-  rounds = sample.finished_rounds(workdir)
+  rounds = workdir_lib.finished_rounds(workdir)
   rows += [Row('distill', 'ddim', n) for n in rounds]
   rows += [
     Row('distill', 'stochastic', 2 * n)
     for n in rounds
     if 2 * n <= ev.max_stochastic_steps
   ]
-  for w in sample.single_w_values(workdir):
-    root = progressive.single_w_root(w)
+  for w in workdir_lib.single_w_values(workdir):
     rows += [
       Row('single_w', 'ddim', n, trained_w=w)
-      for n in sample.finished_rounds(workdir, root)
+      for n in workdir_lib.finished_rounds(workdir, 'single_w', w=w)
     ]
   return rows
 
@@ -267,7 +260,7 @@ def measure_speed(
   student_steps = ev.speed_student_num_steps
   if not ev.speed_teacher_num_steps:
     return None
-  if student_steps not in sample.finished_rounds(workdir):
+  if student_steps not in workdir_lib.finished_rounds(workdir):
     logging.warning('Speed: no finished %d-step round; skipped.', student_steps)
     return None
   info = data.get_info(config.data)
@@ -323,7 +316,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
   """Scores every finished stage; writes results.json, results.md, plots."""
   rows = check(config, workdir)
   ev = config.evaluate
-  out_dir = eval_dir(workdir)
+  out_dir = workdir_lib.eval_dir(workdir)
   out_dir.mkdir(parents=True, exist_ok=True)
   extractor = features.make_extractor(config, out_dir)
   reference = features.reference_stats(config, extractor, out_dir)

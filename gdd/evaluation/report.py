@@ -1,7 +1,7 @@
 """Evaluation output: results.json, a markdown table and PNG plots.
 
 Reads only the results dict that `evaluate.run` builds, so a report can be
-re-made from a saved results.json (`write(json.load(...), out_dir)`).
+re-made from a saved results.json (`write(read(out_dir), out_dir)`).
 """
 
 import json
@@ -17,6 +17,8 @@ from gdd import paths, stages
 # through pyplot: no global backend is set, so a notebook that imports gdd
 # keeps its inline plots.
 
+# The file `write` saves the results dict in and `read` loads it from.
+_RESULTS_JSON = 'results.json'
 # Plotted series: (model, sampler) → label.
 _SERIES = {
   ('teacher', 'ddim'): 'CFG teacher, DDIM',
@@ -259,6 +261,11 @@ def _save_png(fig: figure.Figure, path: epath.PathLike) -> None:
     fig.savefig(f, format='png', dpi=110)
 
 
+def read(out_dir: epath.PathLike) -> dict:
+  """The results dict that `write` saved in `out_dir`."""
+  return json.loads((paths.resolve(out_dir) / _RESULTS_JSON).read_text())
+
+
 def write(results: dict, out_dir: epath.PathLike) -> None:
   """results.json, results.md, quality_vs_nfe.png and quality_vs_w.png.
 
@@ -269,7 +276,7 @@ def write(results: dict, out_dir: epath.PathLike) -> None:
     return
   out_dir = paths.resolve(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / 'results.json').write_text(json.dumps(results, indent=2))
+  (out_dir / _RESULTS_JSON).write_text(json.dumps(results, indent=2))
   (out_dir / 'results.md').write_text(markdown(results))
   plot_quality_vs_nfe(results, out_dir / 'quality_vs_nfe.png')
   plot_quality_vs_w(results, out_dir / 'quality_vs_w.png')

@@ -15,24 +15,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import config_lib, data
+from gdd import config_lib, data, workdir_lib
 from gdd.diffusion import distillation, losses, schedules
 from gdd.stages import Stage, common, guided, teacher
-
-
-def stage_name(student_num_steps: int) -> str:
-  """Workdir folder of the round that trains an N-step student."""
-  return f'distill/{student_num_steps}steps'
-
-
-def single_w_root(w: float) -> str:
-  """Workdir folder holding the single-w rounds for guidance strength w."""
-  return f'single_w/w{w:g}'
-
-
-def single_w_stage_name(w: float, student_num_steps: int) -> str:
-  """Workdir folder of the single-w round that trains an N-step student."""
-  return f'{single_w_root(w)}/{student_num_steps}steps'
 
 
 def round_step_counts(config: ml_collections.ConfigDict) -> list[int]:
@@ -123,7 +108,7 @@ def make_stage(
   student = guided.build_student(config, info)
   return _make_round(
     config,
-    name=stage_name(student_num_steps),
+    name=workdir_lib.round_name('distill', student_num_steps),
     student=student,
     teacher_denoiser=functools.partial(common.plain_denoiser, student),
     teacher_params=teacher_params,
@@ -154,7 +139,7 @@ def make_single_w_stage(
   w = config.single_w.w
   return _make_round(
     config,
-    name=single_w_stage_name(w, student_num_steps),
+    name=workdir_lib.round_name('single_w', student_num_steps, w),
     student=model,
     teacher_denoiser=teacher_denoiser,
     teacher_params=teacher_params,

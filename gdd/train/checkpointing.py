@@ -20,9 +20,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from gdd import errors, paths
-
-UNREADABLE_DIR = 'unreadable'
+from gdd import errors, paths, workdir_lib
 
 
 class UnreadableCheckpointError(errors.UserError, RuntimeError):
@@ -53,8 +51,10 @@ class Checkpointer:
   one: it removes unfinished saves left by a killed run.
   """
 
-  def __init__(self, directory: epath.PathLike, *, max_to_keep: int):
-    self._directory = paths.resolve(directory)
+  def __init__(self, stage_dir: epath.PathLike, *, max_to_keep: int):
+    """Opens the checkpoints of the stage folder `stage_dir`."""
+    self._directory = workdir_lib.checkpoints_dir(stage_dir)
+    self._aside_dir = workdir_lib.unreadable_dir(stage_dir)
     self._manager = ocp.CheckpointManager(
       self._directory,
       options=ocp.CheckpointManagerOptions(
@@ -117,9 +117,8 @@ class Checkpointer:
     return None
 
   def _move_aside(self, steps: list[int]) -> None:
-    aside_dir = self._directory.parent / UNREADABLE_DIR
     for step in steps:
-      moved = move_aside(self._directory / str(step), aside_dir)
+      moved = move_aside(self._directory / str(step), self._aside_dir)
       logging.warning('Moved unreadable checkpoint %d to %s.', step, moved)
     self._manager.reload()  # Orbax's step list, without the moved steps.
 

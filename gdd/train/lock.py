@@ -31,9 +31,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from gdd import errors, paths
+from gdd import errors, paths, workdir_lib
 
-LOCK_FILE = 'lock'
 _HOLDER_KEYS = {'host', 'pid', 'started', 'command'}
 
 
@@ -103,7 +102,7 @@ def hold(stage_dir: epath.PathLike) -> Iterator[None]:
 def _hold_file(stage_dir: epath.Path) -> Iterator[None]:
   """The flock itself, taken by this process (local stage folders)."""
   stage_dir.mkdir(parents=True, exist_ok=True)
-  path = stage_dir / LOCK_FILE
+  path = workdir_lib.lock_file(stage_dir)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     try:
@@ -142,7 +141,7 @@ def _hold_object(stage_dir: epath.Path) -> Iterator[None]:
     lost host leaves it, and later runs refuse, saying to delete the file
     once that run is known to be gone.
   """
-  path = stage_dir / LOCK_FILE
+  path = workdir_lib.lock_file(stage_dir)
   if path.exists():
     raise _object_lock_held(stage_dir, path)
   record = _holder_record()

@@ -26,7 +26,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from gdd import data, errors, images, paths, plan
+from gdd import data, errors, images, paths, plan, workdir_lib
 from gdd.stages import Stage
 from gdd.train import (
   checkpointing,
@@ -53,11 +53,6 @@ def stage_key(seed: int, stage_name: str) -> jax.Array:
   )
 
 
-def params_dir(stage_dir: epath.PathLike) -> epath.Path:
-  """Where a finished stage's params-only (EMA) export lives."""
-  return paths.resolve(stage_dir) / 'params'
-
-
 def load_exported_params(
   stage_dir: epath.PathLike, abstract_params: Any
 ) -> Any:
@@ -67,11 +62,7 @@ def load_exported_params(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
     abstract_params,
   )
-  return checkpointing.load_params(params_dir(stage_dir), target)
-
-
-def checkpoints_dir(stage_dir: epath.PathLike) -> epath.Path:
-  return paths.resolve(stage_dir) / 'checkpoints'
+  return checkpointing.load_params(workdir_lib.params_dir(stage_dir), target)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +299,7 @@ class _SampleGridWriter:
       grid = images.side_by_side(panels)
       if jax.process_index() == 0:
         images.save_png(
-          self._stage_dir / 'samples' / f'step{step}_w{w:g}.png',
+          workdir_lib.grid_file(self._stage_dir, step, w),
           grid,
           upscale=self._upscale,
         )
@@ -391,12 +382,11 @@ class _StageRun:
       train_step=train_step,
       health=_health_check(stage, layout, step_key, max_pixel_value),
       ckpt=checkpointing.Checkpointer(
-        checkpoints_dir(stage_dir),
-        max_to_keep=stage.train_config.max_checkpoints_to_keep,
+        stage_dir, max_to_keep=stage.train_config.max_checkpoints_to_keep
       ),
       # clu's writers take a string (tf.io.gfile, which reads gs:// too).
       writer=metric_writers.create_default_writer(
-        os.fspath(paths.resolve(stage_dir)),
+        os.fspath(workdir_lib.events_dir(stage_dir)),
         just_logging=jax.process_index() > 0,
       ),
     )
@@ -505,10 +495,10 @@ def train_stage(
   try:
     if replace_export and run.ckpt.latest_step() is None:
       raise checkpointing.UnreadableCheckpointError(
-        f'The params export {params_dir(stage_dir)} cannot be read and '
-        f'{checkpoints_dir(stage_dir)} has no checkpoint to export again '
-        'from. Nothing was moved; move the stage folder away to train it '
-        'again.'
+        f'The params export {workdir_lib.params_dir(stage_dir)} cannot be '
+        f'read and {workdir_lib.checkpoints_dir(stage_dir)} has no checkpoint '
+        'to export again from. Nothing was moved; move the stage folder away '
+        'to train it again.'
       )
     with preemption.catch_signals():
       state = _run_steps(run, _restore_or_init(run, init_rng))
@@ -525,16 +515,17 @@ def train_stage(
 def _config_section(stage_name: str) -> str:
   """The config block a stage trains with: every halving round uses
   'distill', the single-w rounds too."""
-  kind = stage_name.split('/')[0]
+  kind = workdir_lib.stage_kind(stage_name)
   return kind if kind in ('teacher', 'guided') else 'distill'
 
 
 def _export(stage_dir: epath.PathLike, ema_params, *, replace: bool) -> None:
   """Writes the params export, moving an unreadable one aside first."""
-  path = params_dir(stage_dir)
+  path = workdir_lib.params_dir(stage_dir)
   if replace and path.exists():
-    aside = path.parent / checkpointing.UNREADABLE_DIR
-    moved = checkpointing.move_aside(path, aside)
+    moved = checkpointing.move_aside(
+      path, workdir_lib.unreadable_dir(stage_dir)
+    )
     logging.warning('Moved the unreadable params export to %s.', moved)
   if not path.exists():
     checkpointing.export_params(path, ema_params)
@@ -610,7 +601,7 @@ class _StepLoop:
       trace=profiling.StepTrace(
         run.config.profile_steps,
         int(state.step),
-        os.fspath(run.stage_dir / 'profile'),
+        os.fspath(workdir_lib.profile_dir(run.stage_dir)),
       ),
       metrics=_MetricMeans(_throughput(run, state, batch)),
     )
@@ -633,8 +624,8 @@ class _StepLoop:
     if stop:
       raise preemption.InterruptedRunError(
         f'[{run.stage.name}] stopped by {stop} after step {step}; checkpoint '
-        f'{step} is saved in {checkpoints_dir(run.stage_dir)}. Re-run the '
-        'same command to resume from it.'
+        f'{step} is saved in {workdir_lib.checkpoints_dir(run.stage_dir)}. '
+        'Re-run the same command to resume from it.'
       )
 
 
