@@ -32,7 +32,7 @@ _CONFIG_RECORD = 'config.json'
 _STAGE_RECORD = 'stage.json'
 _ROUND_SUFFIX = 'steps'
 # The stage kinds whose rounds live under one folder per student step count.
-ROUND_KINDS = ('distill', 'single_w')
+_ROUND_KINDS = ('distill', 'single_w')
 
 
 def stage_dir(workdir: epath.PathLike, name: str) -> epath.Path:
@@ -53,8 +53,8 @@ def _rounds_root(kind: str, w: float | None = None) -> str:
       one chain per w).
     w: the single-w chain's guidance strength; None for 'distill'.
   """
-  if kind not in ROUND_KINDS:
-    raise ValueError(f'kind={kind!r}; allowed: {ROUND_KINDS}.')
+  if kind not in _ROUND_KINDS:
+    raise ValueError(f'kind={kind!r}; allowed: {_ROUND_KINDS}.')
   if (kind == 'single_w') != (w is not None):
     raise ValueError(f'w={w!r}: single_w rounds need a w, distill rounds none.')
   return 'distill' if w is None else f'single_w/w{w:g}'
@@ -164,6 +164,7 @@ def read_config_record(stage_dir: epath.PathLike) -> dict | None:
 def write_config_record(
   stage_dir: epath.PathLike, config: ml_collections.ConfigDict
 ) -> None:
+  """Records `config` as the one the stage is trained with."""
   # Atomic: a half-written record would refuse every later run's config.
   paths.write_atomically(
     config_record(stage_dir), config.to_json(indent=2).encode()
@@ -176,6 +177,7 @@ def stage_record(stage_dir: epath.PathLike) -> epath.Path:
 
 
 def write_stage_record(stage_dir: epath.PathLike, record: dict) -> None:
+  """Records what the stage was trained from, for people and tools."""
   paths.write_atomically(
     stage_record(stage_dir), json.dumps(record, indent=2).encode()
   )
