@@ -149,10 +149,8 @@ def single_w_workdir(chain_workdir, tmp_path_factory):
 
 
 def test_single_w_baseline_runs_its_own_rounds(single_w_workdir):
-  assert workdir_lib.finished_rounds(single_w_workdir, 'single_w', w=2) == [
-    2,
-    1,
-  ]
+  rounds = workdir_lib.finished_rounds(single_w_workdir, 'single_w', w=2)
+  assert rounds == [2, 1]
   assert not os.path.exists(os.path.join(single_w_workdir, 'guided'))
   with open(
     os.path.join(single_w_workdir, 'single_w', 'w2', '2steps', 'stage.json')
