@@ -35,6 +35,10 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 _CHAIN_MODULES = ('test_chain', 'test_evaluation', 'test_notebook')
 
 
+# First: pytest-xdist reads the groups in its own collection hook, and a
+# group marked after it has run is silently ignored (each module's fixtures
+# were then built on both workers, the chain trained twice).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
   """Under pytest-xdist (`-n 2 --dist loadgroup`), one worker per module.
 
