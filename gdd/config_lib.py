@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from gdd import errors, paths
+from gdd import checks, errors, paths
 from gdd.diffusion import losses, parameterization
 
 DATASETS = ('digits', 'cifar10', 'imagenet64')
@@ -120,7 +120,22 @@ def _add_network_sections(config: ml_collections.ConfigDict) -> None:
       'shuffle_buffer': 10_000,
     }
   )
-  config.model = ml_collections.ConfigDict(
+  config.model = _model_config()
+  config.memory = _memory_config()
+  config.diffusion = ml_collections.ConfigDict(
+    {
+      'logsnr_min': -20.0,
+      'logsnr_max': 20.0,
+      'loss_weighting': 'snr_trunc',
+      # Clip x̂ to [-1, 1] at sampling time (never in training targets).
+      'clip_x': True,
+    }
+  )
+
+
+def _model_config() -> ml_collections.ConfigDict:
+  """The U-Net's shape, its output and its compute dtype."""
+  return ml_collections.ConfigDict(
     {
       'ch': 64,
       'emb_ch': 256,
@@ -135,9 +150,14 @@ def _add_network_sections(config: ml_collections.ConfigDict) -> None:
       'dtype': 'float32',
     }
   )
-  # How params and activations are laid out in device memory; the same
-  # computation (up to summation order) whatever is chosen here.
-  config.memory = ml_collections.ConfigDict(
+
+
+def _memory_config() -> ml_collections.ConfigDict:
+  """How params and activations are laid out in device memory.
+
+  The same computation (up to summation order) whatever is chosen here.
+  """
+  return ml_collections.ConfigDict(
     {
       # Size of the mesh's `fsdp` axis: params, optimiser state, EMA and a
       # frozen teacher are split over it (ZeRO-3 style); the batch is split
@@ -150,15 +170,6 @@ def _add_network_sections(config: ml_collections.ConfigDict) -> None:
       'fsdp_rules': (('.*', 'fsdp'),),
       # One of REMAT_POLICIES.
       'remat': 'none',
-    }
-  )
-  config.diffusion = ml_collections.ConfigDict(
-    {
-      'logsnr_min': -20.0,
-      'logsnr_max': 20.0,
-      'loss_weighting': 'snr_trunc',
-      # Clip x̂ to [-1, 1] at sampling time (never in training targets).
-      'clip_x': True,
     }
   )
 
@@ -403,17 +414,6 @@ def _check(
     raise ConfigError(f'config.{key}={value!r} is invalid: allowed {allowed}.')
 
 
-def is_int(value: Any, minimum: int = 1) -> bool:
-  """Whether `value` is an int >= `minimum` (1: a positive int).
-
-  The one integer rule of configs, models, data and samplers: a bool is not
-  an int here, nor is a numpy int (config.json could not store it).
-  """
-  return (
-    isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-  )
-
-
 def _non_negative_number(v: Any) -> bool:
   return isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
 
@@ -423,7 +423,7 @@ def _one_of(options: Iterable[str]) -> Callable[[Any], bool]:
 
 
 def _positive_int_tuple(v: Any) -> bool:
-  return isinstance(v, tuple | list) and all(map(is_int, v))
+  return isinstance(v, tuple | list) and all(map(checks.is_int, v))
 
 
 def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
@@ -436,7 +436,7 @@ def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
     'max_checkpoints_to_keep',
     'grad_accum_steps',
   ):
-    _check(config, f'{stage}.{key}', is_int, 'a positive int')
+    _check(config, f'{stage}.{key}', checks.is_int, 'a positive int')
   _check(
     config,
     f'{stage}.grad_accum_steps',
@@ -486,7 +486,7 @@ def validate(
   stages this run trains, for the checks that hold for some stages only.
   """
   _check_finite(config)
-  _check(config, 'seed', lambda v: is_int(v, 0), 'an int >= 0')
+  _check(config, 'seed', lambda v: checks.is_int(v, 0), 'an int >= 0')
   _validate_network(config, training)
   _validate_stages(config)
   _validate_grids(config)
@@ -495,7 +495,7 @@ def validate(
   _validate_distributed(config)
   _check(config, 'plan.target', lambda v: isinstance(v, str), 'a string')
   _check(config, 'plan.assumed_mfu', lambda v: 0 < v <= 1, 'in (0, 1]')
-  _check(config, 'profile_steps', lambda v: is_int(v, 0), 'an int >= 0')
+  _check(config, 'profile_steps', lambda v: checks.is_int(v, 0), 'an int >= 0')
   _validate_sample(config)
 
 
@@ -510,10 +510,10 @@ def _validate_network(
     lambda v: not (v and config.data.name == 'digits'),
     'False for digits (digits are not mirror-symmetric)',
   )
-  _check(config, 'data.shuffle_buffer', is_int, 'a positive int')
+  _check(config, 'data.shuffle_buffer', checks.is_int, 'a positive int')
 
   for key in ('ch', 'emb_ch', 'num_res_blocks', 'head_dim'):
-    _check(config, f'model.{key}', is_int, 'a positive int')
+    _check(config, f'model.{key}', checks.is_int, 'a positive int')
   _check(
     config,
     'model.ch_mult',
@@ -564,7 +564,7 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
     '> guided.w_min',
   )
   _validate_train(config, 'distill')
-  power_of_two = lambda v: is_int(v) and v & (v - 1) == 0
+  power_of_two = lambda v: checks.is_int(v) and v & (v - 1) == 0
   _check(config, 'distill.final_num_steps', power_of_two, 'a power of 2')
   _check(
     config,
@@ -586,15 +586,15 @@ def _validate_grids(config: ml_collections.ConfigDict) -> None:
     lambda v: len(v) > 0 and all(w >= 0 for w in v),
     'a non-empty tuple of guidance strengths w >= 0',
   )
-  _check(config, 'grids.teacher_num_steps', is_int, 'a positive int')
-  _check(config, 'grids.samples_per_class', is_int, 'a positive int')
+  _check(config, 'grids.teacher_num_steps', checks.is_int, 'a positive int')
+  _check(config, 'grids.samples_per_class', checks.is_int, 'a positive int')
 
 
 def _validate_sample(config: ml_collections.ConfigDict) -> None:
   _check(config, 'sample.stage', _one_of(STAGES), f'one of {STAGES}')
   _check(config, 'sample.sampler', _one_of(SAMPLERS), f'one of {SAMPLERS}')
   for key in ('num_steps', 'num_samples', 'batch_size'):
-    _check(config, f'sample.{key}', is_int, 'a positive int')
+    _check(config, f'sample.{key}', checks.is_int, 'a positive int')
   _check(config, 'sample.w', _non_negative_number, 'a number >= 0')
 
 
@@ -633,11 +633,11 @@ def _is_rule(rule: Any) -> bool:
 
 
 def _validate_memory(config: ml_collections.ConfigDict) -> None:
-  _check(config, 'memory.fsdp', is_int, 'a positive int')
+  _check(config, 'memory.fsdp', checks.is_int, 'a positive int')
   _check(
     config,
     'memory.fsdp_min_size',
-    lambda v: is_int(v, 0),
+    lambda v: checks.is_int(v, 0),
     'an int >= 0 (array elements)',
   )
   _check(
@@ -672,21 +672,23 @@ def _validate_distributed(config: ml_collections.ConfigDict) -> None:
   _check(
     config,
     'distributed.num_processes',
-    unset_or(is_int),
+    unset_or(checks.is_int),
     'a positive int or unset (auto-detect)',
   )
   num_processes = config.distributed.num_processes
   _check(
     config,
     'distributed.process_id',
-    unset_or(lambda v: is_int(v, 0) and v < (num_processes or v + 1)),
+    unset_or(lambda v: checks.is_int(v, 0) and v < (num_processes or v + 1)),
     'an int in [0, distributed.num_processes) or unset (auto-detect)',
   )
   _check(
     config,
     'distributed.local_device_ids',
     unset_or(
-      lambda v: isinstance(v, tuple | list) and all(is_int(i, 0) for i in v)
+      lambda v: (
+        isinstance(v, tuple | list) and all(checks.is_int(i, 0) for i in v)
+      )
     ),
     'a tuple of local device indices, e.g. (0, 1, 2, 3), or unset',
   )
@@ -700,7 +702,7 @@ def _validate_evaluate(config: ml_collections.ConfigDict) -> None:
     f'one of {FEATURE_EXTRACTORS}',
   )
   for key in ('num_samples', 'batch_size', 'num_reference'):
-    _check(config, f'evaluate.{key}', is_int, 'a positive int')
+    _check(config, f'evaluate.{key}', checks.is_int, 'a positive int')
   _check(
     config,
     'evaluate.ws',
@@ -718,11 +720,11 @@ def _validate_evaluate(config: ml_collections.ConfigDict) -> None:
     'a tuple of positive ints (empty: no speed benchmark)',
   )
   for key in ('max_stochastic_steps', 'speed_batch_size'):
-    _check(config, f'evaluate.{key}', is_int, 'a positive int')
+    _check(config, f'evaluate.{key}', checks.is_int, 'a positive int')
   _check(
     config,
     'evaluate.speed_student_num_steps',
-    is_int,
+    checks.is_int,
     'a positive int',
   )
 
@@ -733,6 +735,13 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
   Keeps the dataset and the method, replaces the network with a tiny one and
   the schedule with a few dozen steps; for tests, CI and first tries.
   """
+  _make_network_quick(config)
+  _make_training_quick(config)
+  _make_outputs_quick(config)
+
+
+def _make_network_quick(config: ml_collections.ConfigDict) -> None:
+  """A tiny float32 U-Net with the plain memory layout."""
   config.model.update(
     ch=16,
     emb_ch=64,
@@ -742,6 +751,14 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
     head_dim=16,
     dropout=0.0,
   )
+  # The tiny model fits anywhere: no FSDP or remat; float32, since XLA:CPU
+  # runs bfloat16 in float32 and compiles it ~3× slower.
+  config.model.dtype = 'float32'
+  config.memory.update(fsdp=1, remat='none')
+
+
+def _make_training_quick(config: ml_collections.ConfigDict) -> None:
+  """A few dozen steps per stage; the halving rounds start from 8 steps."""
   config.teacher.update(
     num_train_steps=40,
     batch_size=32,
@@ -759,15 +776,16 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
       grids_every=20,
       checkpoint_every=20,
     )
-  # The tiny model fits anywhere: no FSDP, accumulation or remat; float32,
-  # since XLA:CPU runs bfloat16 in float32 and compiles it ~3× slower.
-  config.model.dtype = 'float32'
-  config.memory.update(fsdp=1, remat='none')
+  # The tiny model fits anywhere: no gradient accumulation.
   for stage in ('teacher', 'guided', 'distill'):
     config[stage].grad_accum_steps = 1
   config.guided.optimizer.learning_rate = 5e-4
   config.distill.optimizer.learning_rate = 5e-4
   config.distill.initial_num_steps = 8
+
+
+def _make_outputs_quick(config: ml_collections.ConfigDict) -> None:
+  """Small sample grids, --mode=sample and --mode=evaluate runs."""
   config.grids.update(teacher_num_steps=8, samples_per_class=1)
   config.sample.update(num_steps=8, num_samples=20)
   config.evaluate.update(

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from gdd import config_lib, pipeline
@@ -75,6 +76,22 @@ def test_bad_values_are_rejected_with_key_value_and_allowed(
   config = helpers.load_config('digits')
   _set(config, key, value)
   with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+  'key, value',
+  [
+    ('model.ch_mult', (1, np.int64(2))),
+    ('evaluate.teacher_num_steps', (np.int32(8),)),
+    ('distributed.local_device_ids', (np.int64(0),)),
+  ],
+)
+def test_numpy_ints_are_refused(key, value):
+  # config.json cannot store a numpy int, so a config may not hold one.
+  config = helpers.load_config('digits')
+  _set(config, key, value)
+  with pytest.raises(config_lib.ConfigError, match=f'config.{key}='):
     config_lib.validate(config)
 
 

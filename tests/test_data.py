@@ -203,6 +203,27 @@ def test_digits_resume_equals_uninterrupted(start_step):
   _assert_batches_equal(_take(resumed, 30 - start_step), fresh[start_step:])
 
 
+def test_numpy_int_arguments_give_the_batches_of_python_ints():
+  # Runtime arguments may come from numpy or jax (e.g. a restored step).
+  numpy_ints = data.train_batches(
+    _config(),
+    seed=np.int64(3),
+    global_batch_size=np.int32(16),
+    start_step=np.int64(2),
+    process_index=np.int32(1),
+    process_count=np.int64(2),
+  )
+  python_ints = data.train_batches(
+    _config(),
+    seed=3,
+    global_batch_size=16,
+    start_step=2,
+    process_index=1,
+    process_count=2,
+  )
+  _assert_batches_equal(_take(numpy_ints, 3), _take(python_ints, 3))
+
+
 def test_digits_process_parts_concatenate_to_global_batch():
   batch_size, num_steps = 64, 26
   global_batches = _take(
@@ -266,6 +287,8 @@ def test_digits_every_example_once_per_epoch(batch_size):
     (_config(), dict(seed=-1), 'seed'),
     (_config(), dict(global_batch_size=0), 'global_batch_size'),
     (_config(), dict(start_step=-1), 'start_step'),
+    (_config(), dict(seed=True), 'seed'),
+    (_config(), dict(start_step=np.int64(-1)), 'start_step'),
     (_config('cifar10', shuffle_buffer=0), {}, 'shuffle_buffer'),
   ],
 )

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gdd import config_lib, errors
+from gdd import checks, errors
 from gdd.data import digits
 
 DIGITS = 'digits'
@@ -74,7 +74,7 @@ def _validate(data_config: ml_collections.ConfigDict) -> None:
       )
     return
   shuffle_buffer = data_config.get('shuffle_buffer')
-  if not config_lib.is_int(shuffle_buffer):
+  if not checks.is_int(shuffle_buffer):
     raise ValueError(
       f'config.data.shuffle_buffer must be a positive int for {name!r}, got '
       f'{shuffle_buffer!r}.'
@@ -123,7 +123,8 @@ def check_available(data_config: ml_collections.ConfigDict) -> None:
 
 
 def _check_int(key: str, value: int, minimum: int) -> None:
-  if not config_lib.is_int(value, minimum):
+  """Checks a runtime argument; numpy ints pass (e.g. a restored step)."""
+  if not checks.is_int(value, minimum, allow_numpy=True):
     raise ValueError(f'{key} must be an int >= {minimum}, got {value!r}.')
 
 
@@ -193,31 +194,12 @@ def train_batches(
     ValueError: an invalid config or argument.
   """
   _validate(data_config)
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
-  _check_int('seed', seed, 0)
-  _check_int('start_step', start_step, 0)
-  _check_int('process_count', process_count, 1)
-  _check_int('global_batch_size', global_batch_size, 1)
-  if not (
-    config_lib.is_int(process_index, 0) and process_index < process_count
-  ):
-    raise ValueError(
-      f'process_index must be in [0, {process_count}), got {process_index!r}.'
-    )
-  if global_batch_size % process_count:
-    raise ValueError(
-      f'global_batch_size {global_batch_size} must be divisible by the '
-      f'process count {process_count}.'
-    )
-  kwargs = dict(
-    seed=int(seed),
-    global_batch_size=int(global_batch_size),
-    start_step=int(start_step),
-    process_index=int(process_index),
-    process_count=int(process_count),
+  kwargs = _batch_arguments(
+    seed=seed,
+    global_batch_size=global_batch_size,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
   )
   if data_config.name == DIGITS:
     return digits.train_batches(**kwargs)
@@ -227,6 +209,52 @@ def train_batches(
     shuffle_buffer=data_config.shuffle_buffer,
     random_flip=data_config.get('random_flip', False),
     **kwargs,
+  )
+
+
+def _batch_arguments(
+  *,
+  seed: int,
+  global_batch_size: int,
+  start_step: int,
+  process_index: int | None,
+  process_count: int | None,
+) -> dict[str, int]:
+  """`train_batches`' arguments, checked, as the backends take them.
+
+  Unset process_index and process_count become jax's. Every value is
+  converted to a Python int, since numpy ints are accepted.
+
+  Raises:
+    ValueError: an argument is out of range or the batch does not split
+      evenly over the processes.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  _check_int('seed', seed, 0)
+  _check_int('start_step', start_step, 0)
+  _check_int('process_count', process_count, 1)
+  _check_int('global_batch_size', global_batch_size, 1)
+  if not (
+    checks.is_int(process_index, 0, allow_numpy=True)
+    and process_index < process_count
+  ):
+    raise ValueError(
+      f'process_index must be in [0, {process_count}), got {process_index!r}.'
+    )
+  if global_batch_size % process_count:
+    raise ValueError(
+      f'global_batch_size {global_batch_size} must be divisible by the '
+      f'process count {process_count}.'
+    )
+  return dict(
+    seed=int(seed),
+    global_batch_size=int(global_batch_size),
+    start_step=int(start_step),
+    process_index=int(process_index),
+    process_count=int(process_count),
   )
 
 

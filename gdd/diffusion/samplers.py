@@ -11,7 +11,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from gdd import config_lib
+from gdd import checks
 from gdd.diffusion import schedules
 
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -40,7 +40,7 @@ def _grid_logsnr(
 
 
 def _check_num_steps(num_steps: int, minimum: int = 1) -> None:
-  if not config_lib.is_int(num_steps, minimum):
+  if not checks.is_int(num_steps, minimum):
     raise ValueError(
       f'num_steps={num_steps!r}; must be an int >= {minimum} (it is static '
       'and fixes the time grid).'

@@ -91,6 +91,18 @@ def frechet_distance(
     ValueError: on mismatched shapes, or if sqrtm's result has an imaginary
       part too large to be round-off.
   """
+  mu1, sigma1, mu2, sigma2 = _checked_stats_pair(mu1, sigma1, mu2, sigma2)
+  diff = mu1 - mu2
+  covmean = _sqrtm_of_product(sigma1, sigma2, eps)
+  return float(
+    diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)
+  )
+
+
+def _checked_stats_pair(
+  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Both (mu, sigma) as float64, checked to be Gaussians of one dimension."""
   mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
   mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
   sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
@@ -103,8 +115,18 @@ def frechet_distance(
       f'mu1 {mu1.shape} vs mu2 {mu2.shape}. Were they computed with the same '
       'feature extractor (pool3 features are 2048-d)?'
     )
+  return mu1, sigma1, mu2, sigma2
 
-  diff = mu1 - mu2
+
+def _sqrtm_of_product(
+  sigma1: np.ndarray, sigma2: np.ndarray, eps: float
+) -> np.ndarray:
+  """Real (sigma1·sigma2)^½, eps on both diagonals if the product is singular.
+
+  Raises:
+    ValueError: the root is not finite even with eps, or has an imaginary
+      part too large to be round-off.
+  """
   covmean = linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     offset = np.eye(sigma1.shape[0]) * eps
@@ -114,21 +136,19 @@ def frechet_distance(
         'sqrtm(sigma1 @ sigma2) is not finite even after adding '
         f'eps={eps} to the diagonals; check the statistics for NaN/inf.'
       )
-  if np.iscomplexobj(covmean):
-    # Only the trace enters the distance, so the diagonal decides whether the
-    # imaginary part is round-off (as in pytorch-fid and TTUR).
-    max_imag = float(np.max(np.abs(np.diagonal(covmean).imag)))
-    if max_imag > _IMAG_ATOL:
-      raise ValueError(
-        'sqrtm(sigma1 @ sigma2) has a non-negligible imaginary component '
-        f'(max |imag| on the diagonal = {max_imag:.3g} > {_IMAG_ATOL}); the '
-        'covariances are probably not positive semi-definite or are badly '
-        'conditioned. Use more samples or check the features.'
-      )
-    covmean = covmean.real
-  return float(
-    diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)
-  )
+  if not np.iscomplexobj(covmean):
+    return covmean
+  # Only the trace enters the distance, so the diagonal decides whether the
+  # imaginary part is round-off (as in pytorch-fid and TTUR).
+  max_imag = float(np.max(np.abs(np.diagonal(covmean).imag)))
+  if max_imag > _IMAG_ATOL:
+    raise ValueError(
+      'sqrtm(sigma1 @ sigma2) has a non-negligible imaginary component '
+      f'(max |imag| on the diagonal = {max_imag:.3g} > {_IMAG_ATOL}); the '
+      'covariances are probably not positive semi-definite or are badly '
+      'conditioned. Use more samples or check the features.'
+    )
+  return covmean.real
 
 
 def inception_score(
@@ -153,6 +173,18 @@ def inception_score(
     C is the maximum (confident predictions spread evenly over C classes).
   """
   preds = np.asarray(predictions, dtype=np.float64)
+  _check_predictions(preds, num_splits)
+  log_p = _log_probabilities(preds, from_logits)
+  n = preds.shape[0]
+  scores = [
+    _split_score(log_p[i * n // num_splits : (i + 1) * n // num_splits])
+    for i in range(num_splits)
+  ]
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def _check_predictions(preds: np.ndarray, num_splits: int) -> None:
+  """[N, C] finite predictions, at least one per split."""
   if preds.ndim != 2:
     raise ValueError(
       f'predictions must have shape [N, C]; got shape {preds.shape}.'
@@ -167,36 +199,38 @@ def inception_score(
     )
   if not np.isfinite(preds).all():
     raise ValueError('predictions contain NaN or inf.')
-  if from_logits:
-    log_p = special.log_softmax(preds, axis=1)
-  else:
-    if (preds < 0).any():
-      raise ValueError(
-        'predictions with from_logits=False must be probabilities (>= 0); '
-        'pass from_logits=True for logits.'
-      )
-    row_sums = preds.sum(axis=1)
-    if not np.allclose(row_sums, 1.0, atol=1e-3):
-      raise ValueError(
-        'predictions with from_logits=False must have rows summing to 1; '
-        f'row sums range over [{row_sums.min():.4g}, {row_sums.max():.4g}]. '
-        'Pass from_logits=True for logits.'
-      )
-    with np.errstate(divide='ignore'):
-      log_p = np.log(preds / row_sums[:, None])
 
-  scores = []
-  for i in range(num_splits):
-    part = log_p[i * n // num_splits : (i + 1) * n // num_splits]
-    # log p(y) = log mean_x p(y|x), computed in log space for tiny p.
-    log_py = special.logsumexp(part, axis=0) - np.log(part.shape[0])
-    p = np.exp(part)
-    # 0·log 0 = 0: classes with p(y|x) = 0 contribute nothing (their
-    # −inf − log p(y) is computed, then discarded).
-    with np.errstate(invalid='ignore'):
-      terms = p * np.where(p > 0, part - log_py[None, :], 0.0)
-    scores.append(np.exp(np.mean(np.sum(terms, axis=1))))
-  return float(np.mean(scores)), float(np.std(scores))
+
+def _log_probabilities(preds: np.ndarray, from_logits: bool) -> np.ndarray:
+  """log p(y|x) [N, C] from logits or from rows of probabilities."""
+  if from_logits:
+    return special.log_softmax(preds, axis=1)
+  if (preds < 0).any():
+    raise ValueError(
+      'predictions with from_logits=False must be probabilities (>= 0); '
+      'pass from_logits=True for logits.'
+    )
+  row_sums = preds.sum(axis=1)
+  if not np.allclose(row_sums, 1.0, atol=1e-3):
+    raise ValueError(
+      'predictions with from_logits=False must have rows summing to 1; '
+      f'row sums range over [{row_sums.min():.4g}, {row_sums.max():.4g}]. '
+      'Pass from_logits=True for logits.'
+    )
+  with np.errstate(divide='ignore'):
+    return np.log(preds / row_sums[:, None])
+
+
+def _split_score(log_p: np.ndarray) -> float:
+  """exp E_x KL(p(y|x) || p(y)) over one split; p(y) is its mean prediction."""
+  # log p(y) = log mean_x p(y|x), computed in log space for tiny p.
+  log_py = special.logsumexp(log_p, axis=0) - np.log(log_p.shape[0])
+  p = np.exp(log_p)
+  # 0·log 0 = 0: classes with p(y|x) = 0 contribute nothing (their
+  # −inf − log p(y) is computed, then discarded).
+  with np.errstate(invalid='ignore'):
+    terms = p * np.where(p > 0, log_p - log_py[None, :], 0.0)
+  return float(np.exp(np.mean(np.sum(terms, axis=1))))
 
 
 def save_stats(

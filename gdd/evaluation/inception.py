@@ -24,7 +24,7 @@ Outputs: `pool`, the [B, 2048] pool3 features FID uses, and `logits`, the
 """
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -339,14 +339,7 @@ def make_feature_fn(
   Returns:
     The feature function; outputs are float32 numpy arrays.
   """
-  devices = list(jax.devices() if devices is None else devices)
-  if batch_size < 1 or batch_size % len(devices):
-    raise ValueError(
-      f'batch_size={batch_size} must be a positive multiple of the number of '
-      f'devices ({len(devices)}) so each device gets an equal share; use e.g. '
-      f'{max(1, batch_size // len(devices)) * len(devices)}.'
-    )
-  mesh = Mesh(np.asarray(devices), (_DATA_AXIS,))
+  mesh = _data_mesh(batch_size, devices)
   batch_sharding = NamedSharding(mesh, PartitionSpec(_DATA_AXIS))
   variables = jax.device_put(
     {'params': variables['params'], 'batch_stats': variables['batch_stats']},
@@ -357,29 +350,53 @@ def make_feature_fn(
   def feature_fn(images: np.ndarray) -> dict[str, np.ndarray]:
     images = np.asarray(images, np.float32)
     _check_images_shape(images.shape)
-    n = images.shape[0]
-    outputs = []
     # Dispatch every batch before reading any back, so host-side slicing and
     # transfers overlap with device compute.
-    for start in range(0, n, batch_size):
-      chunk = images[start : start + batch_size]
-      valid = chunk.shape[0]
-      if valid < batch_size:
-        pad = np.zeros((batch_size - valid, *chunk.shape[1:]), np.float32)
-        chunk = np.concatenate([chunk, pad])
-      x = prep(jax.device_put(chunk, batch_sharding))
-      outputs.append((forward(variables, x), valid))
-    result = {
-      'pool': np.zeros((0, POOL_DIM), np.float32),
-      'logits': np.zeros((0, NUM_CLASSES), np.float32),
-    }
-    if outputs:
-      result = {
-        k: np.concatenate(
-          [np.asarray(out[k])[:valid] for out, valid in outputs]
-        )
-        for k in result
-      }
-    return result
+    outputs = [
+      (forward(variables, prep(jax.device_put(chunk, batch_sharding))), valid)
+      for chunk, valid in _padded_batches(images, batch_size)
+    ]
+    return _concatenate_valid_rows(outputs)
 
   return feature_fn
+
+
+def _data_mesh(batch_size: int, devices: Sequence[jax.Device] | None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all) that splits batch_size evenly."""
+  devices = list(jax.devices() if devices is None else devices)
+  if batch_size < 1 or batch_size % len(devices):
+    raise ValueError(
+      f'batch_size={batch_size} must be a positive multiple of the number of '
+      f'devices ({len(devices)}) so each device gets an equal share; use e.g. '
+      f'{max(1, batch_size // len(devices)) * len(devices)}.'
+    )
+  return Mesh(np.asarray(devices), (_DATA_AXIS,))
+
+
+def _padded_batches(
+  images: np.ndarray, batch_size: int
+) -> Iterator[tuple[np.ndarray, int]]:
+  """(batch, number of real rows), the last batch padded with zeros."""
+  for start in range(0, images.shape[0], batch_size):
+    chunk = images[start : start + batch_size]
+    valid = chunk.shape[0]
+    if valid < batch_size:
+      pad = np.zeros((batch_size - valid, *chunk.shape[1:]), np.float32)
+      chunk = np.concatenate([chunk, pad])
+    yield chunk, valid
+
+
+def _concatenate_valid_rows(
+  outputs: Sequence[tuple[dict[str, jax.Array], int]],
+) -> dict[str, np.ndarray]:
+  """The network's per-batch outputs joined, without the padding rows."""
+  result = {
+    'pool': np.zeros((0, POOL_DIM), np.float32),
+    'logits': np.zeros((0, NUM_CLASSES), np.float32),
+  }
+  if outputs:
+    result = {
+      k: np.concatenate([np.asarray(out[k])[:valid] for out, valid in outputs])
+      for k in result
+    }
+  return result

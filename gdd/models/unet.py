@@ -14,7 +14,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gdd import config_lib
+from gdd import checks, config_lib
 from gdd.diffusion import parameterization, schedules
 from gdd.models import layers
 
@@ -52,6 +52,12 @@ class UNetConfig:
     # dataclass hashable (usable as a static jit argument).
     object.__setattr__(self, 'ch_mult', tuple(self.ch_mult))
     object.__setattr__(self, 'attn_resolutions', tuple(self.attn_resolutions))
+    self._check_sizes()
+    self._check_options()
+    self._check_attention_heads()
+
+  def _check_sizes(self) -> None:
+    """Positive int sizes; levels and attention fit the image size."""
     for name in (
       'image_size',
       'in_channels',
@@ -61,11 +67,9 @@ class UNetConfig:
       'num_res_blocks',
       'head_dim',
     ):
-      self._require(
-        config_lib.is_int(getattr(self, name)), name, 'a positive int'
-      )
+      self._require(checks.is_int(getattr(self, name)), name, 'a positive int')
     self._require(
-      bool(self.ch_mult) and all(map(config_lib.is_int, self.ch_mult)),
+      bool(self.ch_mult) and all(map(checks.is_int, self.ch_mult)),
       'ch_mult',
       'a non-empty tuple of positive ints',
     )
@@ -81,6 +85,9 @@ class UNetConfig:
       'attn_resolutions',
       f'a tuple of resolutions the network has, from {resolutions}',
     )
+
+  def _check_options(self) -> None:
+    """Dropout, output type, w scale, dtype and remat policy."""
     self._require(0.0 <= self.dropout < 1.0, 'dropout', 'in [0, 1)')
     self._require(
       self.mean_type in parameterization.MEAN_TYPES,
@@ -98,9 +105,12 @@ class UNetConfig:
       'remat',
       f'one of {config_lib.REMAT_POLICIES}',
     )
+
+  def _check_attention_heads(self) -> None:
+    """Every attention block's channels split into equal heads."""
     attn_channels = {self.ch * self.ch_mult[-1]} | {
       self.ch * mult
-      for mult, r in zip(self.ch_mult, resolutions, strict=True)
+      for mult, r in zip(self.ch_mult, self.resolutions, strict=True)
       if r in self.attn_resolutions
     }
     for channels in sorted(attn_channels):
