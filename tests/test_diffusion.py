@@ -143,16 +143,21 @@ def test_guidance_scale_conversion():
 def test_guided_x_runs_one_batch_of_two_b():
   calls = []
 
-  def x_fn(z, logsnr, labels):
+  def x_fn(z, logsnr, cond):
     calls.append(z.shape[0])
+    null = (cond['label'] == 10)[:, None, None, None]
     return (
-      jnp.where((labels == 10)[:, None, None, None], 0.0, jnp.ones_like(z))
-      + 0.0 * logsnr[:, None, None, None]
+      jnp.where(null, 0.0, jnp.ones_like(z)) + 0.0 * logsnr[:, None, None, None]
     )
 
   z = jnp.zeros((2, 2, 2, 1))
   out = guidance.guided_x(
-    x_fn, z, jnp.zeros(2), jnp.array([3, 4]), 2.0, null_label=10
+    x_fn,
+    z,
+    jnp.zeros(2),
+    {'label': jnp.array([3, 4])},
+    {'label': jnp.array([10, 10])},
+    2.0,
   )
   assert calls == [4]
   np.testing.assert_allclose(out, 3.0)  # (1 + 2)·1 − 2·0.
@@ -292,6 +297,65 @@ def test_ancestral_sampler_is_stochastic_and_reproducible():
   )
   chex.assert_trees_all_close(run(0), run(0))
   assert not np.allclose(run(0), run(1))
+
+
+def test_ddim_from_t_start_visits_the_scaled_grid():
+  """N steps from t_start land on t_start·(1 − i/N), as DDIM by hand."""
+  num_steps, t_start = 4, 0.6
+
+  def denoise(z, logsnr):
+    return 0.5 * jnp.tanh(z + 0.01 * logsnr[:, None, None, None])
+
+  z = _random((2, 4, 4, 1), 0)
+  logsnr = lambda t: schedules.logsnr_from_t(jnp.full((2,), t))
+  reference = z
+  for i in range(num_steps - 1):
+    t = t_start * (1 - i / num_steps)
+    s = t - t_start / num_steps
+    x_hat = jnp.clip(denoise(reference, logsnr(t)), -1, 1)
+    reference = samplers.ddim_step(reference, x_hat, logsnr(t), logsnr(s))
+  reference = denoise(reference, logsnr(t_start / num_steps))
+  out = samplers.ddim_sample(
+    denoise, z, num_steps=num_steps, t_start=jnp.float32(t_start)
+  )
+  np.testing.assert_allclose(out, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize('sampler', ['ddim', 'stochastic', 'ancestral'])
+def test_known_region_is_kept_and_the_rest_sampled(sampler):
+  x_known = jnp.clip(_random((2, 4, 4, 1), 0), -1, 1)
+  mask = jnp.zeros((2, 4, 4, 1)).at[:, :2].set(1.0)
+  rng = jax.random.PRNGKey(1)
+
+  def denoise(z, logsnr):
+    return jnp.full_like(z, 0.25) + 0.0 * logsnr[:, None, None, None]
+
+  known = samplers.Known(x_known, mask, jax.random.PRNGKey(2))
+  kwargs = dict(num_steps=4, known=known)
+  z = _random(x_known.shape, 3)
+  if sampler == 'ddim':
+    out = samplers.ddim_sample(denoise, z, **kwargs)
+  elif sampler == 'stochastic':
+    out = samplers.stochastic_sample(denoise, z, rng, **kwargs)
+  else:
+    out = samplers.ancestral_sample(denoise, z, rng, **kwargs)
+  np.testing.assert_array_equal(out[:, :2], x_known[:, :2])
+  np.testing.assert_allclose(out[:, 2:], 0.25, atol=1e-6)
+
+
+def test_known_replace_draws_q_of_z_given_x():
+  x = _random((2, 4, 4, 1), 0)
+  mask = jnp.ones((2, 4, 4, 1)).at[:, :, 2:].set(0.0)
+  known = samplers.Known(x, mask, jax.random.PRNGKey(7))
+  z = _random(x.shape, 1)
+  logsnr = jnp.full((2,), 1.5)
+  out = known.replace(z, logsnr, 3)
+  noise = jax.random.normal(
+    jax.random.fold_in(jax.random.PRNGKey(7), 3), x.shape
+  )
+  expected = schedules.diffuse(x, noise, logsnr)
+  np.testing.assert_allclose(out[:, :, :2], expected[:, :, :2], atol=1e-6)
+  np.testing.assert_array_equal(out[:, :, 2:], z[:, :, 2:])
 
 
 def test_sampler_rejects_bad_step_counts():

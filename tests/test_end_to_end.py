@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from gdd import pipeline, sample, workdir_lib
+from gdd import conditioning, data, denoisers, pipeline, sample, workdir_lib
+from gdd.diffusion import samplers
+from gdd.stages import common
+from gdd.train import loop
 from tests import helpers
 
 
@@ -127,6 +130,89 @@ def test_load_sampler_rejects_bad_requests(digits_workdir, tmp_path):
   keys = jax.random.split(jax.random.PRNGKey(0))
   with helpers.raises_user_error(ValueError, match=r'uint32\[2, 2\]'):
     sampler(keys, np.array([1]), 1.0)
+
+
+def _digits_images(num: int) -> np.ndarray:
+  config = _teacher_config()
+  return data.eval_arrays(config.data, split='test', num_examples=num)['image']
+
+
+def test_sampler_defaults_are_plain_ddim_from_noise(digits_workdir):
+  """t_start=1, no init, no mask: the sampler as it always was."""
+  sampler = sample.load_sampler(digits_workdir, 'teacher', num_steps=4)
+  labels = np.arange(6) % 10
+  rng = jax.random.PRNGKey(1)
+  plain = sampler(rng, labels, 1.5)
+  np.testing.assert_array_equal(
+    plain,
+    sampler(rng, {'label': labels}, 1.5, init=None, t_start=1.0, mask=None),
+  )
+  # By hand: z_1 from the first half of the key, 4 guided DDIM steps.
+  config = sample.load_stage_config(digits_workdir, 'teacher')
+  info = data.get_info(config.data)
+  model = common.build_model(config, info)
+  params = loop.load_exported_params(
+    os.path.join(digits_workdir, 'teacher'), common.abstract_params(model)
+  )
+  denoise = denoisers.guided(
+    model,
+    conditioning.for_data(info),
+    params,
+    {'label': jax.numpy.asarray(labels)},
+    1.5,
+  )
+  noise = jax.random.normal(jax.random.split(rng)[0], (6, 8, 8, 1))
+  expected = samplers.ddim_sample(
+    denoise, noise, num_steps=4, logsnr_fn=common.logsnr_fn(config)
+  )
+  np.testing.assert_allclose(plain, expected, atol=1e-6)
+
+
+def test_sampler_starts_from_init_and_keeps_the_mask(digits_workdir):
+  sampler = sample.load_sampler(digits_workdir, 'teacher', num_steps=4)
+  labels = np.arange(6) % 10
+  init = _digits_images(6)
+  rng = jax.random.PRNGKey(2)
+  ones = np.ones((6, 8, 8, 1), np.float32)
+  kept = sampler(rng, labels, 1.0, init=init, t_start=0.7, mask=ones)
+  np.testing.assert_array_equal(kept, init)
+  # Almost no noise added: the model returns (almost) its input.
+  near = sampler(rng, labels, 1.0, init=init, t_start=1e-3)
+  assert float(np.abs(near - init).max()) < 0.05
+  edited = sampler(rng, labels, 1.0, init=init, t_start=0.8)
+  assert float(np.abs(edited - init).max()) > 0.1
+  left = ones.copy()
+  left[:, :, 4:] = 0.0
+  half = sampler(rng, labels, 1.0, init=init, t_start=0.8, mask=left)
+  np.testing.assert_array_equal(half[:, :, :4], init[:, :, :4])
+  assert not np.allclose(half[:, :, 4:], init[:, :, 4:])
+  # One executable per request kind at this (padded) batch size.
+  assert sampler.compiled_batch_sizes() == [8]
+
+
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
+    (dict(t_start=0.5), 'need init'),
+    (dict(mask=np.ones((2, 8, 8, 1))), 'need init'),
+    (dict(init=np.zeros((2, 8, 8, 1)), t_start=0.0), r't_start=0.0'),
+    (dict(init=np.zeros((2, 8, 8, 1)), t_start=1.5), r'\(0, 1\]'),
+    (dict(init=np.zeros((3, 8, 8, 1))), r'expected \(2, 8, 8, 1\)'),
+    (
+      dict(init=np.zeros((2, 8, 8, 1)), mask=np.ones((2, 8, 8, 3))),
+      r'mask has shape',
+    ),
+    (
+      dict(init=np.zeros((2, 8, 8, 1)), mask=np.full((2, 8, 8, 1), 2.0)),
+      r'\[0, 1\]',
+    ),
+  ],
+)
+def test_sampler_refuses_bad_start_arguments(digits_workdir, kwargs, match):
+  sampler = sample.load_sampler(digits_workdir, 'teacher', num_steps=2)
+  with helpers.raises_user_error(ValueError, match=match):
+    sampler(jax.random.PRNGKey(0), np.array([1, 2]), 1.0, **kwargs)
+  assert sampler.compiled_batch_sizes() == []
 
 
 def test_sampler_takes_typed_and_raw_keys_alike(digits_workdir):

@@ -32,7 +32,7 @@ BATCH = 2
 
 
 def _inputs(cfg: UNetConfig, seed: int = 0, batch: int = BATCH):
-  """A batch (z, logsnr, labels, w) for `cfg`; w is None for a teacher."""
+  """A batch (z, logsnr, cond, w) for `cfg`; w is None for a teacher."""
   z_rng, logsnr_rng, label_rng, w_rng = jax.random.split(
     jax.random.key(seed), 4
   )
@@ -43,7 +43,7 @@ def _inputs(cfg: UNetConfig, seed: int = 0, batch: int = BATCH):
   w = None
   if cfg.use_w_embedding:
     w = jax.random.uniform(w_rng, (batch,), maxval=cfg.w_max)
-  return z, logsnr, labels, w
+  return z, logsnr, {'label': labels}, w
 
 
 def _init(cfg: UNetConfig, seed: int = 0) -> dict:
@@ -279,8 +279,8 @@ def test_fresh_net_outputs_zero_and_conditioning_reaches_output():
   params = _perturb(params, seed=1)
   out = _apply(TINY, params, z, logsnr, labels)
   assert float(jnp.abs(out).max()) > 0
-  other_labels = (labels + 1) % (TINY.num_classes + 1)
-  assert not np.allclose(out, _apply(TINY, params, z, logsnr, other_labels))
+  other = {'label': (labels['label'] + 1) % (TINY.num_classes + 1)}
+  assert not np.allclose(out, _apply(TINY, params, z, logsnr, other))
   assert not np.allclose(out, _apply(TINY, params, z, logsnr + 3.0, labels))
 
 
@@ -360,6 +360,12 @@ def test_input_shape_errors():
     init(jax.random.key(0), z[:, :4], logsnr, labels, train=False)
   with pytest.raises(ValueError, match='logsnr must have shape'):
     init(jax.random.key(0), z, logsnr[:1], labels, train=False)
+  with pytest.raises(ValueError, match=r"cond\['label'\] must have shape"):
+    init(
+      jax.random.key(0), z, logsnr, {'label': labels['label'][:1]}, train=False
+    )
+  with pytest.raises(ValueError, match="cond must be {'label'"):
+    init(jax.random.key(0), z, logsnr, labels['label'], train=False)
 
 
 @pytest.mark.parametrize(

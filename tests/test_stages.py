@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdd import data
+from gdd import conditioning, data, denoisers
 from gdd.diffusion import guidance, losses, schedules
 from gdd.stages import common, guided, progressive
 from gdd.train import sharding
@@ -50,13 +50,12 @@ def test_student_at_init_is_the_conditional_teacher(setup):
   assert {k[0] for k in flat} - set(teacher_params) == {'w_embedding'}
   z = jax.random.normal(jax.random.PRNGKey(2), batch['image'].shape)
   logsnr = jnp.linspace(-5.0, 5.0, 16)
-  expected = common.predict_x(
-    teacher, teacher_params, z, logsnr, batch['label']
-  )
+  cond = {'label': batch['label']}
+  expected = denoisers.predict_x(teacher, teacher_params, z, logsnr, cond)
   assert float(jnp.abs(expected).mean()) > 1e-3
   for w in (0.0, 1.0, 4.0):
-    got = common.predict_x(
-      student, params, z, logsnr, batch['label'], jnp.full((16,), w)
+    got = denoisers.predict_x(
+      student, params, z, logsnr, cond, jnp.full((16,), w)
     )
     np.testing.assert_array_equal(got, expected)
 
@@ -85,6 +84,7 @@ def test_stage_one_target_is_the_cfg_combination(setup):
     rng,
     student=student,
     teacher=teacher,
+    cond_kind=conditioning.ClassConditioning(10),
     config=config,
   )
   # The same draws by hand, the target built from two separate passes.
@@ -94,13 +94,15 @@ def test_stage_one_target_is_the_cfg_combination(setup):
     batch['image'], jax.random.normal(noise_rng, batch['image'].shape), logsnr
   )
   labels = batch['label']
-  cond = common.predict_x(teacher, teacher_params, z, logsnr, labels)
-  uncond = common.predict_x(
-    teacher, teacher_params, z, logsnr, jnp.full_like(labels, 10)
+  x_cond = denoisers.predict_x(
+    teacher, teacher_params, z, logsnr, {'label': labels}
   )
-  target = guidance.combine(cond, uncond, 2.5)
-  x_pred = common.predict_x(
-    student, params, z, logsnr, labels, jnp.full((16,), 2.5)
+  x_uncond = denoisers.predict_x(
+    teacher, teacher_params, z, logsnr, {'label': jnp.full_like(labels, 10)}
+  )
+  target = guidance.combine(x_cond, x_uncond, 2.5)
+  x_pred = denoisers.predict_x(
+    student, params, z, logsnr, {'label': labels}, jnp.full((16,), 2.5)
   )
   expected = jnp.mean(
     losses.weighted_loss(x_pred, target, logsnr, weighting='snr_trunc')
@@ -122,6 +124,7 @@ def test_stage_one_loss_is_zero_at_init_for_w_zero(setup):
     jax.random.PRNGKey(0),
     student=student,
     teacher=teacher,
+    cond_kind=conditioning.ClassConditioning(10),
     config=config,
   )
   assert float(loss) == 0.0

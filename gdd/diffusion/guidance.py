@@ -8,6 +8,7 @@ converters below at the boundary to tools that speak in scales.
 
 import jax.numpy as jnp
 
+from gdd import conditioning
 from gdd.diffusion import schedules
 
 
@@ -34,24 +35,22 @@ def combine(
 
 
 def guided_x(
-  x_fn, z: jnp.ndarray, logsnr: jnp.ndarray, labels, w, *, null_label: int
+  x_fn, z: jnp.ndarray, logsnr: jnp.ndarray, cond, null_cond, w
 ) -> jnp.ndarray:
   """x̂^w from a conditional model, cond and uncond run as one batch of 2B.
 
   Args:
-    x_fn: (z, logsnr, labels) -> x̂, the model's unclipped data estimate.
+    x_fn: (z, logsnr, cond) -> x̂, the model's unclipped data estimate.
     z: [B, H, W, C] noisy input; logsnr: [B].
-    labels: [B] class labels; null_label: the label of the unconditional
-      branch (the last row of the class embedding).
+    cond: the condition pytree (leaves [B, ...]); null_cond: the
+      unconditional ∅ of the same structure (`Conditioning.null_like`).
     w: guidance strength, [B] or scalar.
 
   One guided prediction costs 2 network evaluations (NFE = 2).
   """
-  null = jnp.full_like(labels, null_label)
+  both = conditioning.concat(cond, null_cond)
   x_both = x_fn(
-    jnp.concatenate([z, z]),
-    jnp.concatenate([logsnr, logsnr]),
-    jnp.concatenate([labels, null]),
+    jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]), both
   )
   x_cond, x_uncond = jnp.split(x_both, 2)
   return combine(x_cond, x_uncond, w)

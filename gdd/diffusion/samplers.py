@@ -1,11 +1,14 @@
 """DDIM step and the deterministic, stochastic and ancestral samplers (§7).
 
 A sampler takes `denoise_fn(z, logsnr) -> x̂`, the model's (already guided,
-unclipped) data estimate, and loops over a uniform time grid with spacing 1/N
-inside one `lax.fori_loop`, so a jitted sampler compiles once per step count.
-x̂ is clipped to [−1, 1] before each step when `clip_x` is set.
+unclipped) data estimate, and loops over a uniform time grid with N steps
+from t_start (1 unless editing from a noised input) to 0 inside one
+`lax.fori_loop`, so a jitted sampler compiles once per step count. x̂ is
+clipped to `clip` (the data range [−1, 1] by default) before each step;
+`known` keeps a region fixed (replacement inpainting).
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -47,95 +50,140 @@ def _check_num_steps(num_steps: int, minimum: int = 1) -> None:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Known:
+  """Replacement inpainting: where `mask` is 1, x is known (method.md §9).
+
+  After every step the known region of z_s is replaced by x noised to s
+  with q(z_s | x) (fresh noise per step), and the result's known region is
+  x itself, so a mask of ones returns x.
+
+  Attributes:
+    x: [B, ...] the known data in the diffusion space.
+    mask: 1 where x is known, 0 where the sampler fills in; broadcastable
+      to x (e.g. [B, H, W, 1]).
+    rng: key of the per-step noise.
+  """
+
+  x: jnp.ndarray
+  mask: jnp.ndarray
+  rng: jax.Array
+
+  def replace(self, z: jnp.ndarray, logsnr: jnp.ndarray, i) -> jnp.ndarray:
+    """z with its known region set to a draw of q(z_λ | x)."""
+    noise = jax.random.normal(jax.random.fold_in(self.rng, i), z.shape)
+    known = schedules.diffuse(self.x, noise, logsnr)
+    return self.mask * known + (1.0 - self.mask) * z
+
+  def final(self, x_hat: jnp.ndarray) -> jnp.ndarray:
+    return self.mask * self.x + (1.0 - self.mask) * x_hat
+
+
 def _run_grid(
   denoise_fn: DenoiseFn,
-  noise: jnp.ndarray,
+  z_start: jnp.ndarray,
   update: Callable[..., jnp.ndarray],
   *,
   num_steps: int,
   logsnr_fn: LogsnrFn,
-  clip_x: bool,
+  clip: tuple[float, float] | None,
+  t_start=1.0,
+  known: Known | None = None,
 ) -> jnp.ndarray:
-  """Shared loop: t = 1, 1 − 1/N, …, 2/N call `update`; t = 1/N returns x̂.
+  """Shared loop over t = t_start·(1 − i/N), i = 0 … N−1; the last returns x̂.
 
-  `update(i, z_t, x_hat, grid)` returns the next z, where `grid(time)` gives
-  the per-example log-SNR of a time.
+  `update(i, z_t, x_hat, t, step, grid)` returns z at t − step (step =
+  t_start/N, the grid spacing), where `grid(time)` gives the per-example
+  log-SNR of a time. With t_start = 1 (a Python float) the grid is
+  computed exactly as 1 − i/N, 1 − i/N − 1/N, …, 1/N.
   """
-  batch = noise.shape[0]
+  batch = z_start.shape[0]
   grid = lambda time: _grid_logsnr(logsnr_fn, time, batch)
+  step = t_start / num_steps
 
   def denoise(z, logsnr):
     x_hat = denoise_fn(z, logsnr).astype(jnp.float32)
-    return jnp.clip(x_hat, -1.0, 1.0) if clip_x else x_hat
+    return x_hat if clip is None else jnp.clip(x_hat, *clip)
 
   def body(i, z):
-    t = 1.0 - i / num_steps
-    return update(i, z, denoise(z, grid(t)), t, grid)
+    t = t_start * (1.0 - i / num_steps)
+    z = update(i, z, denoise(z, grid(t)), t, step, grid)
+    return z if known is None else known.replace(z, grid(t - step), i)
 
-  z = jax.lax.fori_loop(0, num_steps - 1, body, noise.astype(jnp.float32))
-  return denoise(z, grid(jnp.float32(1.0 / num_steps)))
+  z = jax.lax.fori_loop(0, num_steps - 1, body, z_start.astype(jnp.float32))
+  x_hat = denoise(z, grid(jnp.asarray(step, jnp.float32)))
+  return x_hat if known is None else known.final(x_hat)
 
 
 def ddim_sample(
   denoise_fn: DenoiseFn,
-  noise: jnp.ndarray,
+  z_start: jnp.ndarray,
   *,
   num_steps: int,
   logsnr_fn: LogsnrFn = schedules.logsnr_from_t,
-  clip_x: bool = True,
+  clip: tuple[float, float] | None = (-1.0, 1.0),
+  t_start=1.0,
+  known: Known | None = None,
 ) -> jnp.ndarray:
-  """Deterministic N-step DDIM from z_1 = noise; N network calls.
+  """Deterministic N-step DDIM from z_start at t_start; N network calls.
 
-  Steps t = 1, 1 − 1/N, …, 1/N; each moves to s = t − 1/N, and the last one
-  returns x̂ itself.
+  Steps t = t_start·(1 − i/N); each moves to t − t_start/N, and the last
+  one returns x̂ itself. From t_start = 1, z_start is pure noise z_1.
   """
   _check_num_steps(num_steps)
 
-  def update(i, z, x_hat, t, grid):
+  def update(i, z, x_hat, t, step, grid):
     del i
-    return ddim_step(z, x_hat, grid(t), grid(t - 1.0 / num_steps))
+    return ddim_step(z, x_hat, grid(t), grid(t - step))
 
   return _run_grid(
     denoise_fn,
-    noise,
+    z_start,
     update,
     num_steps=num_steps,
     logsnr_fn=logsnr_fn,
-    clip_x=clip_x,
+    clip=clip,
+    t_start=t_start,
+    known=known,
   )
 
 
 def stochastic_sample(
   denoise_fn: DenoiseFn,
-  noise: jnp.ndarray,
+  z_start: jnp.ndarray,
   rng: jax.Array,
   *,
   num_steps: int,
   logsnr_fn: LogsnrFn = schedules.logsnr_from_t,
-  clip_x: bool = True,
+  clip: tuple[float, float] | None = (-1.0, 1.0),
+  t_start=1.0,
+  known: Known | None = None,
 ) -> jnp.ndarray:
   """GD's stochastic N-step sampler (Eq. 5); N network calls.
 
-  From t, a deterministic DDIM jump of length 2/N to k = t − 2/N, then
-  re-noising forward to s = t − 1/N with q(z_s | z_k); from t = 1/N one
-  deterministic step to 0. `denoise_fn` should be the model distilled for
-  N/2 steps: its jumps have that step length.
+  From t, a deterministic DDIM jump of two grid steps (2/N from t_start =
+  1) to k = t − 2/N, then re-noising forward to s = t − 1/N with
+  q(z_s | z_k); from the last grid time one deterministic step to 0.
+  `denoise_fn` should be the model distilled for N/2 steps: its jumps have
+  that step length.
   """
   _check_num_steps(num_steps, minimum=2)
 
-  def update(i, z, x_hat, t, grid):
-    logsnr_k = grid(t - 2.0 / num_steps)
+  def update(i, z, x_hat, t, step, grid):
+    logsnr_k = grid(t - 2 * step)
     z_k = ddim_step(z, x_hat, grid(t), logsnr_k)
-    logsnr_s = grid(t - 1.0 / num_steps)
+    logsnr_s = grid(t - step)
     return renoise(z_k, logsnr_k, logsnr_s, jax.random.fold_in(rng, i))
 
   return _run_grid(
     denoise_fn,
-    noise,
+    z_start,
     update,
     num_steps=num_steps,
     logsnr_fn=logsnr_fn,
-    clip_x=clip_x,
+    clip=clip,
+    t_start=t_start,
+    known=known,
   )
 
 
@@ -152,12 +200,14 @@ def renoise(
 
 def ancestral_sample(
   denoise_fn: DenoiseFn,
-  noise: jnp.ndarray,
+  z_start: jnp.ndarray,
   rng: jax.Array,
   *,
   num_steps: int,
   logsnr_fn: LogsnrFn = schedules.logsnr_from_t,
-  clip_x: bool = True,
+  clip: tuple[float, float] | None = (-1.0, 1.0),
+  t_start=1.0,
+  known: Known | None = None,
   gamma: float = 0.3,
 ) -> jnp.ndarray:
   """Ancestral sampling from q(z_s | z_t, x̂) with variance interpolation.
@@ -168,9 +218,9 @@ def ancestral_sample(
   """
   _check_num_steps(num_steps)
 
-  def update(i, z, x_hat, t, grid):
+  def update(i, z, x_hat, t, step, grid):
     logsnr_t = schedules.broadcast_to_image(grid(t), z)
-    logsnr_s = schedules.broadcast_to_image(grid(t - 1.0 / num_steps), z)
+    logsnr_s = schedules.broadcast_to_image(grid(t - step), z)
     alpha_s, sigma_s = schedules.alpha_sigma(logsnr_s)
     r = jnp.exp(logsnr_t - logsnr_s)  # e^{λ_t − λ_s} < 1.
     mean = (
@@ -185,9 +235,11 @@ def ancestral_sample(
 
   return _run_grid(
     denoise_fn,
-    noise,
+    z_start,
     update,
     num_steps=num_steps,
     logsnr_fn=logsnr_fn,
-    clip_x=clip_x,
+    clip=clip,
+    t_start=t_start,
+    known=known,
   )

@@ -24,7 +24,17 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from gdd import config_lib, data, images, paths, sample, stages, workdir_lib
+from gdd import (
+  conditioning,
+  config_lib,
+  data,
+  images,
+  paths,
+  sample,
+  sampling,
+  stages,
+  workdir_lib,
+)
 from gdd.evaluation import features, fid, report
 
 # Real images scored as if they were a model (the floor of the metric).
@@ -106,28 +116,30 @@ def _sample_ws(row: Row, ws: tuple[float, ...]) -> tuple[float, ...]:
 
 
 def _generate(
-  sampler: sample.SamplerFn,
-  labels: np.ndarray,
+  sampler: sampling.Sampler,
+  cond: conditioning.Cond,
   w: float,
   batch_size: int,
   seed: int,
 ) -> tuple[np.ndarray, float]:
-  """Samples for `labels` (uint8-quantised) and seconds per sample.
+  """Samples for `cond` (uint8-quantised) and seconds per sample.
 
   Batch k uses the noise key fold_in(seed, k) in every row, so rows differ
   only by their model and sampler. The sampler must be compiled for the
   batch sizes used; the seconds are sampling only.
   """
   chunks, seconds = [], 0.0
-  for index, begin in enumerate(range(0, len(labels), batch_size)):
+  num = conditioning.batch_size(cond)
+  for index, begin in enumerate(range(0, num, batch_size)):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+    batch_cond = conditioning.take(cond, begin, begin + batch_size)
     start = time.perf_counter()
-    batch = np.asarray(sampler(rng, labels[begin : begin + batch_size], w))
+    batch = np.asarray(sampler(rng, batch_cond, w))
     seconds += time.perf_counter() - start
     chunks.append(batch)
   # Scored as saved images are: quantised to 8 bits, as real data is.
   quantised = images.to_uint8(np.concatenate(chunks))
-  return quantised.astype(np.float32) / 127.5 - 1.0, seconds / len(labels)
+  return quantised.astype(np.float32) / 127.5 - 1.0, seconds / num
 
 
 def _score(
@@ -165,9 +177,9 @@ def _evaluate_row(
   workdir: epath.PathLike,
   extractor: features.FeatureExtractor,
   reference: tuple[np.ndarray, np.ndarray],
-  labels: np.ndarray,
+  cond: conditioning.Cond,
 ) -> list[dict]:
-  """One record per w for a model row."""
+  """One record per w for a model row; `cond` as the evaluation draws it."""
   ev = config.evaluate
   sampler = sample.load_sampler(
     workdir,
@@ -176,22 +188,23 @@ def _evaluate_row(
     sampler=row.sampler,
     w=row.trained_w,
   )
-  compile_seconds = sampler.compile(min(ev.batch_size, len(labels)))
-  if len(labels) % ev.batch_size and len(labels) > ev.batch_size:
-    compile_seconds += sampler.compile(len(labels) % ev.batch_size)
+  num = conditioning.batch_size(cond)
+  compile_seconds = sampler.compile(min(ev.batch_size, num))
+  if num % ev.batch_size and num > ev.batch_size:
+    compile_seconds += sampler.compile(num % ev.batch_size)
   records = []
   for w in _sample_ws(row, tuple(ev.ws)):
-    samples, seconds = _generate(sampler, labels, w, ev.batch_size, ev.seed)
+    samples, seconds = _generate(sampler, cond, w, ev.batch_size, ev.seed)
     records.append(
       dict(
         dataclasses.asdict(row),
         nfe=row.nfe,
         w=float(w),
-        num_samples=len(labels),
+        num_samples=num,
         seconds_per_sample=seconds,
         compile_seconds=compile_seconds,
         **_score(
-          extractor, samples, labels, reference, _num_splits(len(labels))
+          extractor, samples, cond['label'], reference, _num_splits(num)
         ),
       )
     )
@@ -264,13 +277,13 @@ def measure_speed(
     logging.warning('Speed: no finished %d-step round; skipped.', student_steps)
     return None
   info = data.get_info(config.data)
-  labels = np.arange(ev.speed_batch_size, dtype=np.int32) % info.num_classes
+  cond = conditioning.for_data(info).cycled(ev.speed_batch_size)
   rng = jax.random.PRNGKey(ev.seed)
 
   def seconds(model: str, num_steps: int) -> float:
     sampler = sample.load_sampler(workdir, model, num_steps=num_steps)
-    sampler.compile(len(labels))
-    return _time_call(lambda: sampler(rng, labels, 1.0))
+    sampler.compile(ev.speed_batch_size)
+    return _time_call(lambda: sampler(rng, cond, 1.0))
 
   student_seconds = seconds('distill', student_steps)
   rows = []
@@ -321,12 +334,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
   extractor = features.make_extractor(config, out_dir)
   reference = features.reference_stats(config, extractor, out_dir)
   info = data.get_info(config.data)
-  labels = np.arange(ev.num_samples, dtype=np.int32) % info.num_classes
+  cond = conditioning.for_data(info).cycled(ev.num_samples)
   records = []
   if ev.real_split:
     records.append(_evaluate_real(config, extractor, reference))
   for row in rows:
-    records += _evaluate_row(row, config, workdir, extractor, reference, labels)
+    records += _evaluate_row(row, config, workdir, extractor, reference, cond)
   results = {
     'workdir': os.fspath(paths.resolve(workdir)),
     'device': device_description(),

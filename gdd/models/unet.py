@@ -140,6 +140,11 @@ class UNetConfig:
     return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
 
 
+def example_cond(batch_size: int) -> dict:
+  """A `cond` of the shape a `UNet` takes, for init and shape tracing."""
+  return {'label': jnp.zeros((batch_size,), jnp.int32)}
+
+
 class UNet(nn.Module):
   """Class- (and optionally w-) conditional U-Net on [B, H, W, C] images."""
 
@@ -150,7 +155,7 @@ class UNet(nn.Module):
     self,
     z: jnp.ndarray,
     logsnr: jnp.ndarray,
-    labels: jnp.ndarray,
+    cond: dict,
     w: jnp.ndarray | None = None,
     *,
     train: bool,
@@ -160,7 +165,8 @@ class UNet(nn.Module):
     Args:
       z: [B, H, W, C] noisy images.
       logsnr: [B] log-SNR λ of each image.
-      labels: [B] int class labels in [0, K]; K is the null label.
+      cond: {'label': [B] int class labels in [0, K]}; K is the null label
+        (`conditioning.ClassConditioning`).
       w: [B] guidance strengths; required iff `config.use_w_embedding`.
       train: enables dropout, which then needs the 'dropout' rng.
 
@@ -168,9 +174,32 @@ class UNet(nn.Module):
       [B, H, W, config.out_channels] float32.
     """
     cfg = self.config
-    self._check_inputs(z, logsnr, labels, w)
+    self._check_inputs(z, logsnr, cond, w)
+    emb = self._embedding(logsnr, cond['label'], w)
+    # Argnum 3 of ResBlock.__call__ (self, x, emb, train) is a Python bool.
+    res_block_cls = layers.remat(layers.ResBlock, cfg.remat, (3,))
+    attention_cls = layers.remat(layers.AttentionBlock, cfg.remat)
     dtype = jnp.dtype(cfg.dtype)
 
+    def res_block(h, out_ch, name):
+      return res_block_cls(out_ch, cfg.dropout, dtype=dtype, name=name)(
+        h, emb, train
+      )
+
+    def attention(h, name):
+      return attention_cls(cfg.head_dim, dtype=dtype, name=name)(h)
+
+    h = nn.Conv(cfg.ch, (3, 3), dtype=dtype, name='conv_in')(z.astype(dtype))
+    h, skips = self._down(h, res_block, attention)
+    h = res_block(h, h.shape[-1], 'mid_block_0')
+    h = attention(h, 'mid_attn')
+    h = res_block(h, h.shape[-1], 'mid_block_1')
+    return self._output_head(self._up(h, skips, res_block, attention))
+
+  def _embedding(self, logsnr, labels, w) -> jnp.ndarray:
+    """Time + class (+ w) embedding that every residual block reads."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
     t_in = schedules.time_input(logsnr)
     emb = layers.EmbeddingMLP(cfg.emb_ch, dtype=dtype, name='time_embedding')(
       layers.sinusoidal_embedding(t_in * 1000.0, cfg.ch)
@@ -182,20 +211,11 @@ class UNet(nn.Module):
       emb = emb + layers.EmbeddingMLP(
         cfg.emb_ch, zero_init_output=True, dtype=dtype, name='w_embedding'
       )(layers.sinusoidal_embedding(w * 1000.0 / cfg.w_max, cfg.ch))
+    return emb
 
-    # Argnum 3 of ResBlock.__call__ (self, x, emb, train) is a Python bool.
-    res_block_cls = layers.remat(layers.ResBlock, cfg.remat, (3,))
-    attention_cls = layers.remat(layers.AttentionBlock, cfg.remat)
-
-    def res_block(h, out_ch, name):
-      return res_block_cls(out_ch, cfg.dropout, dtype=dtype, name=name)(
-        h, emb, train
-      )
-
-    def attention(h, name):
-      return attention_cls(cfg.head_dim, dtype=dtype, name=name)(h)
-
-    h = nn.Conv(cfg.ch, (3, 3), dtype=dtype, name='conv_in')(z.astype(dtype))
+  def _down(self, h, res_block, attention):
+    """The down path; returns h and the skip activations, in order."""
+    cfg = self.config
     skips = [h]
     last = len(cfg.ch_mult) - 1
     for level, mult in enumerate(cfg.ch_mult):
@@ -205,13 +225,15 @@ class UNet(nn.Module):
           h = attention(h, f'down_{level}_attn_{i}')
         skips.append(h)
       if level != last:
-        h = layers.Downsample(dtype=dtype, name=f'down_{level}_downsample')(h)
+        h = layers.Downsample(
+          dtype=jnp.dtype(cfg.dtype), name=f'down_{level}_downsample'
+        )(h)
         skips.append(h)
+    return h, skips
 
-    h = res_block(h, h.shape[-1], 'mid_block_0')
-    h = attention(h, 'mid_attn')
-    h = res_block(h, h.shape[-1], 'mid_block_1')
-
+  def _up(self, h, skips, res_block, attention):
+    """The up path, consuming the skips from the last one back."""
+    cfg = self.config
     for level in reversed(range(len(cfg.ch_mult))):
       for i in range(cfg.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
@@ -219,23 +241,29 @@ class UNet(nn.Module):
         if h.shape[1] in cfg.attn_resolutions:
           h = attention(h, f'up_{level}_attn_{i}')
       if level != 0:
-        h = layers.Upsample(dtype=dtype, name=f'up_{level}_upsample')(h)
+        h = layers.Upsample(
+          dtype=jnp.dtype(cfg.dtype), name=f'up_{level}_upsample'
+        )(h)
+    return h
 
-    # The output head runs in float32 whatever the compute dtype: its output
-    # is the prediction that losses and samplers consume, and it costs one
-    # conv.
+  def _output_head(self, h) -> jnp.ndarray:
+    """Norm, swish and the zero-initialised output conv, in float32.
+
+    The head runs in float32 whatever the compute dtype: its output is the
+    prediction that losses and samplers consume, and it costs one conv.
+    """
     h = nn.swish(
       layers.group_norm(h.astype(jnp.float32), jnp.float32, 'norm_out')
     )
     return nn.Conv(
-      cfg.out_channels,
+      self.config.out_channels,
       (3, 3),
       kernel_init=nn.initializers.zeros_init(),
       dtype=jnp.float32,
       name='conv_out',
     )(h)
 
-  def _check_inputs(self, z, logsnr, labels, w) -> None:
+  def _check_inputs(self, z, logsnr, cond, w) -> None:
     """Shape and presence checks; they run at trace time, so cost nothing."""
     cfg = self.config
     if cfg.use_w_embedding and w is None:
@@ -254,7 +282,14 @@ class UNet(nn.Module):
         f'z must have shape [B, {size}, {size}, {channels}]; got {z.shape}.'
       )
     batch = z.shape[0]
-    for name, value in (('logsnr', logsnr), ('labels', labels), ('w', w)):
+    if not isinstance(cond, dict) or set(cond) != {'label'}:
+      raise ValueError(
+        "cond must be {'label': int [B]} for this class-conditional UNet; "
+        f'got {type(cond).__name__} '
+        f'{sorted(cond) if isinstance(cond, dict) else ""}.'
+      )
+    named = (('logsnr', logsnr), ("cond['label']", cond['label']), ('w', w))
+    for name, value in named:
       if value is not None and jnp.shape(value) != (batch,):
         raise ValueError(
           f'{name} must have shape [B] = ({batch},); got {jnp.shape(value)}.'

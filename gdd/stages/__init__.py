@@ -12,8 +12,9 @@ Params = Any
 Batch = dict[str, jnp.ndarray]
 # (params, frozen_params, batch, rng) -> (scalar loss, metrics dict).
 LossFn = Callable[[Params, Any, Batch, jax.Array], tuple[jnp.ndarray, dict]]
-# (params, frozen_params, rng, labels [B], w) -> images [B, H, W, C] in [-1, 1].
-SampleFn = Callable[[Params, Any, jax.Array, jnp.ndarray, Any], jnp.ndarray]
+# (params, frozen_params, rng, cond, w) -> images [B, H, W, C] in [-1, 1]; cond
+# is the condition pytree (`gdd.conditioning`).
+SampleFn = Callable[[Params, Any, jax.Array, Any, Any], jnp.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,19 +1,14 @@
-"""Config → the pieces every stage shares: network, schedule, denoiser."""
+"""Config → the pieces every stage shares: the network and the schedule."""
 
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import data
-from gdd.diffusion import parameterization, samplers, schedules
-from gdd.models import UNet, UNetConfig
-
-# (params, labels [B], w) -> (z, λ) -> x̂: a model's denoiser at labels and w.
-DenoiserFactory = Callable[[Any, jnp.ndarray, Any], samplers.DenoiseFn]
+from gdd import data, spaces
+from gdd.diffusion import schedules
+from gdd.models import UNet, UNetConfig, unet
 
 
 def build_model(
@@ -45,13 +40,18 @@ def build_model(
   )
 
 
+def build_space(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+  """The space the stages' models diffuse in: today the pixels of `info`."""
+  return spaces.pixel_space(config, info.image_shape)
+
+
 def init_params(model: UNet, rng: jax.Array) -> dict:
   """Fresh params of `model` (shapes from a batch of one)."""
   cfg = model.config
   z = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels))
   w = jnp.zeros((1,)) if cfg.use_w_embedding else None
   variables = model.init(
-    rng, z, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), w, train=False
+    rng, z, jnp.zeros((1,)), unet.example_cond(1), w, train=False
   )
   return variables['params']
 
@@ -70,91 +70,3 @@ def logsnr_fn(config: ml_collections.ConfigDict):
     logsnr_min=config.diffusion.logsnr_min,
     logsnr_max=config.diffusion.logsnr_max,
   )
-
-
-def predict_x(
-  model: UNet,
-  params: dict,
-  z: jnp.ndarray,
-  logsnr: jnp.ndarray,
-  labels: jnp.ndarray,
-  w: jnp.ndarray | None = None,
-  *,
-  train: bool = False,
-  dropout_rng: jax.Array | None = None,
-) -> jnp.ndarray:
-  """The network's unclipped data estimate x̂(z, λ, c[, w])."""
-  rngs = {'dropout': dropout_rng} if train else None
-  output = model.apply(
-    {'params': params}, z, logsnr, labels, w, train=train, rngs=rngs
-  )
-  return parameterization.x_from_output(
-    output, z, logsnr, model.config.mean_type
-  )
-
-
-def run_sampler(
-  config: ml_collections.ConfigDict,
-  denoise_fn: samplers.DenoiseFn,
-  rng: jax.Array,
-  shape: tuple[int, ...],
-  *,
-  num_steps: int,
-  sampler: str,
-) -> jnp.ndarray:
-  """Draws z_1 ~ N(0, I) of `shape` and runs the named sampler from it."""
-  noise_rng, sampler_rng = jax.random.split(rng)
-  noise = jax.random.normal(noise_rng, shape, jnp.float32)
-  kwargs = dict(
-    num_steps=num_steps,
-    logsnr_fn=logsnr_fn(config),
-    clip_x=config.diffusion.clip_x,
-  )
-  if sampler == 'ddim':
-    return samplers.ddim_sample(denoise_fn, noise, **kwargs)
-  if sampler == 'ancestral':
-    return samplers.ancestral_sample(denoise_fn, noise, sampler_rng, **kwargs)
-  if sampler == 'stochastic':
-    return samplers.stochastic_sample(denoise_fn, noise, sampler_rng, **kwargs)
-  raise ValueError(
-    f"sampler={sampler!r}; allowed: 'ddim', 'ancestral', 'stochastic'."
-  )
-
-
-def plain_denoiser(model: UNet, params, labels: jnp.ndarray, w):
-  """(z, λ) ↦ x̂(z, c[, w]): one network evaluation per call, no CFG pair.
-
-  A w-conditioned student gets w per example; a model without a w-embedding
-  (a single-w student, whose w was fixed in training) ignores it.
-  """
-  batch_w = (
-    jnp.broadcast_to(jnp.asarray(w, jnp.float32), labels.shape)
-    if model.config.use_w_embedding
-    else None
-  )
-  return lambda z, logsnr: predict_x(model, params, z, logsnr, labels, batch_w)
-
-
-def make_sample_fn(
-  config: ml_collections.ConfigDict,
-  model: UNet,
-  make_denoiser: DenoiserFactory,
-  *,
-  num_steps: int,
-  sampler: str = 'ddim',
-):
-  """(params, rng, labels, w) ↦ samples in [−1, 1] of `model`'s images."""
-  cfg = model.config
-  image_shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
-
-  def sample_fn(params, rng, labels, w):
-    return run_sampler(
-      config,
-      make_denoiser(params, labels, w),
-      rng,
-      labels.shape + image_shape,
-      num_steps=num_steps,
-      sampler=sampler,
-    )
-
-  return sample_fn

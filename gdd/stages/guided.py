@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import data
-from gdd.diffusion import guidance, losses, schedules
+from gdd import conditioning, data, denoisers, sampling
+from gdd.diffusion import losses, schedules
 from gdd.models import UNet
 from gdd.stages import Stage, common
-from gdd.stages import teacher as teacher_stage
 
 NAME = 'guided'
 
@@ -69,10 +68,11 @@ def loss_fn(
   *,
   student: UNet,
   teacher: UNet,
+  cond_kind,
   config: ml_collections.ConfigDict,
 ):
   """snr_trunc loss between the student and the teacher's guided x̂^w."""
-  x, labels = batch['image'], batch['label']
+  x, cond = batch['image'], cond_kind.from_batch(batch)
   t_rng, noise_rng, w_rng = jax.random.split(rng, 3)
   batch_size = x.shape[0]
   logsnr = common.logsnr_fn(config)(jax.random.uniform(t_rng, (batch_size,)))
@@ -81,13 +81,9 @@ def loss_fn(
   )
   w = sample_w(w_rng, batch_size, config)
   # Teacher in eval mode, unclipped, outside the gradient.
-  teacher_x = functools.partial(common.predict_x, teacher, teacher_params)
-  target = jax.lax.stop_gradient(
-    guidance.guided_x(
-      teacher_x, z, logsnr, labels, w, null_label=teacher.config.num_classes
-    )
-  )
-  x_pred = common.predict_x(student, params, z, logsnr, labels, w)
+  teacher_x = denoisers.guided(teacher, cond_kind, teacher_params, cond, w)
+  target = jax.lax.stop_gradient(teacher_x(z, logsnr))
+  x_pred = denoisers.predict_x(student, params, z, logsnr, cond, w)
   loss = jnp.mean(
     losses.weighted_loss(
       x_pred, target, logsnr, weighting=config.diffusion.loss_weighting
@@ -102,17 +98,19 @@ def make_stage(
   """The stage-one `Stage`; `teacher_params` are the teacher's EMA params."""
   student = build_student(config, info)
   teacher = common.build_model(config, info)
+  cond_kind = conditioning.for_data(info)
+  space = common.build_space(config, info)
   num_steps = config.grids.teacher_num_steps
-  student_sample = common.make_sample_fn(
+  student_sample = sampling.make_sample_fn(
     config,
-    student,
-    functools.partial(common.plain_denoiser, student),
+    space,
+    functools.partial(denoisers.plain, student),
     num_steps=num_steps,
   )
-  teacher_sample = common.make_sample_fn(
+  teacher_sample = sampling.make_sample_fn(
     config,
-    teacher,
-    functools.partial(teacher_stage.guided_denoiser, teacher),
+    space,
+    functools.partial(denoisers.guided, teacher, cond_kind),
     num_steps=num_steps,
   )
   return Stage(
@@ -120,16 +118,20 @@ def make_stage(
     train_config=config.guided,
     init_params=functools.partial(init_from_teacher, student),
     loss_fn=functools.partial(
-      loss_fn, student=student, teacher=teacher, config=config
+      loss_fn,
+      student=student,
+      teacher=teacher,
+      cond_kind=cond_kind,
+      config=config,
     ),
     frozen_params=teacher_params,
     sample_ws=tuple(config.grids.sample_ws),
     sample_panels={
-      f'teacher_{num_steps}step_ddim': lambda params, frozen, rng, labels, w: (
-        teacher_sample(frozen, rng, labels, w)
+      f'teacher_{num_steps}step_ddim': lambda params, frozen, rng, cond, w: (
+        teacher_sample(frozen, rng, cond, w)
       ),
-      f'student_{num_steps}step_ddim': lambda params, frozen, rng, labels, w: (
-        student_sample(params, rng, labels, w)
+      f'student_{num_steps}step_ddim': lambda params, frozen, rng, cond, w: (
+        student_sample(params, rng, cond, w)
       ),
     },
   )

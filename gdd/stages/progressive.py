@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import config_lib, data, workdir_lib
+from gdd import conditioning, config_lib, data, denoisers, sampling, workdir_lib
 from gdd.diffusion import distillation, losses, schedules
-from gdd.stages import Stage, common, guided, teacher
+from gdd.stages import Stage, common, guided
 
 
 def round_step_counts(config: ml_collections.ConfigDict) -> list[int]:
@@ -55,7 +55,8 @@ def loss_fn(
   rng: jax.Array,
   *,
   student,
-  teacher_denoiser: common.DenoiserFactory,
+  teacher_denoiser: denoisers.DenoiserFactory,
+  cond_kind,
   teacher_num_steps: int,
   config: ml_collections.ConfigDict,
   fixed_w: float | None = None,
@@ -64,7 +65,7 @@ def loss_fn(
 
   w ~ U[w_min, w_max] per example, or `fixed_w` for the single-w baseline.
   """
-  x, labels = batch['image'], batch['label']
+  x, cond = batch['image'], cond_kind.from_batch(batch)
   grid_rng, noise_rng, w_rng = jax.random.split(rng, 3)
   batch_size = x.shape[0]
   index = sample_grid_index(
@@ -81,14 +82,14 @@ def loss_fn(
     w = jnp.full((batch_size,), fixed_w, jnp.float32)
   target = jax.lax.stop_gradient(
     distillation.two_step_target(
-      teacher_denoiser(teacher_params, labels, w),
+      teacher_denoiser(teacher_params, cond, w),
       z,
       index,
       teacher_num_steps=teacher_num_steps,
       logsnr_fn=schedule,
     )
   )
-  x_pred = common.plain_denoiser(student, params, labels, w)(z, logsnr)
+  x_pred = denoisers.plain(student, params, cond, w)(z, logsnr)
   loss = jnp.mean(
     losses.weighted_loss(
       x_pred, target, logsnr, weighting=config.diffusion.loss_weighting
@@ -110,7 +111,8 @@ def make_stage(
     config,
     name=workdir_lib.round_name('distill', student_num_steps),
     student=student,
-    teacher_denoiser=functools.partial(common.plain_denoiser, student),
+    teacher_denoiser=functools.partial(denoisers.plain, student),
+    info=info,
     teacher_params=teacher_params,
     student_num_steps=student_num_steps,
     sample_ws=tuple(config.grids.sample_ws),
@@ -132,16 +134,19 @@ def make_single_w_stage(
   evaluations; later rounds distil the previous single-w student.
   """
   model = common.build_model(config, info)
-  teacher_denoiser = functools.partial(
-    teacher.guided_denoiser if from_cfg_teacher else common.plain_denoiser,
-    model,
-  )
+  if from_cfg_teacher:
+    teacher_denoiser = functools.partial(
+      denoisers.guided, model, conditioning.for_data(info)
+    )
+  else:
+    teacher_denoiser = functools.partial(denoisers.plain, model)
   w = config.single_w.w
   return _make_round(
     config,
     name=workdir_lib.round_name('single_w', student_num_steps, w),
     student=model,
     teacher_denoiser=teacher_denoiser,
+    info=info,
     teacher_params=teacher_params,
     student_num_steps=student_num_steps,
     sample_ws=(w,),
@@ -155,6 +160,7 @@ def _make_round(
   name,
   student,
   teacher_denoiser,
+  info,
   teacher_params,
   student_num_steps,
   sample_ws,
@@ -169,37 +175,42 @@ def _make_round(
       loss_fn,
       student=student,
       teacher_denoiser=teacher_denoiser,
+      cond_kind=conditioning.for_data(info),
       teacher_num_steps=2 * student_num_steps,
       config=config,
       fixed_w=fixed_w,
     ),
     frozen_params=teacher_params,
     sample_panels=_sample_panels(
-      config, student, teacher_denoiser, student_num_steps
+      config,
+      common.build_space(config, info),
+      student,
+      teacher_denoiser,
+      student_num_steps,
     ),
     sample_ws=sample_ws,
   )
 
 
-def _sample_panels(config, student, teacher_denoiser, student_num_steps):
+def _sample_panels(config, space, student, teacher_denoiser, student_num_steps):
   """Grid panels of an N-step round, all from the same noise.
 
   The round's teacher at 2N DDIM steps, the student at N DDIM steps, and the
   stochastic 2N-step sampler that this N-step model drives (method.md §7).
   """
   n = student_num_steps
-  student_denoiser = functools.partial(common.plain_denoiser, student)
+  student_denoiser = functools.partial(denoisers.plain, student)
 
   def panel(num_steps, sampler, use_teacher):
-    sample_fn = common.make_sample_fn(
+    sample_fn = sampling.make_sample_fn(
       config,
-      student,
+      space,
       teacher_denoiser if use_teacher else student_denoiser,
       num_steps=num_steps,
       sampler=sampler,
     )
-    return lambda params, frozen, rng, labels, w: sample_fn(
-      frozen if use_teacher else params, rng, labels, w
+    return lambda params, frozen, rng, cond, w: sample_fn(
+      frozen if use_teacher else params, rng, cond, w
     )
 
   return {

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import data
-from gdd.diffusion import guidance, losses, schedules
+from gdd import conditioning, data, denoisers, sampling
+from gdd.diffusion import losses, schedules
 from gdd.models import UNet
 from gdd.stages import Stage, common
 
@@ -26,20 +26,20 @@ def loss_fn(
   rng: jax.Array,
   *,
   model: UNet,
+  cond_kind,
   config: ml_collections.ConfigDict,
 ):
-  """CFG denoising loss with label dropout, continuous t ~ U[0, 1]."""
+  """CFG denoising loss with condition dropout, continuous t ~ U[0, 1]."""
   del frozen_params  # The teacher learns from data alone.
-  x, labels = batch['image'], batch['label']
+  x, cond = batch['image'], cond_kind.from_batch(batch)
   t_rng, noise_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
   batch_size = x.shape[0]
   logsnr = common.logsnr_fn(config)(jax.random.uniform(t_rng, (batch_size,)))
   noise = jax.random.normal(noise_rng, x.shape, jnp.float32)
   z = schedules.diffuse(x, noise, logsnr)
-  drop = jax.random.bernoulli(drop_rng, config.teacher.p_uncond, (batch_size,))
-  labels = jnp.where(drop, model.config.num_classes, labels)
-  x_pred = common.predict_x(
-    model, params, z, logsnr, labels, train=True, dropout_rng=dropout_rng
+  cond = cond_kind.drop_to_null(cond, drop_rng, config.teacher.p_uncond)
+  x_pred = denoisers.predict_x(
+    model, params, z, logsnr, cond, train=True, dropout_rng=dropout_rng
   )
   per_example = losses.weighted_loss(
     x_pred, x, logsnr, weighting=config.diffusion.loss_weighting
@@ -48,34 +48,29 @@ def loss_fn(
   return loss, {'loss': loss}
 
 
-def guided_denoiser(model: UNet, params, labels: jnp.ndarray, w):
-  """(z, λ) ↦ x̂^w for the CFG teacher; 2 network evaluations per call."""
-  x_fn = functools.partial(common.predict_x, model, params)
-  return lambda z, logsnr: guidance.guided_x(
-    x_fn, z, logsnr, labels, w, null_label=model.config.num_classes
-  )
-
-
 def make_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
   """The teacher `Stage`: fresh init, CFG loss, guided DDIM sample grids."""
   model = common.build_model(config, info)
+  cond_kind = conditioning.for_data(info)
   num_steps = config.grids.teacher_num_steps
-  sample_fn = common.make_sample_fn(
+  sample_fn = sampling.make_sample_fn(
     config,
-    model,
-    functools.partial(guided_denoiser, model),
+    common.build_space(config, info),
+    functools.partial(denoisers.guided, model, cond_kind),
     num_steps=num_steps,
   )
   return Stage(
     name=NAME,
     train_config=config.teacher,
     init_params=lambda rng, frozen: common.init_params(model, rng),
-    loss_fn=functools.partial(loss_fn, model=model, config=config),
+    loss_fn=functools.partial(
+      loss_fn, model=model, cond_kind=cond_kind, config=config
+    ),
     frozen_params=None,
     sample_ws=tuple(config.grids.sample_ws),
     sample_panels={
-      f'teacher_{num_steps}step_ddim': lambda params, frozen, rng, labels, w: (
-        sample_fn(params, rng, labels, w)
+      f'teacher_{num_steps}step_ddim': lambda params, frozen, rng, cond, w: (
+        sample_fn(params, rng, cond, w)
       )
     },
   )

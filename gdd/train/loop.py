@@ -26,7 +26,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from gdd import data, errors, images, paths, plan, workdir_lib
+from gdd import conditioning, data, errors, images, paths, plan, workdir_lib
 from gdd.stages import Stage
 from gdd.train import (
   checkpointing,
@@ -38,8 +38,8 @@ from gdd.train import (
 )
 from gdd.train.state import TrainState, update_ema
 
-# Sample grids show at most this many classes (rows).
-MAX_GRID_CLASSES = 10
+# Sample grids show at most this many rows (classes, or other conditions).
+MAX_GRID_ROWS = 10
 
 
 class NonFiniteLossError(errors.UserError, FloatingPointError):
@@ -235,12 +235,6 @@ def build_train_step(
   return tx, step, layout
 
 
-def _grid_labels(num_classes: int, samples_per_class: int) -> np.ndarray:
-  """Row r of the grid is class r: labels 0,0,…,1,1,…"""
-  classes = np.arange(min(num_classes, MAX_GRID_CLASSES), dtype=np.int32)
-  return np.repeat(classes, samples_per_class)
-
-
 class _SampleGridWriter:
   """Writes one sample grid per guidance strength w, from fixed noise.
 
@@ -257,8 +251,8 @@ class _SampleGridWriter:
     stage_dir: epath.PathLike,
   ):
     self._stage_dir = paths.resolve(stage_dir)
-    self._labels = _grid_labels(
-      info.num_classes, config.grids.samples_per_class
+    self._cond, self._num_rows = conditioning.for_data(info).grid(
+      config.grids.samples_per_class, MAX_GRID_ROWS
     )
     self._num_devices = mesh.devices.size
     self._mesh = mesh
@@ -279,10 +273,10 @@ class _SampleGridWriter:
     self._upscale = images.display_scale(info.image_shape[0])
 
   def __call__(self, step: int, params, frozen_params, writer) -> None:
-    n = len(self._labels)
-    padded = sharding.from_host(
-      np.pad(self._labels, (0, -n % self._num_devices), mode='edge'),
-      sharding.batch_sharded(self._mesh),
+    n = conditioning.batch_size(self._cond)
+    padded = jax.tree.map(
+      lambda x: sharding.from_host(x, sharding.batch_sharded(self._mesh)),
+      conditioning.pad_to_multiple(self._cond, self._num_devices),
     )
     rep = sharding.replicated(self._mesh)
     grids = {}
@@ -292,9 +286,7 @@ class _SampleGridWriter:
       for name, sample in self._panels.items():
         samples = sample(params, frozen_params, self._rng, padded, w_array)
         samples = images.to_uint8(sharding.to_host(samples)[:n])
-        panels.append(
-          images.make_grid(samples, num_rows=len(set(self._labels)))
-        )
+        panels.append(images.make_grid(samples, num_rows=self._num_rows))
         grids[f'samples/w={w:g}/{name}'] = panels[-1][None]
       grid = images.side_by_side(panels)
       if jax.process_index() == 0:

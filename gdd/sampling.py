@@ -1,0 +1,325 @@
+"""Sampling a model: the traced sample function and the `Sampler` object.
+
+`make_sample_fn` turns a denoiser factory into (params, rng, cond, w,
+start, space_params) ↦ images, the pure function that train-time sample
+grids jit. `Sampler` wraps it for users: jitted over all devices,
+compiled once per batch size and kind of request (ahead of time with
+`compile`), called as `sampler(rng, cond, w, *, init=None, t_start=1.0,
+mask=None)`. Every request is checked on the host before anything compiles.
+"""
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gdd import conditioning, denoisers, errors
+from gdd.diffusion import samplers, schedules
+from gdd.stages import common
+from gdd.train import sharding
+
+SAMPLERS = ('ddim', 'stochastic', 'ancestral')
+# (params, rng, cond, w, start, space_params) -> images in [−1, 1]; start is
+# None (pure noise at t = 1) or {'init', 't_start'[, 'mask']}.
+SampleFn = Callable[..., jnp.ndarray]
+
+
+class SampleRequestError(errors.UserError, ValueError):
+  """A sampling request the model cannot serve; says what it can."""
+
+
+def _start_z(config, space, start, noise, space_params, known_rng):
+  """z at the start time, and the sampler options a `start` adds."""
+  if start is None:
+    return noise, {}
+  x = space.encode(space_params, start['init']).astype(jnp.float32)
+  t_start = start['t_start']
+  logsnr = jnp.full((x.shape[0],), common.logsnr_fn(config)(t_start))
+  options = {'t_start': t_start}
+  if 'mask' in start:
+    options['known'] = samplers.Known(
+      x, start['mask'].astype(jnp.float32), known_rng
+    )
+  return schedules.diffuse(x, noise, logsnr), options
+
+
+def draw(
+  config: ml_collections.ConfigDict,
+  space,
+  denoise_fn: denoisers.DenoiseFn,
+  rng: jax.Array,
+  batch_size: int,
+  *,
+  num_steps: int,
+  sampler: str,
+  start: dict | None = None,
+  space_params: Any = None,
+) -> jnp.ndarray:
+  """Runs the named sampler in `space`; returns x̂ in the diffusion space.
+
+  From pure noise z_1 ~ N(0, I) when `start` is None; otherwise from the
+  encoded `start['init']` noised to `start['t_start']` with the same noise
+  draw, keeping `start['mask']`'s region if given (replacement).
+  """
+  noise_rng, sampler_rng = jax.random.split(rng)
+  noise = jax.random.normal(noise_rng, (batch_size, *space.shape), jnp.float32)
+  # The known region's per-step noise: a key the start noise does not use.
+  known_rng = jax.random.fold_in(noise_rng, 1)
+  z, options = _start_z(config, space, start, noise, space_params, known_rng)
+  kwargs = dict(
+    num_steps=num_steps,
+    logsnr_fn=common.logsnr_fn(config),
+    clip=space.clip,
+    **options,
+  )
+  if sampler == 'ddim':
+    return samplers.ddim_sample(denoise_fn, z, **kwargs)
+  if sampler == 'ancestral':
+    return samplers.ancestral_sample(denoise_fn, z, sampler_rng, **kwargs)
+  if sampler == 'stochastic':
+    return samplers.stochastic_sample(denoise_fn, z, sampler_rng, **kwargs)
+  raise ValueError(f'sampler={sampler!r}; allowed: {SAMPLERS}.')
+
+
+def make_sample_fn(
+  config: ml_collections.ConfigDict,
+  space,
+  make_denoiser: denoisers.DenoiserFactory,
+  *,
+  num_steps: int,
+  sampler: str = 'ddim',
+) -> SampleFn:
+  """(params, rng, cond, w, start=None, space_params=None) ↦ images.
+
+  Images are `space.decode`d, float32 in [−1, 1]; see `draw` for `start`.
+  """
+
+  def sample_fn(params, rng, cond, w, start=None, space_params=None):
+    x = draw(
+      config,
+      space,
+      make_denoiser(params, cond, w),
+      rng,
+      conditioning.batch_size(cond),
+      num_steps=num_steps,
+      sampler=sampler,
+      start=start,
+      space_params=space_params,
+    )
+    return space.decode(space_params, x)
+
+  return sample_fn
+
+
+class Sampler:
+  """A model's sampler, jitted over all devices; see `__call__`.
+
+  Built once per (model, step count, sampler kind); compiled once per
+  (device-padded) batch size and request kind (from noise, from `init`,
+  with a `mask`). Params are replicated; samples come back replicated, so
+  on a multi-host mesh every process can read (save, score, show) them.
+  """
+
+  def __init__(
+    self,
+    sample_fn: SampleFn,
+    params,
+    cond_kind,
+    space,
+    *,
+    check_w: Callable[[float], None],
+    space_params: Any = None,
+  ):
+    self._sample_fn = sample_fn
+    self._params = params
+    self._cond_kind = cond_kind
+    self._space = space
+    self._check_w = check_w
+    self._space_params = space_params
+    mesh = sharding.make_mesh()
+    self._num_devices = mesh.devices.size
+    self._rep = sharding.replicated(mesh)
+    self._batch = sharding.batch_sharded(mesh)
+    self._executables = {}
+
+  def __call__(
+    self,
+    rng: jax.Array,
+    cond,
+    w: float,
+    *,
+    init=None,
+    t_start: float = 1.0,
+    mask=None,
+  ) -> jax.Array:
+    """Samples for `cond` at guidance strength w.
+
+    Args:
+      rng: one key, `jax.random.key(seed)` or `jax.random.PRNGKey(seed)`.
+      cond: the condition, e.g. {'label': int [B]}; class labels alone
+        (int [B]) are accepted too.
+      w: guidance strength (GD's w; diffusers' guidance_scale is 1 + w).
+      init: optional [B, H, W, C] images in [−1, 1] to start from: they are
+        encoded, noised to `t_start` with q(z_t | x), and sampled from
+        there (SDEdit). Without `init`, sampling starts from pure noise.
+      t_start: start time in (0, 1]; below 1 only with `init`. The N steps
+        are spaced evenly from t_start to 0.
+      mask: optional [B, h, w, 1] in [0, 1] at the diffusion space's
+        spatial size (the images' in pixel space), 1 where `init` is kept
+        (replacement inpainting). Needs `init`.
+
+    Returns:
+      [B, H, W, C] float32 images in [−1, 1], replicated over the devices.
+    """
+    rng = _raw_key(rng)
+    cond = self._checked_cond(cond)
+    self._check_w(w)
+    n = conditioning.batch_size(cond)
+    start = _checked_start(self._space, n, init, t_start, mask)
+    pad = functools.partial(
+      conditioning.pad_to_multiple, multiple=self._num_devices
+    )
+    cond = pad(cond)
+    args = (
+      self._params,
+      sharding.from_host(rng, self._rep),
+      jax.tree.map(lambda x: sharding.from_host(x, self._batch), cond),
+      sharding.from_host(np.float32(w), self._rep),
+      None if start is None else self._put_start(pad(start), t_start),
+      self._space_params,
+    )
+    executable = self._executable(
+      conditioning.batch_size(cond), init is not None, mask is not None
+    )
+    return executable(*args)[:n]
+
+  def compile(
+    self, batch_size: int, *, init: bool = False, mask: bool = False
+  ) -> float:
+    """Compiles for `batch_size` (and an `init`/`mask` request) now.
+
+    Returns the seconds it took, so that timed calls measure sampling only.
+    """
+    start = time.perf_counter()
+    self._executable(batch_size + -batch_size % self._num_devices, init, mask)
+    return time.perf_counter() - start
+
+  def compiled_batch_sizes(self) -> list[int]:
+    """The (device-padded) batch sizes compiled so far."""
+    return sorted({key[0] for key in self._executables})
+
+  def _checked_cond(self, cond) -> conditioning.Cond:
+    try:
+      return self._cond_kind.from_request(cond)
+    except conditioning.CondError as error:
+      raise SampleRequestError(str(error)) from None
+
+  def _put_start(self, start: dict, t_start: float) -> dict:
+    """The start arrays as global arrays, with t_start added."""
+    start = dict(start, t_start=np.float32(t_start))
+    shardings = self._start_shardings(start)
+    return {k: sharding.from_host(v, shardings[k]) for k, v in start.items()}
+
+  def _start_shardings(self, start: dict) -> dict:
+    shardings = {key: self._batch for key in start}
+    return dict(shardings, t_start=self._rep)
+
+  def _executable(self, padded_size: int, init: bool, mask: bool):
+    """The compiled sampler for one padded size and request kind."""
+    key = (padded_size, init, mask)
+    if key not in self._executables:
+      rep, batch = self._rep, self._batch
+      start = None
+      if init:
+        start = {
+          'init': jax.ShapeDtypeStruct(
+            (padded_size, *self._space.image_shape), np.float32, sharding=batch
+          ),
+          't_start': jax.ShapeDtypeStruct((), np.float32, sharding=rep),
+        }
+      if mask:
+        start['mask'] = jax.ShapeDtypeStruct(
+          (padded_size, *self._space.shape[:2], 1), np.float32, sharding=batch
+        )
+      jitted = jax.jit(
+        self._sample_fn,
+        in_shardings=(
+          rep,
+          rep,
+          batch,
+          rep,
+          rep if start is None else self._start_shardings(start),
+          rep,
+        ),
+        out_shardings=rep,
+      )
+      # Shapes only: host arrays cannot be lowered with a multi-host sharding.
+      self._executables[key] = jitted.lower(
+        self._params,
+        jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep),
+        self._cond_kind.abstract(padded_size, sharding=batch),
+        jax.ShapeDtypeStruct((), np.float32, sharding=rep),
+        start,
+        self._space_params,
+      ).compile()
+      sharding.sync_processes('sampler_compiled')
+    return self._executables[key]
+
+
+def _checked_start(space, batch_size: int, init, t_start, mask) -> dict | None:
+  """{'init'[, 'mask']} as host float32 arrays, or None; checks all three."""
+  if isinstance(t_start, bool) or not (
+    isinstance(t_start, int | float | np.floating) and 0 < t_start <= 1
+  ):
+    raise SampleRequestError(
+      f't_start={t_start!r}; must be a number in (0, 1].'
+    )
+  if init is None:
+    if t_start != 1 or mask is not None:
+      raise SampleRequestError(
+        't_start < 1 and mask need init: the images to start from '
+        f'([B, {", ".join(map(str, space.image_shape))}] in [-1, 1]).'
+      )
+    return None
+  start = {'init': np.asarray(init, np.float32)}
+  expected = (batch_size, *space.image_shape)
+  if start['init'].shape != expected:
+    raise SampleRequestError(
+      f'init has shape {start["init"].shape}; expected {expected} (one image '
+      'per condition, in [-1, 1]).'
+    )
+  if mask is not None:
+    start['mask'] = np.asarray(mask, np.float32)
+    expected = (batch_size, *space.shape[:2], 1)
+    if start['mask'].shape != expected:
+      raise SampleRequestError(
+        f'mask has shape {start["mask"].shape}; expected {expected} (1 where '
+        'init is kept, 0 where the sampler fills in).'
+      )
+    if not np.all((start['mask'] >= 0) & (start['mask'] <= 1)):
+      raise SampleRequestError('mask values must lie in [0, 1].')
+  return start
+
+
+def _raw_key(rng: jax.Array) -> jax.Array:
+  """`rng` as the uint32[2] raw key the sampler is compiled for.
+
+  Accepts `jax.random.key(seed)` (typed, unwrapped here) as well as
+  `jax.random.PRNGKey(seed)`, so callers need not know which one it wants.
+  """
+  dtype = getattr(rng, 'dtype', None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+    dtype = rng.dtype
+  if dtype != np.uint32 or np.shape(rng) != (2,):
+    raise SampleRequestError(
+      'rng must be one key, jax.random.key(seed) or jax.random.PRNGKey(seed); '
+      f'got {type(rng).__name__ if dtype is None else dtype}'
+      f'{list(np.shape(rng))}.'
+    )
+  return rng
