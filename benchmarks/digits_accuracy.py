@@ -20,7 +20,8 @@ import numpy as np
 from absl import app, flags
 from sklearn import svm
 
-from gdd import data, sample, stages
+from gdd import data, sample
+from gdd.stages import registry
 
 DEFAULT_ROWS = [
   'teacher:256:ddim',
@@ -95,7 +96,7 @@ def main(argv):
     cells = ' | '.join(f'{a:.3f}' for a in accuracies)
     print(
       f'| {stage} | {sampler_name} | {num_steps} | '
-      f'{stages.nfe(stage, num_steps)} | {cells} | '
+      f'{registry.nfe(stage, num_steps)} | {cells} | '
       f'{np.mean(times):.2e} |',
       flush=True,
     )

@@ -6,9 +6,8 @@ checkpoint and skips a finished one. A changed config that would silently
 mix two trainings is refused.
 """
 
-import functools
+import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 
@@ -19,19 +18,10 @@ from etils import epath
 
 from gdd import config_lib, data, errors, paths, plan, sample, workdir_lib
 from gdd.evaluation import evaluate
-from gdd.stages import Stage, common, guided, progressive, teacher
+from gdd.stages import Stage, StageKind, registry
 from gdd.train import checkpointing, lock, loop, preemption, sharding
 
-MODES = (
-  'all',
-  'teacher',
-  'guided',
-  'distill',
-  'distill_single_w',
-  'sample',
-  'evaluate',
-  'plan',
-)
+MODES = (*registry.training_modes(), 'sample', 'evaluate', 'plan')
 
 
 class ConfigMismatchError(config_lib.ConfigError):
@@ -127,169 +117,72 @@ def _load_export(stage_dir: epath.Path, abstract_params):
     return None
 
 
-# The stage each partial --mode starts from, which must be finished.
-_MODE_INPUTS = {
-  'guided': teacher.NAME,
-  'distill': guided.NAME,
-  'distill_single_w': teacher.NAME,
-}
+@dataclasses.dataclass(frozen=True)
+class TrainContext:
+  """What a stage kind's `train` gets: the run, and a way to run a folder."""
+
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  info: data.DatasetInfo
+
+  def run_stage(
+    self,
+    kind: str,
+    make_stage: Callable[[], Stage],
+    *,
+    name: str,
+    abstract_params,
+    trained_from: dict | None = None,
+  ):
+    """Trains (or resumes, or loads) the folder `name`; returns its params."""
+    return _run_stage(
+      self.config,
+      self.workdir,
+      kind,
+      make_stage,
+      name=name,
+      abstract_params=abstract_params,
+      trained_from=trained_from,
+    )
+
+  def input_loader(self, name: str | None) -> Callable[[], object]:
+    """() -> the finished params of kind `name`, loaded when called."""
+    if name is None:
+      return lambda: None
+    kind = registry.get(name)
+    return lambda: kind.train(self, self.input_loader(kind.needs))
 
 
-def _require_input(workdir: epath.PathLike, mode: str) -> None:
-  name = _MODE_INPUTS.get(mode)
-  if name and not workdir_lib.is_finished(workdir_lib.stage_dir(workdir, name)):
+def _require_input(workdir: epath.PathLike, mode: str, kind: StageKind) -> None:
+  """The kind a partial --mode starts from must be finished."""
+  if mode == 'all' or kind.needs is None:
+    return
+  if not workdir_lib.is_finished(workdir_lib.stage_dir(workdir, kind.needs)):
+    needed = registry.get(kind.needs)
     raise checkpointing.MissingExportError(
-      f'--mode={mode} needs a finished {name!r} stage in {workdir}; run '
-      f'--mode={"teacher" if name == "teacher" else "guided"} (or the '
-      'default --mode=all) first.'
+      f'--mode={mode} needs a finished {needed.name!r} stage in {workdir}; '
+      f'run --mode={needed.mode} (or the default --mode=all) first.'
     )
 
 
 def run_chain(
   config: ml_collections.ConfigDict, workdir: epath.PathLike, mode: str
 ) -> None:
-  """Teacher → guided student → halving rounds, or the part `mode` names."""
-  info = data.get_info(config.data)
-  teacher_model = common.build_model(config, info)
-  student_model = guided.build_student(config, info)
-  _require_input(workdir, mode)
-  if mode == 'distill_single_w':
-    _run_single_w_rounds(config, workdir, info, teacher_model)
-    return
+  """The stage kinds of `mode`, in registry order, each from the last.
 
-  teacher_params = None
-  if mode in ('all', 'teacher', 'guided'):
-    teacher_params = _run_stage(
-      config,
-      workdir,
-      'teacher',
-      lambda: teacher.make_stage(config, info),
-      name=teacher.NAME,
-      abstract_params=common.abstract_params(teacher_model),
-    )
-  if mode == 'teacher':
-    return
-  student_abstract = common.abstract_params(student_model)
-
-  params = _run_stage(
-    config,
-    workdir,
-    'guided',
-    functools.partial(
-      _guided_stage, config, workdir, info, teacher_model, teacher_params
-    ),
-    name=guided.NAME,
-    abstract_params=student_abstract,
-    trained_from={
-      'teacher': os.fspath(workdir_lib.stage_dir(workdir, teacher.NAME)),
-      'w_range': [config.guided.w_min, config.guided.w_max],
-    },
-  )
-  if mode == 'guided':
-    return
-  _run_rounds(
-    config,
-    workdir,
-    params,
-    first_teacher=guided.NAME,
-    kind='distill',
-    w=None,
-    make_stage=functools.partial(progressive.make_stage, config, info),
-    abstract_params=student_abstract,
-    w_record={'w_range': [config.guided.w_min, config.guided.w_max]},
-  )
-  print(f'chain finished: {finished_summary(workdir)}')
-
-
-def _guided_stage(config, workdir, info, teacher_model, teacher_params):
-  """Stage one; --mode=distill loads the teacher only if stage one must
-  export again (its `teacher_params` are None)."""
-  if teacher_params is None:
-    teacher_params = loop.load_exported_params(
-      workdir_lib.stage_dir(workdir, teacher.NAME),
-      common.abstract_params(teacher_model),
-    )
-  return guided.make_stage(config, info, teacher_params)
-
-
-def _run_single_w_rounds(config, workdir, info, teacher_model) -> None:
-  """The single-w baseline: halving rounds at w = config.single_w.w."""
-  w = config.single_w.w
-  teacher_params = loop.load_exported_params(
-    workdir_lib.stage_dir(workdir, teacher.NAME),
-    common.abstract_params(teacher_model),
-  )
-  first_round = progressive.round_step_counts(config)[0]
-
-  def make_stage(teacher_params, *, student_num_steps):
-    return progressive.make_single_w_stage(
-      config,
-      info,
-      teacher_params,
-      student_num_steps=student_num_steps,
-      from_cfg_teacher=student_num_steps == first_round,
-    )
-
-  _run_rounds(
-    config,
-    workdir,
-    teacher_params,
-    first_teacher=teacher.NAME,
-    kind='single_w',
-    w=w,
-    make_stage=make_stage,
-    abstract_params=common.abstract_params(teacher_model),
-    w_record={'w': w},
-  )
-  rounds = workdir_lib.finished_rounds(workdir, 'single_w', w=w)
-  root = workdir_lib.rounds_dir(workdir, 'single_w', w)
-  print(f'single-w chain finished: step counts {rounds} in {root}')
-
-
-def _run_rounds(
-  config,
-  workdir: epath.PathLike,
-  params,
-  *,
-  first_teacher: str,
-  kind: str,
-  w: float | None,
-  make_stage: Callable[..., Stage],
-  abstract_params,
-  w_record: dict,
-) -> None:
-  """Halving rounds initial_num_steps → … → final_num_steps, each resumable.
-
-  `params` are the first teacher's (the folder `first_teacher`); each
-  finished round's student is the next round's teacher. `kind` and `w`
-  name the chain (`workdir_lib.round_name`).
+  Teacher → guided student → halving rounds for --mode=all; one kind (from
+  its finished input) otherwise. A finished folder is loaded, not trained.
   """
-  teacher_steps = config.distill.initial_num_steps
-  teacher_dir = first_teacher
-  for student_steps in progressive.round_step_counts(config):
-    name = workdir_lib.round_name(kind, student_steps, w)
-    params = _run_stage(
-      config,
-      workdir,
-      kind,
-      functools.partial(make_stage, params, student_num_steps=student_steps),
-      name=name,
-      abstract_params=abstract_params,
-      trained_from={
-        'teacher': os.fspath(workdir_lib.stage_dir(workdir, teacher_dir)),
-        'teacher_num_steps': teacher_steps,
-        'student_num_steps': student_steps,
-        **w_record,
-        'time_grid': config.distill.time_grid,
-      },
-    )
-    teacher_steps, teacher_dir = student_steps, name
-
-
-def finished_summary(workdir: epath.PathLike) -> str:
-  rounds = workdir_lib.finished_rounds(workdir)
-  distill_dir = workdir_lib.rounds_dir(workdir, 'distill')
-  return f'distilled step counts {rounds} in {distill_dir}'
+  kinds = registry.for_mode(mode)
+  _require_input(workdir, mode, kinds[0])
+  ctx = TrainContext(config, paths.resolve(workdir), data.get_info(config.data))
+  load_input = ctx.input_loader(kinds[0].needs)
+  for kind in kinds:
+    params = kind.train(ctx, load_input)
+    load_input = lambda params=params: params
+  summary = kinds[-1].summary(config, workdir)
+  if summary:
+    print(summary)
 
 
 # The config sections of the stages each training --mode trains: their
@@ -297,11 +190,8 @@ def finished_summary(workdir: epath.PathLike) -> str:
 # batch_size is split evenly over the devices (samplers pad their batches
 # and need no check).
 _MODE_SECTIONS = {
-  'all': ('teacher', 'guided', 'distill'),
-  'teacher': ('teacher',),
-  'guided': ('guided',),
-  'distill': ('distill',),
-  'distill_single_w': ('distill',),
+  mode: tuple(kind.section for kind in registry.for_mode(mode))
+  for mode in registry.training_modes()
 }
 
 

@@ -43,10 +43,13 @@ import ml_collections
 import numpy as np
 
 from gdd import config_lib, data
-from gdd.stages import Stage, common, guided, progressive, teacher
+from gdd.stages import Stage, registry
 from gdd.train import optim, sharding, throughput
 
-STAGE_SECTIONS = ('teacher', 'guided', 'distill')
+# The config sections planned: one per kind that --mode=all trains.
+STAGE_SECTIONS = tuple(
+  kind.section for kind in registry.for_mode('all') if kind.plan_stage
+)
 # The micro-batches the gradient program is compiled at (see the docstring).
 MEASURED_MICRO_BATCHES = (4, 8)
 # Kept free of the plan: XLA's fragmentation, program code, estimate error.
@@ -418,20 +421,13 @@ def build_stage(
 ) -> Stage:
   """The stage of `section`, its teacher as ShapeDtypeStructs (untrained).
 
-  'distill' is the first halving round; every round has the same program.
+  Each kind builds its own (`StageKind.plan_stage`); the halving rounds
+  plan their first round, since every round has the same program.
   """
-  if section == 'teacher':
-    return teacher.make_stage(config, info)
-  if section == 'guided':
-    teacher_params = common.abstract_params(common.build_model(config, info))
-    return guided.make_stage(config, info, teacher_params)
-  student_params = common.abstract_params(guided.build_student(config, info))
-  return progressive.make_stage(
-    config,
-    info,
-    student_params,
-    student_num_steps=config.distill.initial_num_steps // 2,
+  (kind,) = (
+    k for k in registry.for_mode('all') if k.section == section and k.plan_stage
   )
+  return kind.plan_stage(config, info)
 
 
 def check_splits(

@@ -18,7 +18,6 @@ from etils import epath
 from gdd import (
   conditioning,
   data,
-  denoisers,
   errors,
   images,
   paths,
@@ -26,17 +25,9 @@ from gdd import (
   workdir_lib,
 )
 from gdd.evaluation import npz
-from gdd.models import UNet
-from gdd.stages import common, guided
+from gdd.stages import common, registry
 from gdd.train import loop, sharding
 
-# Which samplers each stage offers.
-STAGE_SAMPLERS = {
-  'teacher': ('ddim', 'ancestral'),
-  'guided': ('ddim', 'stochastic', 'ancestral'),
-  'distill': ('ddim', 'stochastic'),
-  'single_w': ('ddim', 'stochastic'),
-}
 # The PNG next to an npz shows at most this many samples.
 MAX_PNG_SAMPLES = 100
 
@@ -68,45 +59,17 @@ def _resolve(
   w: float | None,
 ) -> str:
   """The stage folder that serves a request; errors name what exists."""
-  if stage not in STAGE_SAMPLERS:
+  if stage not in registry.NAMES:
     raise sampling.SampleRequestError(
-      f'stage={stage!r}; allowed: {tuple(STAGE_SAMPLERS)}.'
+      f'stage={stage!r}; allowed: {registry.NAMES}.'
     )
-  if sampler not in STAGE_SAMPLERS[stage]:
+  kind = registry.get(stage)
+  if sampler not in kind.samplers:
     raise sampling.SampleRequestError(
       f'sampler={sampler!r} is not available for stage {stage!r}; '
-      f'allowed: {STAGE_SAMPLERS[stage]}.'
+      f'allowed: {kind.samplers}.'
     )
-  if stage in ('teacher', 'guided'):
-    return stage
-  if stage == 'single_w' and w is None:
-    raise sampling.SampleRequestError(
-      "stage='single_w' needs w: each single-w model is trained for one "
-      f'w; trained: {workdir_lib.single_w_values(workdir) or "none"}.'
-    )
-  round_w = w if stage == 'single_w' else None
-  # The stochastic N-step sampler jumps with the N/2-step model (§7).
-  model_steps = num_steps // 2 if sampler == 'stochastic' else num_steps
-  folder = workdir_lib.round_name(stage, model_steps, round_w)
-  if sampler == 'stochastic' and num_steps % 2:
-    raise sampling.SampleRequestError(
-      f'num_steps={num_steps}: the stochastic sampler needs an even step '
-      'count (it uses the model distilled for num_steps / 2).'
-    )
-  if not workdir_lib.is_finished(workdir_lib.stage_dir(workdir, folder)):
-    distilled = workdir_lib.finished_rounds(workdir, stage, w=round_w)
-    raise sampling.SampleRequestError(
-      f'No finished distillation round for {model_steps} steps in '
-      f'{workdir_lib.rounds_dir(workdir, stage, round_w)}; distilled step '
-      'counts: '
-      f'{distilled or "none"}. '
-      + (
-        'The stochastic sampler needs the round for num_steps / 2.'
-        if sampler == 'stochastic'
-        else ''
-      )
-    )
-  return folder
+  return kind.sampler_folder(workdir, num_steps, sampler, w)
 
 
 def load_sampler(
@@ -148,7 +111,8 @@ def load_sampler(
   info = data.get_info(config.data)
   cond_kind = conditioning.for_data(info)
   space = common.build_space(config, info)
-  model, make_denoiser, w_range = _stage_model(config, info, stage, w)
+  kind = registry.get(stage)
+  model, make_denoiser = kind.sampler_model(config, info)
   sample_fn = sampling.make_sample_fn(
     config, space, make_denoiser, num_steps=num_steps, sampler=sampler
   )
@@ -160,32 +124,9 @@ def load_sampler(
     params,
     cond_kind,
     space,
-    check_w=functools.partial(_check_w, stage=stage, w_range=w_range),
-  )
-
-
-def _stage_model(
-  config: ml_collections.ConfigDict,
-  info: data.DatasetInfo,
-  stage: str,
-  w: float | None,
-) -> tuple[UNet, denoisers.DenoiserFactory, tuple[float, float]]:
-  """(network, denoiser factory, allowed w range) of a stage kind."""
-  if stage == 'teacher':
-    model = common.build_model(config, info)
-    return (
-      model,
-      functools.partial(denoisers.guided, model, conditioning.for_data(info)),
-      (0.0, float('inf')),
-    )
-  if stage == 'single_w':
-    model = common.build_model(config, info)
-    return model, functools.partial(denoisers.plain, model), (w, w)
-  model = guided.build_student(config, info)
-  return (
-    model,
-    functools.partial(denoisers.plain, model),
-    (config.guided.w_min, config.guided.w_max),
+    check_w=functools.partial(
+      _check_w, stage=stage, w_range=kind.w_range(config, w)
+    ),
   )
 
 

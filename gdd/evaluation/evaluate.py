@@ -32,10 +32,10 @@ from gdd import (
   paths,
   sample,
   sampling,
-  stages,
   workdir_lib,
 )
 from gdd.evaluation import features, fid, report
+from gdd.stages import registry
 
 # Real images scored as if they were a model (the floor of the metric).
 REAL = 'real'
@@ -53,36 +53,20 @@ class Row:
   @property
   def nfe(self) -> int:
     """Network evaluations per sample (none for real images)."""
-    return 0 if self.model == REAL else stages.nfe(self.model, self.num_steps)
+    return 0 if self.model == REAL else registry.nfe(self.model, self.num_steps)
 
 
 def plan_rows(
   config: ml_collections.ConfigDict, workdir: epath.PathLike
 ) -> list[Row]:
   """The rows of the evaluation grid that this workdir's stages can serve."""
-  ev = config.evaluate
-  rows = []
-
-  def finished(stage: str) -> bool:
-    return workdir_lib.is_finished(workdir_lib.stage_dir(workdir, stage))
-
-  if finished('teacher'):
-    rows += [Row('teacher', 'ddim', n) for n in ev.teacher_num_steps]
-  if finished('guided'):
-    rows += [Row('guided', 'ddim', n) for n in ev.guided_num_steps]
-  rounds = workdir_lib.finished_rounds(workdir)
-  rows += [Row('distill', 'ddim', n) for n in rounds]
-  rows += [
-    Row('distill', 'stochastic', 2 * n)
-    for n in rounds
-    if 2 * n <= ev.max_stochastic_steps
+  return [
+    Row(kind.name, sampler, num_steps, trained_w)
+    for kind in registry.KINDS
+    for sampler, num_steps, trained_w in kind.eval_rows(
+      config.evaluate, workdir
+    )
   ]
-  for w in workdir_lib.single_w_values(workdir):
-    rows += [
-      Row('single_w', 'ddim', n, trained_w=w)
-      for n in workdir_lib.finished_rounds(workdir, 'single_w', w=w)
-    ]
-  return rows
 
 
 def _check_request(config, workdir: epath.PathLike, rows: list[Row]) -> None:
@@ -99,20 +83,25 @@ def _check_request(config, workdir: epath.PathLike, rows: list[Row]) -> None:
       f'config.data.name={config.data.name!r} but {workdir} was trained on '
       f'{trained.data.name!r}; pass the config the workdir was trained with.'
     )
-  if any(row.model in ('guided', 'distill') for row in rows):
-    student = sample.load_stage_config(workdir, 'guided').guided
-    ws = config.evaluate.ws
-    if any(not student.w_min <= w <= student.w_max for w in ws):
+  for row in rows:
+    kind = registry.get(row.model)
+    folder = kind.sampler_folder(
+      workdir, row.num_steps, row.sampler, row.trained_w
+    )
+    low, high = kind.w_range(
+      sample.load_stage_config(workdir, folder), row.trained_w
+    )
+    ws = _sample_ws(row, tuple(config.evaluate.ws))
+    if any(not low <= w <= high for w in ws):
       raise config_lib.ConfigError(
-        f'config.evaluate.ws={tuple(ws)} leaves the range '
-        f'the students were trained for [{student.w_min:g}, '
-        f'{student.w_max:g}]; choose ws inside it.'
+        f'config.evaluate.ws={ws} leaves the range the {row.model} model '
+        f'was trained for [{low:g}, {high:g}]; choose ws inside it.'
       )
 
 
 def _sample_ws(row: Row, ws: tuple[float, ...]) -> tuple[float, ...]:
-  # A single-w model exists for one w only.
-  return (row.trained_w,) if row.model == 'single_w' else ws
+  # A model trained for one w (the single-w baseline) samples at that w.
+  return ws if row.trained_w is None else (row.trained_w,)
 
 
 def _generate(
@@ -295,8 +284,8 @@ def measure_speed(
         'teacher_seconds': teacher_seconds,
         'measured_ratio': teacher_seconds / student_seconds,
         'ideal_ratio': (
-          stages.nfe('teacher', teacher_steps)
-          / stages.nfe('distill', student_steps)
+          registry.nfe('teacher', teacher_steps)
+          / registry.nfe('distill', student_steps)
         ),
       }
     )

@@ -11,7 +11,8 @@ import matplotlib
 from etils import epath
 from matplotlib import figure
 
-from gdd import paths, stages
+from gdd import paths
+from gdd.stages import registry
 
 # Figures are built with matplotlib's object API and saved to files, never
 # through pyplot: no global backend is set, so a notebook that imports gdd
@@ -19,20 +20,19 @@ from gdd import paths, stages
 
 # The file `write` saves the results dict in and `read` loads it from.
 _RESULTS_JSON = 'results.json'
-# Plotted series: (model, sampler) → label.
+# Plotted series, declared by each stage kind: (model, sampler) → label, and
+# → colour family in the quality-vs-w plot (darker = more steps; kinds
+# without one are left out of that plot).
 _SERIES = {
-  ('teacher', 'ddim'): 'CFG teacher, DDIM',
-  ('guided', 'ddim'): 'stage-one student, DDIM',
-  ('distill', 'ddim'): 'distilled, deterministic',
-  ('distill', 'stochastic'): 'distilled, stochastic',
-  ('single_w', 'ddim'): 'single-w baseline',
+  (kind.name, sampler): label
+  for kind in registry.KINDS
+  for sampler, (label, _) in kind.series.items()
 }
-# One colour family per series in the quality-vs-w plot; darker = more steps.
 _COLORMAPS = {
-  ('teacher', 'ddim'): 'Blues',
-  ('guided', 'ddim'): 'Oranges',
-  ('distill', 'ddim'): 'Greens',
-  ('distill', 'stochastic'): 'Reds',
+  (kind.name, sampler): colormap
+  for kind in registry.KINDS
+  for sampler, (_, colormap) in kind.series.items()
+  if colormap is not None
 }
 
 
@@ -139,7 +139,7 @@ def speed_table(speed: dict) -> str:
   for row in speed['rows']:
     lines.append(
       f'| {row["teacher_num_steps"]} | '
-      f'{stages.nfe("teacher", row["teacher_num_steps"])} | '
+      f'{registry.nfe("teacher", row["teacher_num_steps"])} | '
       f'{row["teacher_seconds"]:.3f} | {row["measured_ratio"]:.1f}× | '
       f'{row["ideal_ratio"]:.0f}× |'
     )

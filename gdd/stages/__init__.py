@@ -46,12 +46,60 @@ class Stage:
   sample_ws: tuple[float, ...]
 
 
-def nfe(stage: str, num_steps: int) -> int:
-  """Network evaluations per sample of a `stage` sampler with `num_steps`.
+# A sampling request's answer: (network, denoiser factory) of a stage kind.
+SamplerModel = tuple[Any, Callable[..., Any]]
 
-  `stage` is a workdir stage kind ('teacher', 'guided', 'distill',
-  'single_w'). The CFG teacher evaluates the conditional and the
-  unconditional model at every step (`guidance.guided_x`); every student
-  evaluates one network per step.
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+  """One kind of stage, declared in its own module (`registry` lists them).
+
+  The pipeline, the sample API and CLI, `--mode=plan`, evaluation and its
+  report know stages only through these fields, so a new stage is its own
+  module, its config section and its tests.
+
+  Attributes:
+    name: 'teacher', 'guided', 'distill', 'single_w': the workdir folder
+      (halving kinds: the folder of their rounds, `workdir_lib.round_name`),
+      the `load_sampler`/`config.sample.stage` name, an evaluation row's
+      model.
+    mode: the `--mode` that trains it.
+    section: the config section of its training schedule (validated, and
+      its batch split over the devices, when it trains).
+    needs: the kind whose finished params it starts from (None: data only).
+    in_chain: whether `--mode=all` trains it (in registry order).
+    nfe_per_step: network evaluations per sampler step.
+    samplers: the sampler kinds it offers (`sampling.SAMPLERS`).
+    train: (ctx, load_input) -> the params of its last folder. `ctx` runs
+      and records stage folders (`pipeline.TrainContext`); `load_input()`
+      returns the `needs` kind's params, loaded only when called.
+    sampler_folder: (workdir, num_steps, sampler, w) -> the folder that
+      serves a sampling request; raises `sampling.SampleRequestError`
+      naming what exists.
+    sampler_model: (config, info) -> (network, denoiser factory) of a
+      folder trained with `config`.
+    w_range: (config, trained_w) -> the w a folder trained with `config`
+      may sample at (trained_w: a single-w model's one w, else None).
+    eval_rows: (evaluate config, workdir) -> [(sampler, num_steps,
+      trained_w)] that the workdir's finished folders can serve.
+    series: sampler -> (label, matplotlib colormap or None) in reports.
+    plan_stage: (config, info) -> its `Stage` with abstract params for
+      `--mode=plan` and `plan.check_fits`; None if it is never planned.
+    summary: workdir -> the line printed when its mode finishes, or None.
   """
-  return 2 * num_steps if stage == 'teacher' else num_steps
+
+  name: str
+  mode: str
+  section: str
+  needs: str | None
+  in_chain: bool
+  nfe_per_step: int
+  samplers: tuple[str, ...]
+  train: Callable[..., Any]
+  sampler_folder: Callable[..., str]
+  sampler_model: Callable[..., SamplerModel]
+  w_range: Callable[..., tuple[float, float]]
+  eval_rows: Callable[..., list[tuple[str, int, float | None]]]
+  series: dict[str, tuple[str, str | None]]
+  plan_stage: Callable[..., Stage] | None = None
+  summary: Callable[..., str | None] = lambda workdir: None

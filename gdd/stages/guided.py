@@ -7,16 +7,17 @@ conditional teacher. It learns to match the teacher's guided prediction
 """
 
 import functools
+import os
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import conditioning, data, denoisers, sampling
+from gdd import conditioning, data, denoisers, sampling, workdir_lib
 from gdd.diffusion import losses, schedules
 from gdd.models import UNet
-from gdd.stages import Stage, common
+from gdd.stages import Stage, StageKind, common
 
 NAME = 'guided'
 
@@ -135,3 +136,60 @@ def make_stage(
       ),
     },
   )
+
+
+def _train(ctx, load_input):
+  """Trains (or loads) stage one; the teacher's params load only if needed."""
+  config, info = ctx.config, ctx.info
+  return ctx.run_stage(
+    NAME,
+    lambda: make_stage(config, info, load_input()),
+    name=NAME,
+    abstract_params=common.abstract_params(build_student(config, info)),
+    trained_from={
+      'teacher': os.fspath(workdir_lib.stage_dir(ctx.workdir, KIND.needs)),
+      'w_range': [config.guided.w_min, config.guided.w_max],
+    },
+  )
+
+
+def sampler_model(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+  """The w-conditioned student and its plain denoiser (1 NFE per step)."""
+  model = build_student(config, info)
+  return model, functools.partial(denoisers.plain, model)
+
+
+def w_range(config: ml_collections.ConfigDict, trained_w=None):
+  """The w range stage one (and every halving round) was trained for."""
+  del trained_w
+  return (config.guided.w_min, config.guided.w_max)
+
+
+def _eval_rows(ev: ml_collections.ConfigDict, workdir):
+  if not workdir_lib.is_finished(workdir_lib.stage_dir(workdir, NAME)):
+    return []
+  return [('ddim', n, None) for n in ev.guided_num_steps]
+
+
+def _plan_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+  """Stage one with its teacher's params as shapes only."""
+  teacher_params = common.abstract_params(common.build_model(config, info))
+  return make_stage(config, info, teacher_params)
+
+
+KIND = StageKind(
+  name=NAME,
+  mode='guided',
+  section='guided',
+  needs='teacher',
+  in_chain=True,
+  nfe_per_step=1,
+  samplers=('ddim', 'stochastic', 'ancestral'),
+  train=_train,
+  sampler_folder=lambda workdir, num_steps, sampler, w: NAME,
+  sampler_model=sampler_model,
+  w_range=w_range,
+  eval_rows=_eval_rows,
+  series={'ddim': ('stage-one student, DDIM', 'Oranges')},
+  plan_stage=_plan_stage,
+)

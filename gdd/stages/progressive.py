@@ -4,12 +4,13 @@ Round N → N/2: the student starts as a copy of the N-step teacher (the
 stage-one model for the first round), and learns to take one DDIM step of
 length 2/N where the teacher takes two of length 1/N, at the same w.
 
-Also the paper's "single-w" baseline (method.md §8.3): the same rounds at one
-fixed w without stage one, so the first teacher is the CFG teacher itself
-(2 NFE per step) and each w needs its own chain of students.
+The rounds' mechanics (loss, round Stage, the chain of resumable rounds,
+the folder that serves a sampling request) are shared with the single-w
+baseline (`single_w.py`).
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,9 @@ import ml_collections
 
 from gdd import conditioning, config_lib, data, denoisers, sampling, workdir_lib
 from gdd.diffusion import distillation, losses, schedules
-from gdd.stages import Stage, common, guided
+from gdd.stages import Stage, StageKind, common, guided
+
+NAME = 'distill'
 
 
 def round_step_counts(config: ml_collections.ConfigDict) -> list[int]:
@@ -107,9 +110,9 @@ def make_stage(
 ) -> Stage:
   """The round that distils a 2N-step teacher into an N-step student."""
   student = guided.build_student(config, info)
-  return _make_round(
+  return make_round(
     config,
-    name=workdir_lib.round_name('distill', student_num_steps),
+    name=workdir_lib.round_name(NAME, student_num_steps),
     student=student,
     teacher_denoiser=functools.partial(denoisers.plain, student),
     info=info,
@@ -119,42 +122,7 @@ def make_stage(
   )
 
 
-def make_single_w_stage(
-  config: ml_collections.ConfigDict,
-  info: data.DatasetInfo,
-  teacher_params,
-  *,
-  student_num_steps: int,
-  from_cfg_teacher: bool,
-) -> Stage:
-  """A single-w round at w = config.single_w.w.
-
-  The student has the teacher's architecture (no w input). The first round
-  (`from_cfg_teacher`) distils the CFG teacher, whose guided x̂ costs two
-  evaluations; later rounds distil the previous single-w student.
-  """
-  model = common.build_model(config, info)
-  if from_cfg_teacher:
-    teacher_denoiser = functools.partial(
-      denoisers.guided, model, conditioning.for_data(info)
-    )
-  else:
-    teacher_denoiser = functools.partial(denoisers.plain, model)
-  w = config.single_w.w
-  return _make_round(
-    config,
-    name=workdir_lib.round_name('single_w', student_num_steps, w),
-    student=model,
-    teacher_denoiser=teacher_denoiser,
-    info=info,
-    teacher_params=teacher_params,
-    student_num_steps=student_num_steps,
-    sample_ws=(w,),
-    fixed_w=w,
-  )
-
-
-def _make_round(
+def make_round(
   config,
   *,
   name,
@@ -166,6 +134,10 @@ def _make_round(
   sample_ws,
   fixed_w=None,
 ) -> Stage:
+  """One halving round: `student` learns two `teacher_denoiser` steps in one.
+
+  Shared by the w-conditioned rounds and the single-w baseline (`fixed_w`).
+  """
   return Stage(
     name=name,
     train_config=config.distill,
@@ -220,3 +192,139 @@ def _sample_panels(config, space, student, teacher_denoiser, student_num_steps):
       2 * n, 'stochastic', use_teacher=False
     ),
   }
+
+
+def train_rounds(
+  ctx,
+  params,
+  *,
+  kind: str,
+  w: float | None,
+  first_teacher: str,
+  make_stage,
+  abstract_params,
+  w_record: dict,
+):
+  """Halving rounds initial_num_steps → … → final_num_steps, each resumable.
+
+  `params` are the first teacher's (the folder `first_teacher`); each
+  finished round's student is the next round's teacher. `kind` and `w`
+  name the chain (`workdir_lib.round_name`). Returns the last round's
+  params.
+  """
+  config = ctx.config
+  teacher_steps = config.distill.initial_num_steps
+  teacher_dir = first_teacher
+  for student_steps in round_step_counts(config):
+    name = workdir_lib.round_name(kind, student_steps, w)
+    params = ctx.run_stage(
+      kind,
+      functools.partial(make_stage, params, student_num_steps=student_steps),
+      name=name,
+      abstract_params=abstract_params,
+      trained_from={
+        'teacher': os.fspath(workdir_lib.stage_dir(ctx.workdir, teacher_dir)),
+        'teacher_num_steps': teacher_steps,
+        'student_num_steps': student_steps,
+        **w_record,
+        'time_grid': config.distill.time_grid,
+      },
+    )
+    teacher_steps, teacher_dir = student_steps, name
+  return params
+
+
+def round_folder(
+  workdir, kind: str, num_steps: int, sampler: str, w: float | None
+) -> str:
+  """The finished round that serves an N-step request, or an error.
+
+  The stochastic N-step sampler jumps with the N/2-step model (§7).
+  """
+  if sampler == 'stochastic' and num_steps % 2:
+    raise sampling.SampleRequestError(
+      f'num_steps={num_steps}: the stochastic sampler needs an even step '
+      'count (it uses the model distilled for num_steps / 2).'
+    )
+  model_steps = num_steps // 2 if sampler == 'stochastic' else num_steps
+  folder = workdir_lib.round_name(kind, model_steps, w)
+  if not workdir_lib.is_finished(workdir_lib.stage_dir(workdir, folder)):
+    distilled = workdir_lib.finished_rounds(workdir, kind, w=w)
+    raise sampling.SampleRequestError(
+      f'No finished distillation round for {model_steps} steps in '
+      f'{workdir_lib.rounds_dir(workdir, kind, w)}; distilled step counts: '
+      f'{distilled or "none"}. '
+      + (
+        'The stochastic sampler needs the round for num_steps / 2.'
+        if sampler == 'stochastic'
+        else ''
+      )
+    )
+  return folder
+
+
+def _train(ctx, load_input):
+  """The w-conditioned rounds, from the stage-one student."""
+  config, info = ctx.config, ctx.info
+  return train_rounds(
+    ctx,
+    load_input(),
+    kind=NAME,
+    w=None,
+    first_teacher=KIND.needs,
+    make_stage=functools.partial(make_stage, config, info),
+    abstract_params=common.abstract_params(guided.build_student(config, info)),
+    w_record={'w_range': [config.guided.w_min, config.guided.w_max]},
+  )
+
+
+def _eval_rows(ev: ml_collections.ConfigDict, workdir):
+  """Every finished round, deterministic, and stochastic up to a length."""
+  rounds = workdir_lib.finished_rounds(workdir)
+  return [('ddim', n, None) for n in rounds] + [
+    ('stochastic', 2 * n, None)
+    for n in rounds
+    if 2 * n <= ev.max_stochastic_steps
+  ]
+
+
+def _plan_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+  """The first round (every round has the same program), shapes only."""
+  student_params = common.abstract_params(guided.build_student(config, info))
+  return make_stage(
+    config,
+    info,
+    student_params,
+    student_num_steps=config.distill.initial_num_steps // 2,
+  )
+
+
+def _summary(config, workdir) -> str:
+  del config
+  rounds = workdir_lib.finished_rounds(workdir)
+  distill_dir = workdir_lib.rounds_dir(workdir, NAME)
+  return f'chain finished: distilled step counts {rounds} in {distill_dir}'
+
+
+KIND = StageKind(
+  name=NAME,
+  mode='distill',
+  section='distill',
+  needs='guided',
+  in_chain=True,
+  nfe_per_step=1,
+  samplers=('ddim', 'stochastic'),
+  train=_train,
+  sampler_folder=lambda workdir, num_steps, sampler, w: round_folder(
+    workdir, NAME, num_steps, sampler, None
+  ),
+  sampler_model=guided.sampler_model,
+  w_range=guided.w_range,
+  eval_rows=_eval_rows,
+  series={
+    'ddim': ('distilled, deterministic', 'Greens'),
+    'stochastic': ('distilled, stochastic', 'Reds'),
+  },
+  plan_stage=_plan_stage,
+  summary=_summary,
+)

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import conditioning, data, denoisers, sampling
+from gdd import conditioning, data, denoisers, sampling, workdir_lib
 from gdd.diffusion import losses, schedules
 from gdd.models import UNet
-from gdd.stages import Stage, common
+from gdd.stages import Stage, StageKind, common
 
 NAME = 'teacher'
 
@@ -74,3 +74,46 @@ def make_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
       )
     },
   )
+
+
+def _train(ctx, load_input):
+  """Trains (or loads) the teacher; it needs no finished stage."""
+  del load_input
+  config, info = ctx.config, ctx.info
+  return ctx.run_stage(
+    NAME,
+    lambda: make_stage(config, info),
+    name=NAME,
+    abstract_params=common.abstract_params(common.build_model(config, info)),
+  )
+
+
+def _sampler_model(config: ml_collections.ConfigDict, info: data.DatasetInfo):
+  model = common.build_model(config, info)
+  cond_kind = conditioning.for_data(info)
+  return model, functools.partial(denoisers.guided, model, cond_kind)
+
+
+def _eval_rows(ev: ml_collections.ConfigDict, workdir):
+  """Many DDIM steps (the reference) and few (the paper's DDIM baseline)."""
+  if not workdir_lib.is_finished(workdir_lib.stage_dir(workdir, NAME)):
+    return []
+  return [('ddim', n, None) for n in ev.teacher_num_steps]
+
+
+KIND = StageKind(
+  name=NAME,
+  mode='teacher',
+  section='teacher',
+  needs=None,
+  in_chain=True,
+  nfe_per_step=2,  # x̂(z, c) and x̂(z, ∅) at every step.
+  samplers=('ddim', 'ancestral'),
+  train=_train,
+  sampler_folder=lambda workdir, num_steps, sampler, w: NAME,
+  sampler_model=_sampler_model,
+  w_range=lambda config, trained_w: (0.0, float('inf')),
+  eval_rows=_eval_rows,
+  series={'ddim': ('CFG teacher, DDIM', 'Blues')},
+  plan_stage=make_stage,
+)
