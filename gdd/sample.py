@@ -95,16 +95,12 @@ def load_sampler(
       sampler then accepts only that w.
 
   Returns:
-    A `sampling.Sampler`, called as `sampler(rng, cond, w, *, init=None,
-    t_start=1.0, mask=None)`: rng one key (`jax.random.key(seed)` or
-    `jax.random.PRNGKey(seed)`), cond {'label': int [B]} in
-    [0, num_classes) or the labels themselves, w the guidance strength
-    (GD's w; diffusers' guidance_scale is 1 + w); it returns images
-    [B, H, W, C] float32 in [−1, 1]. The first call for a batch size
-    compiles; later calls with that size do not. `sampler.compile(B)`
-    compiles ahead of time and returns the seconds it took, so that timed
-    calls measure sampling only; `sampler.compiled_batch_sizes()` lists the
-    (device-padded) batch sizes compiled so far.
+    A `sampling.Sampler`: `sampler(rng, cond, w)` → images [B, H, W, C] in
+    [−1, 1], with cond {'label': int [B]} or the labels themselves, w GD's
+    guidance strength (diffusers' guidance_scale is 1 + w); `init`,
+    `t_start` and `mask` start from an image (see `Sampler.__call__`).
+    Each batch size compiles once, on its first call or ahead of time with
+    `sampler.compile(B)`.
   """
   folder = _resolve(workdir, stage, num_steps, sampler, w)
   config = load_stage_config(workdir, folder)

@@ -134,7 +134,7 @@ def _generate(
 def _score(
   extractor: features.FeatureExtractor,
   samples: np.ndarray,
-  labels: np.ndarray,
+  labels: np.ndarray | None,
   reference: tuple[np.ndarray, np.ndarray],
   num_splits: int,
 ) -> dict:
@@ -149,7 +149,9 @@ def _score(
     'is_std': is_std,
     'accuracy': None,
   }
-  if extractor.labels_are_classes:
+  # Class accuracy needs class conditions (not captions, say) that are the
+  # extractor's classes.
+  if extractor.labels_are_classes and labels is not None:
     predicted = np.argmax(out['logits'], axis=-1)
     scores['accuracy'] = float(np.mean(predicted == labels))
   return scores
@@ -193,7 +195,7 @@ def _evaluate_row(
         seconds_per_sample=seconds,
         compile_seconds=compile_seconds,
         **_score(
-          extractor, samples, cond['label'], reference, _num_splits(num)
+          extractor, samples, cond.get('label'), reference, _num_splits(num)
         ),
       )
     )
