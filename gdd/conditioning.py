@@ -106,13 +106,12 @@ class ClassConditioning:
     Accepts {'label': ints} or the labels themselves (int [B]), so that
     `sampler(rng, labels, w)` keeps working.
     """
-    labels = cond['label'] if isinstance(cond, dict) else cond
     if isinstance(cond, dict) and set(cond) != {'label'}:
       raise CondError(
         f'cond has keys {sorted(cond)}; this class-conditional model takes '
         "{'label': int [B]} only."
       )
-    labels = np.asarray(labels)
+    labels = np.asarray(cond['label'] if isinstance(cond, dict) else cond)
     if (
       labels.ndim != 1
       or not len(labels)
@@ -126,6 +125,11 @@ class ClassConditioning:
         + (f', range [{labels.min()}, {labels.max()}].' if labels.size else '.')
       )
     return {'label': labels.astype(np.int32)}
+
+
+def class_labels(cond: Cond) -> Any:
+  """The class labels in `cond`, or None for conditions without classes."""
+  return cond.get('label')
 
 
 def for_data(info) -> ClassConditioning:

@@ -15,12 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from gdd import conditioning
-from gdd.diffusion import guidance, parameterization
+from gdd.diffusion import guidance, parameterization, samplers
 
-# (z [B, ...], logsnr [B]) -> x̂ [B, ...]: a model at fixed cond and w.
-DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
-# (params, cond, w) -> DenoiseFn.
-DenoiserFactory = Callable[[Any, conditioning.Cond, Any], DenoiseFn]
+# (params, cond, w) -> (z, logsnr) -> x̂: a model at fixed cond and w.
+DenoiserFactory = Callable[[Any, conditioning.Cond, Any], samplers.DenoiseFn]
 
 
 def predict_x(
@@ -44,7 +42,7 @@ def predict_x(
   )
 
 
-def plain(model, params, cond: conditioning.Cond, w) -> DenoiseFn:
+def plain(model, params, cond: conditioning.Cond, w) -> samplers.DenoiseFn:
   """(z, λ) ↦ x̂(z, c[, w]): one network evaluation per call, no CFG pair.
 
   A w-conditioned student gets w per example; a model without a w-embedding
@@ -60,7 +58,9 @@ def plain(model, params, cond: conditioning.Cond, w) -> DenoiseFn:
   return lambda z, logsnr: predict_x(model, params, z, logsnr, cond, batch_w)
 
 
-def guided(model, cond_kind, params, cond: conditioning.Cond, w) -> DenoiseFn:
+def guided(
+  model, cond_kind, params, cond: conditioning.Cond, w
+) -> samplers.DenoiseFn:
   """(z, λ) ↦ x̂^w of a CFG model; 2 network evaluations per call.
 
   `cond_kind` (a `conditioning` kind) supplies the null condition ∅.

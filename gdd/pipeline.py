@@ -7,6 +7,7 @@ mix two trainings is refused.
 """
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from etils import epath
 
 from gdd import config_lib, data, errors, paths, plan, sample, workdir_lib
 from gdd.evaluation import evaluate
-from gdd.stages import Stage, StageKind, registry
+from gdd.stages import Stage, StageKind, common, registry
 from gdd.train import checkpointing, lock, loop, preemption, sharding
 
 MODES = (*registry.training_modes(), 'sample', 'evaluate', 'plan')
@@ -40,27 +41,39 @@ def record_stage_config(
   w range) in `stage.json` for people and tools reading the workdir.
   """
   stage_dir = paths.resolve(stage_dir)
-  current = json.loads(config.to_json())
-  stored = workdir_lib.read_config_record(stage_dir)
-  if stored is not None:
-    old = config_lib.training_keys(stored, kind)
-    new = config_lib.training_keys(current, kind)
-    diffs = [
-      f'config.{k}: {old.get(k)!r} in the workdir, {new.get(k)!r} now'
-      for k in sorted(set(old) | set(new))
-      if old.get(k) != new.get(k)
-    ]
-    if diffs:
-      raise ConfigMismatchError(
-        f'The stage in {stage_dir} was trained with another '
-        'config:\n  ' + '\n  '.join(diffs) + '\nUse a new --workdir, or '
-        'restore those values to resume.'
-      )
+  if check_recorded_config(config, stage_dir, kind):
     return
   if jax.process_index() == 0:
     workdir_lib.write_config_record(stage_dir, config)
     if trained_from is not None:
       workdir_lib.write_stage_record(stage_dir, trained_from)
+
+
+def check_recorded_config(
+  config: ml_collections.ConfigDict, stage_dir: epath.PathLike, kind: str
+) -> bool:
+  """Whether `stage_dir` has a config record; raises if it trains otherwise.
+
+  Compares the training keys of `kind` only, so cadence or sampling
+  settings may change between runs.
+  """
+  stored = workdir_lib.read_config_record(stage_dir)
+  if stored is None:
+    return False
+  old = config_lib.training_keys(stored, kind)
+  new = config_lib.training_keys(json.loads(config.to_json()), kind)
+  diffs = [
+    f'config.{k}: {old.get(k)!r} in the workdir, {new.get(k)!r} now'
+    for k in sorted(set(old) | set(new))
+    if old.get(k) != new.get(k)
+  ]
+  if diffs:
+    raise ConfigMismatchError(
+      f'The stage in {stage_dir} was trained with another '
+      'config:\n  ' + '\n  '.join(diffs) + '\nUse a new --workdir, or '
+      'restore those values to resume.'
+    )
+  return True
 
 
 def _run_stage(
@@ -149,8 +162,18 @@ class TrainContext:
     """() -> the finished params of kind `name`, loaded when called."""
     if name is None:
       return lambda: None
-    kind = registry.get(name)
-    return lambda: kind.train(self, self.input_loader(kind.needs))
+    return functools.partial(self._load_finished, registry.get(name))
+
+  def _load_finished(self, kind: StageKind):
+    """A finished input's params, read only: no lock, never trained here.
+
+    Its recorded config must train as the current one does, or the stage
+    built on it would mix two trainings.
+    """
+    stage_dir = workdir_lib.stage_dir(self.workdir, kind.name)
+    check_recorded_config(self.config, stage_dir, kind.name)
+    model, _ = kind.sampler_model(self.config, self.info)
+    return loop.load_exported_params(stage_dir, common.abstract_params(model))
 
 
 def _require_input(workdir: epath.PathLike, mode: str, kind: StageKind) -> None:

@@ -424,10 +424,10 @@ def build_stage(
   Each kind builds its own (`StageKind.plan_stage`); the halving rounds
   plan their first round, since every round has the same program.
   """
-  (kind,) = (
-    k for k in registry.for_mode('all') if k.section == section and k.plan_stage
-  )
-  return kind.plan_stage(config, info)
+  for kind in registry.for_mode('all'):
+    if kind.section == section and kind.plan_stage:
+      return kind.plan_stage(config, info)
+  raise ValueError(f'section={section!r}; planned: {STAGE_SECTIONS}.')
 
 
 def check_splits(

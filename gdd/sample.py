@@ -59,10 +59,6 @@ def _resolve(
   w: float | None,
 ) -> str:
   """The stage folder that serves a request; errors name what exists."""
-  if stage not in registry.NAMES:
-    raise sampling.SampleRequestError(
-      f'stage={stage!r}; allowed: {registry.NAMES}.'
-    )
   kind = registry.get(stage)
   if sampler not in kind.samplers:
     raise sampling.SampleRequestError(
@@ -149,7 +145,7 @@ def sample_to_files(
     c.stage,
     num_steps=c.num_steps,
     sampler=c.sampler,
-    w=c.w if c.stage == 'single_w' else None,
+    w=c.w,
   )
   info = data.get_info(config.data)
   cond_kind = conditioning.for_data(info)

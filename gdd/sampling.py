@@ -18,12 +18,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gdd import conditioning, denoisers, errors
+from gdd import conditioning, config_lib, denoisers, errors
 from gdd.diffusion import samplers, schedules
 from gdd.stages import common
 from gdd.train import sharding
 
-SAMPLERS = ('ddim', 'stochastic', 'ancestral')
 # (params, rng, cond, w, start, space_params) -> images in [−1, 1]; start is
 # None (pure noise at t = 1) or {'init', 't_start'[, 'mask']}.
 SampleFn = Callable[..., jnp.ndarray]
@@ -51,7 +50,7 @@ def _start_z(config, space, start, noise, space_params, known_rng):
 def draw(
   config: ml_collections.ConfigDict,
   space,
-  denoise_fn: denoisers.DenoiseFn,
+  denoise_fn: samplers.DenoiseFn,
   rng: jax.Array,
   batch_size: int,
   *,
@@ -83,7 +82,7 @@ def draw(
     return samplers.ancestral_sample(denoise_fn, z, sampler_rng, **kwargs)
   if sampler == 'stochastic':
     return samplers.stochastic_sample(denoise_fn, z, sampler_rng, **kwargs)
-  raise ValueError(f'sampler={sampler!r}; allowed: {SAMPLERS}.')
+  raise ValueError(f'sampler={sampler!r}; allowed: {config_lib.SAMPLERS}.')
 
 
 def make_sample_fn(
@@ -205,6 +204,8 @@ class Sampler:
 
     Returns the seconds it took, so that timed calls measure sampling only.
     """
+    if mask and not init:
+      raise SampleRequestError('compile(mask=True) needs init=True too.')
     start = time.perf_counter()
     self._executable(batch_size + -batch_size % self._num_devices, init, mask)
     return time.perf_counter() - start
@@ -212,6 +213,10 @@ class Sampler:
   def compiled_batch_sizes(self) -> list[int]:
     """The (device-padded) batch sizes compiled so far."""
     return sorted({key[0] for key in self._executables})
+
+  def compiled_requests(self) -> list[tuple[int, bool, bool]]:
+    """(padded batch size, with init, with mask) of each executable."""
+    return sorted(self._executables)
 
   def _checked_cond(self, cond) -> conditioning.Cond:
     try:

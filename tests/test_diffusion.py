@@ -321,26 +321,42 @@ def test_ddim_from_t_start_visits_the_scaled_grid():
   np.testing.assert_allclose(out, reference, atol=1e-5)
 
 
-@pytest.mark.parametrize('sampler', ['ddim', 'stochastic', 'ancestral'])
-def test_known_region_is_kept_and_the_rest_sampled(sampler):
-  x_known = jnp.clip(_random((2, 4, 4, 1), 0), -1, 1)
+def _tanh_denoiser(z, logsnr):
+  return 0.5 * jnp.tanh(z + 0.01 * logsnr[:, None, None, None])
+
+
+@pytest.mark.parametrize('t_start', [1.0, 0.6])
+def test_stochastic_sampler_with_a_known_region_matches_a_reference(t_start):
+  """GD Eq. 5 from t_start, the known region replaced after every step."""
+  num_steps, rng = 4, jax.random.PRNGKey(4)
+  x = jnp.clip(_random((2, 4, 4, 1), 5), -1, 1)
   mask = jnp.zeros((2, 4, 4, 1)).at[:, :2].set(1.0)
-  rng = jax.random.PRNGKey(1)
-
-  def denoise(z, logsnr):
-    return jnp.full_like(z, 0.25) + 0.0 * logsnr[:, None, None, None]
-
-  known = samplers.Known(x_known, mask, jax.random.PRNGKey(2))
-  kwargs = dict(num_steps=4, known=known)
-  z = _random(x_known.shape, 3)
-  if sampler == 'ddim':
-    out = samplers.ddim_sample(denoise, z, **kwargs)
-  elif sampler == 'stochastic':
-    out = samplers.stochastic_sample(denoise, z, rng, **kwargs)
-  else:
-    out = samplers.ancestral_sample(denoise, z, rng, **kwargs)
-  np.testing.assert_array_equal(out[:, :2], x_known[:, :2])
-  np.testing.assert_allclose(out[:, 2:], 0.25, atol=1e-6)
+  known = samplers.Known(x, mask, jax.random.PRNGKey(6))
+  logsnr = lambda t: schedules.logsnr_from_t(jnp.full((2,), t))
+  step = t_start / num_steps
+  z_start = _random(x.shape, 0)
+  z = z_start
+  for i in range(num_steps - 1):
+    t = t_start * (1 - i / num_steps)
+    x_hat = jnp.clip(_tanh_denoiser(z, logsnr(t)), -1, 1)
+    z_k = samplers.ddim_step(z, x_hat, logsnr(t), logsnr(t - 2 * step))
+    z = samplers.renoise(
+      z_k, logsnr(t - 2 * step), logsnr(t - step), jax.random.fold_in(rng, i)
+    )
+    fresh = jax.random.normal(jax.random.fold_in(known.rng, i), x.shape)
+    z = mask * schedules.diffuse(x, fresh, logsnr(t - step)) + (1 - mask) * z
+  reference = _tanh_denoiser(z, logsnr(step))
+  reference = mask * x + (1 - mask) * reference
+  out = samplers.stochastic_sample(
+    _tanh_denoiser,
+    z_start,
+    rng,
+    num_steps=num_steps,
+    t_start=jnp.float32(t_start),
+    known=known,
+  )
+  np.testing.assert_allclose(out, reference, atol=1e-5)
+  np.testing.assert_array_equal(out[:, :2], x[:, :2])
 
 
 def test_known_replace_draws_q_of_z_given_x():

@@ -161,11 +161,13 @@ def test_sampler_defaults_are_plain_ddim_from_noise(digits_workdir):
     {'label': jax.numpy.asarray(labels)},
     1.5,
   )
-  noise = jax.random.normal(jax.random.split(rng)[0], (6, 8, 8, 1))
-  expected = samplers.ddim_sample(
-    denoise, noise, num_steps=4, logsnr_fn=common.logsnr_fn(config)
-  )
-  np.testing.assert_allclose(plain, expected, atol=1e-6)
+  z = jax.random.normal(jax.random.split(rng)[0], (6, 8, 8, 1))
+  logsnr = lambda t: common.logsnr_fn(config)(jax.numpy.full((6,), t))
+  for i in range(4):
+    t, s = 1 - i / 4, 1 - (i + 1) / 4
+    x_hat = jax.numpy.clip(denoise(z, logsnr(t)), -1, 1)
+    z = x_hat if i == 3 else samplers.ddim_step(z, x_hat, logsnr(t), logsnr(s))
+  np.testing.assert_allclose(plain, z, atol=1e-6)
 
 
 def test_sampler_starts_from_init_and_keeps_the_mask(digits_workdir):
@@ -187,13 +189,16 @@ def test_sampler_starts_from_init_and_keeps_the_mask(digits_workdir):
   np.testing.assert_array_equal(half[:, :, :4], init[:, :, :4])
   assert not np.allclose(half[:, :, 4:], init[:, :, 4:])
   # One executable per request kind at this (padded) batch size.
-  assert sampler.compiled_batch_sizes() == [8]
+  assert sampler.compiled_requests() == [(8, True, False), (8, True, True)]
+  with helpers.raises_user_error(ValueError, match='needs init=True'):
+    sampler.compile(6, mask=True)
 
 
 @pytest.mark.parametrize(
   'kwargs, match',
   [
     (dict(t_start=0.5), 'need init'),
+    (dict(cond={'text': np.zeros(2)}), "keys \\['text'\\]"),
     (dict(mask=np.ones((2, 8, 8, 1))), 'need init'),
     (dict(init=np.zeros((2, 8, 8, 1)), t_start=0.0), r't_start=0.0'),
     (dict(init=np.zeros((2, 8, 8, 1)), t_start=1.5), r'\(0, 1\]'),
@@ -210,8 +215,10 @@ def test_sampler_starts_from_init_and_keeps_the_mask(digits_workdir):
 )
 def test_sampler_refuses_bad_start_arguments(digits_workdir, kwargs, match):
   sampler = sample.load_sampler(digits_workdir, 'teacher', num_steps=2)
+  kwargs = dict(kwargs)
+  cond = kwargs.pop('cond', np.array([1, 2]))
   with helpers.raises_user_error(ValueError, match=match):
-    sampler(jax.random.PRNGKey(0), np.array([1, 2]), 1.0, **kwargs)
+    sampler(jax.random.PRNGKey(0), cond, 1.0, **kwargs)
   assert sampler.compiled_batch_sizes() == []
 
 

@@ -24,7 +24,7 @@ def test_kinds_declare_modes_inputs_and_samplers():
     # Every input is declared before the kind that needs it.
     assert kind.needs is None or kind.needs in seen, kind.name
     seen.add(kind.name)
-    assert set(kind.samplers) <= set(sampling.SAMPLERS), kind.name
+    assert set(kind.samplers) <= set(config_lib.SAMPLERS), kind.name
     assert set(kind.series) <= set(kind.samplers), kind.name
 
 
@@ -34,9 +34,7 @@ def test_modes_run_their_kinds_in_chain_order():
     'guided',
     'distill',
   ]
-  assert [k.name for k in registry.for_mode('distill_single_w')] == [
-    'single_w'
-  ]
+  assert [k.name for k in registry.for_mode('distill_single_w')] == ['single_w']
   assert plan.STAGE_SECTIONS == ('teacher', 'guided', 'distill')
 
 
@@ -56,3 +54,21 @@ def test_unknown_kind_lists_the_known_ones():
 def test_empty_workdir_offers_no_rows(tmp_path):
   config = config_lib.base_config()
   assert evaluate.plan_rows(config, str(tmp_path)) == []
+
+
+@pytest.mark.parametrize('kind', registry.KINDS, ids=registry.NAMES)
+def test_every_declared_function_runs_on_an_empty_workdir(kind, tmp_path):
+  config = config_lib.base_config()
+  workdir = str(tmp_path)
+  assert kind.eval_rows(config.evaluate, workdir) == []
+  summary = kind.summary(config, workdir)
+  assert summary is None or isinstance(summary, str)
+  low, high = kind.w_range(config, 1.0)
+  assert 0 <= low <= high
+  for sampler in kind.samplers:
+    try:
+      folder = kind.sampler_folder(workdir, 4, sampler, 1.0)
+    except sampling.SampleRequestError as error:
+      assert 'none' in str(error)  # Names what exists: nothing yet.
+    else:
+      assert folder == kind.name

@@ -195,7 +195,11 @@ def _evaluate_row(
         seconds_per_sample=seconds,
         compile_seconds=compile_seconds,
         **_score(
-          extractor, samples, cond.get('label'), reference, _num_splits(num)
+          extractor,
+          samples,
+          conditioning.class_labels(cond),
+          reference,
+          _num_splits(num),
         ),
       )
     )

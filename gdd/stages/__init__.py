@@ -14,7 +14,7 @@ Batch = dict[str, jnp.ndarray]
 LossFn = Callable[[Params, Any, Batch, jax.Array], tuple[jnp.ndarray, dict]]
 # (params, frozen_params, rng, cond, w) -> images [B, H, W, C] in [-1, 1]; cond
 # is the condition pytree (`gdd.conditioning`).
-SampleFn = Callable[[Params, Any, jax.Array, Any, Any], jnp.ndarray]
+PanelFn = Callable[[Params, Any, jax.Array, Any, Any], jnp.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Stage:
   init_params: Callable[[jax.Array, Any], Params]
   loss_fn: LossFn
   frozen_params: Any
-  sample_panels: dict[str, SampleFn]
+  sample_panels: dict[str, PanelFn]
   sample_ws: tuple[float, ...]
 
 
@@ -66,10 +66,11 @@ class StageKind:
     mode: the `--mode` that trains it.
     section: the config section of its training schedule (validated, and
       its batch split over the devices, when it trains).
-    needs: the kind whose finished params it starts from (None: data only).
+    needs: the single-folder kind whose finished params it starts from
+      (None: data only).
     in_chain: whether `--mode=all` trains it (in registry order).
     nfe_per_step: network evaluations per sampler step.
-    samplers: the sampler kinds it offers (`sampling.SAMPLERS`).
+    samplers: the sampler kinds it offers (`config_lib.SAMPLERS`).
     train: (ctx, load_input) -> the params of its last folder. `ctx` runs
       and records stage folders (`pipeline.TrainContext`); `load_input()`
       returns the `needs` kind's params, loaded only when called.
@@ -85,7 +86,8 @@ class StageKind:
     series: sampler -> (label, matplotlib colormap or None) in reports.
     plan_stage: (config, info) -> its `Stage` with abstract params for
       `--mode=plan` and `plan.check_fits`; None if it is never planned.
-    summary: workdir -> the line printed when its mode finishes, or None.
+    summary: (config, workdir) -> the line printed when its mode finishes,
+      or None.
   """
 
   name: str
@@ -102,4 +104,4 @@ class StageKind:
   eval_rows: Callable[..., list[tuple[str, int, float | None]]]
   series: dict[str, tuple[str, str | None]]
   plan_stage: Callable[..., Stage] | None = None
-  summary: Callable[..., str | None] = lambda workdir: None
+  summary: Callable[..., str | None] = lambda config, workdir: None

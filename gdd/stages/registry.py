@@ -5,6 +5,7 @@ and its report iterate over `KINDS`; a new stage adds its module's `KIND`
 here and nothing else outside its module, config section and tests.
 """
 
+from gdd import errors
 from gdd.stages import StageKind, guided, progressive, single_w, teacher
 
 # --mode=all trains the kinds with in_chain set, in this order.
@@ -17,7 +18,7 @@ KINDS: tuple[StageKind, ...] = (
 NAMES = tuple(kind.name for kind in KINDS)
 
 
-class UnknownStageError(ValueError):
+class UnknownStageError(errors.UserError, ValueError):
   """A stage name that no registered kind has."""
 
 

@@ -1,7 +1,8 @@
 """Stage 0: the classifier-free-guided teacher (method.md §4).
 
-One network learns both x̂(z, c) and x̂(z, ∅): each label is replaced by the
-null label with probability p_uncond. At sampling time the two are combined
+One network learns both x̂(z, c) and x̂(z, ∅): each condition is replaced by
+the null condition (for classes, the null label) with probability p_uncond
+(`conditioning`). At sampling time the two are combined
 as x̂^w = (1 + w) x̂_c − w x̂_∅ in one batch of 2B (2 NFE per step).
 """
 

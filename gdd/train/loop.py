@@ -27,7 +27,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from gdd import conditioning, data, errors, images, paths, plan, workdir_lib
-from gdd.stages import Stage
+from gdd.stages import Stage, registry
 from gdd.train import (
   checkpointing,
   optim,
@@ -481,7 +481,8 @@ def train_stage(
   )
   # Before anything compiles at full size (only where devices report
   # their memory: GPUs, TPUs).
-  plan.check_fits(config, stage, _config_section(stage.name), mesh)
+  section = registry.get(workdir_lib.stage_kind(stage.name)).section
+  plan.check_fits(config, stage, section, mesh)
   init_rng, step_key = jax.random.split(stage_key(config.seed, stage.name))
   run = _StageRun.open(stage, config, stage_dir, mesh, step_key)
   try:
@@ -502,13 +503,6 @@ def train_stage(
     run.writer.flush()
   _export(stage_dir, state.ema_params, replace=replace_export)
   return state.ema_params
-
-
-def _config_section(stage_name: str) -> str:
-  """The config block a stage trains with: every halving round uses
-  'distill', the single-w rounds too."""
-  kind = workdir_lib.stage_kind(stage_name)
-  return kind if kind in ('teacher', 'guided') else 'distill'
 
 
 def _export(stage_dir: epath.PathLike, ema_params, *, replace: bool) -> None:
