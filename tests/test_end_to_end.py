@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 
 from gdd import conditioning, data, denoisers, pipeline, sample, workdir_lib
 from gdd.diffusion import samplers
 from gdd.stages import common
-from gdd.train import loop
+from gdd.train import lock, loop
 from tests import helpers
 
 
@@ -130,6 +131,21 @@ def test_load_sampler_rejects_bad_requests(digits_workdir, tmp_path):
   keys = jax.random.split(jax.random.PRNGKey(0))
   with helpers.raises_user_error(ValueError, match=r'uint32\[2, 2\]'):
     sampler(keys, np.array([1]), 1.0)
+
+
+def test_a_finished_input_is_read_without_its_lock(digits_workdir):
+  """Partial modes read their input's export: no lock, no training."""
+  config = _teacher_config()
+  ctx = pipeline.TrainContext(
+    config, epath.Path(digits_workdir), data.get_info(config.data)
+  )
+  with lock.hold(os.path.join(digits_workdir, 'teacher')):
+    params = ctx.input_loader('teacher')()
+  assert 'class_embedding' in params
+  config.teacher.p_uncond = 0.2
+  changed = pipeline.TrainContext(config, ctx.workdir, ctx.info)
+  with pytest.raises(pipeline.ConfigMismatchError, match='p_uncond'):
+    changed.input_loader('teacher')()
 
 
 def _digits_images(num: int) -> np.ndarray:
