@@ -65,6 +65,12 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
       'optimizer': optimizer_config(),
       # 0 turns EMA off (the EMA params then equal the params).
       'ema_decay': 0.9999,
+      # True: update n (from 0) decays by min(ema_decay, (1 + n)/(10 + n)),
+      # so the EMA forgets the starting params (a random init, or for a
+      # student the teacher it starts from) within a few hundred updates
+      # instead of keeping ema_decay^n of them. False keeps the plain EMA,
+      # bit for bit what gdd computed before the key existed.
+      'ema_warmup': False,
       'log_every': 100,
       'grids_every': 5000,
       'checkpoint_every': 1000,
@@ -293,6 +299,7 @@ _TEACHER_TRAINING_KEYS = (
   'teacher.batch_size',
   'teacher.optimizer',
   'teacher.ema_decay',
+  'teacher.ema_warmup',
   'teacher.p_uncond',
 )
 _GUIDED_TRAINING_KEYS = (
@@ -300,6 +307,7 @@ _GUIDED_TRAINING_KEYS = (
   'guided.batch_size',
   'guided.optimizer',
   'guided.ema_decay',
+  'guided.ema_warmup',
   # The w range is sampled in stage one and in every halving round, and
   # w_max scales the student's w-embedding.
   'guided.w_min',
@@ -311,6 +319,7 @@ _ROUND_TRAINING_KEYS = (
   'distill.batch_size',
   'distill.optimizer',
   'distill.ema_decay',
+  'distill.ema_warmup',
   # Sets the first round's teacher step count, so every later round's
   # teacher descends from a different chain when it changes.
   'distill.initial_num_steps',
@@ -361,6 +370,14 @@ NOT_TRAINING_KEYS = {
 }
 
 
+# Training keys added after workdirs were recorded, with the value that
+# trains what gdd did before the key existed: a config.json without the key
+# compares as if it held this value, so older workdirs still resume.
+_ADDED_TRAINING_KEYS = {
+  f'{stage}.ema_warmup': False for stage in ('teacher', 'guided', 'distill')
+}
+
+
 def flatten(tree: Any) -> dict[str, Any]:
   """Dotted key → leaf value of a nested ConfigDict or dict (a config.json)."""
   flat = {}
@@ -387,7 +404,7 @@ def training_keys(config_dict: dict, kind: str) -> dict:
   entries = TRAINING_KEYS[kind]
   return {
     key: list(value) if isinstance(value, tuple) else value
-    for key, value in flatten(config_dict).items()
+    for key, value in {**_ADDED_TRAINING_KEYS, **flatten(config_dict)}.items()
     if any(_in_entry(key, entry) for entry in entries)
   }
 
@@ -444,6 +461,12 @@ def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
     f'a divisor of {stage}.batch_size={config[stage].batch_size}',
   )
   _check(config, f'{stage}.ema_decay', lambda v: 0 <= v < 1, 'in [0, 1)')
+  _check(
+    config,
+    f'{stage}.ema_warmup',
+    lambda v: isinstance(v, bool),
+    'True or False',
+  )
   opt = f'{stage}.optimizer'
   _check(config, f'{opt}.name', _one_of(OPTIMIZERS), f'one of {OPTIMIZERS}')
   _check(config, f'{opt}.decay', _one_of(LR_DECAYS), f'one of {LR_DECAYS}')

@@ -185,6 +185,19 @@ def test_a_workdir_recorded_before_the_grids_rename_still_resumes(tmp_path):
     pipeline.record_stage_config(config, str(tmp_path), kind)
 
 
+def test_a_workdir_recorded_before_ema_warmup_resumes_without_it(tmp_path):
+  config = config_lib.base_config()
+  stored = json.loads(config.to_json())
+  for stage in ('teacher', 'guided', 'distill'):
+    del stored[stage]['ema_warmup']
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  for kind in config_lib.STAGES:
+    pipeline.record_stage_config(config, str(tmp_path), kind)
+  config.teacher.ema_warmup = True
+  with pytest.raises(pipeline.ConfigMismatchError, match='ema_warmup'):
+    pipeline.record_stage_config(config, str(tmp_path), 'teacher')
+
+
 @pytest.mark.parametrize(
   'training, refused',
   [

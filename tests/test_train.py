@@ -6,11 +6,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gdd import data, workdir_lib
 from gdd.stages import teacher
-from gdd.train import checkpointing, loop, optim, sharding
+from gdd.train import checkpointing, loop, optim, sharding, state
 from tests import helpers
 
 
@@ -83,6 +84,51 @@ def test_learning_rate_schedules():
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(schedule(110), at_end, atol=1e-9)
+
+
+def test_ema_warmup_decay_follows_the_formula_up_to_ema_decay():
+  for n in (0, 1, 10, 100, 1000):
+    np.testing.assert_allclose(
+      state.ema_decay_at(0.9999, n, warmup=True), (1 + n) / (10 + n), rtol=1e-6
+    )
+  # (1 + n)/(10 + n) reaches 0.995 at n = 1790: capped from there on.
+  assert state.ema_decay_at(0.995, 1789, warmup=True) < 0.995
+  for n in (1790, 1791, 10**6):
+    assert float(state.ema_decay_at(0.995, n, warmup=True)) == np.float32(0.995)
+  # Traced step counts, as in the jitted train step.
+  decays = jax.jit(jax.vmap(lambda n: state.ema_decay_at(0.5, n, True)))(
+    jnp.arange(3)
+  )
+  np.testing.assert_allclose(decays, [0.1, 2 / 11, 0.25], rtol=1e-6)
+
+
+def test_ema_without_warmup_is_the_plain_update():
+  # The Python float itself: the jitted step traces what it did before
+  # `ema_warmup` existed.
+  decay = state.ema_decay_at(0.9, jnp.int32(5), warmup=False)
+  assert isinstance(decay, float) and decay == 0.9
+  ema, params = {'a': jnp.arange(3.0)}, {'a': jnp.ones(3)}
+  np.testing.assert_array_equal(
+    state.update_ema(ema, params, decay)['a'], 0.9 * ema['a'] + 0.1
+  )
+
+
+def test_train_step_applies_the_ema_warmup():
+  config = helpers.quick_config()
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  stage = _tiny_teacher(config)
+  init = jax.device_get(
+    stage.init_params(jax.random.PRNGKey(0), stage.frozen_params)
+  )
+  emas = {}
+  for warmup in (False, True):
+    config.teacher.ema_warmup = warmup
+    after, _ = helpers.train_steps(_tiny_teacher(config), mesh, 1)
+    emas[warmup] = after.ema_params
+  # Update 0 decays by min(0.9, 1/10) with the warm-up, 0.9 without.
+  for warmup, decay in ((False, 0.9), (True, 0.1)):
+    expected = optax.incremental_update(after.params, init, 1 - decay)
+    chex.assert_trees_all_close(emas[warmup], expected, atol=1e-6)
 
 
 def _final_params(stage_dir):

@@ -36,7 +36,7 @@ from gdd.train import (
   sharding,
   throughput,
 )
-from gdd.train.state import TrainState, update_ema
+from gdd.train.state import TrainState, ema_decay_at, update_ema
 
 # Sample grids show at most this many rows (classes, or other conditions).
 MAX_GRID_ROWS = 10
@@ -165,6 +165,7 @@ def _train_step(
   tx: optax.GradientTransformation,
   learning_rate_fn: optax.Schedule,
   ema_decay: float,
+  ema_warmup: bool,
   step_key: jax.Array,
   micro: tuple[int, jax.sharding.NamedSharding],
   max_pixel_value: int | None,
@@ -187,7 +188,12 @@ def _train_step(
     step=state.step + 1,
     params=params,
     opt_state=opt_state,
-    ema_params=update_ema(state.ema_params, params, ema_decay),
+    ema_params=update_ema(
+      state.ema_params,
+      params,
+      # state.step updates were done before this one.
+      ema_decay_at(ema_decay, state.step, ema_warmup),
+    ),
   )
   return new_state, metrics
 
@@ -224,6 +230,7 @@ def build_train_step(
         train_config.optimizer, num_steps
       ),
       ema_decay=train_config.ema_decay,
+      ema_warmup=train_config.ema_warmup,
       step_key=step_key,
       micro=(train_config.grad_accum_steps, layout.batch),
       max_pixel_value=max_pixel_value,
