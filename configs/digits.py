@@ -30,7 +30,7 @@ def get_config(variant: str = ''):
     num_train_steps=3000,
     batch_size=64,
     # Averages the last ~500 updates; at 0.999 a 3000-update run would keep
-    # 5% of the random initialisation in the EMA (no EMA warm-up here).
+    # 5% of the random initialisation in the EMA (ema_warmup is off here).
     ema_decay=0.998,
     log_every=100,
     grids_every=1500,
