@@ -1,16 +1,19 @@
 """What the network is conditioned on: the `cond` pytree and its rules.
 
-A `cond` is a dict of arrays that share a leading batch axis. Today it is
-{'label': int32[B]} (class-conditional models); text models add a 'text'
-entry. The network, guidance, losses, samplers, grids, CLI and evaluation
-pass `cond` through as a pytree; only a `Conditioning` knows its keys: its
+A `cond` is a dict of arrays that share a leading batch axis:
+{'label': int32[B]} for class-conditional models, {'tokens': int32[B, L]}
+(a caption's token ids, which the network's text encoder reads) for
+text-conditional ones. The network, guidance, losses, samplers, grids, CLI
+and evaluation pass `cond` through as a pytree; only a conditioning kind
+(`ClassConditioning`, `TextConditioning`) knows its keys: its
 null value for classifier-free guidance, the dropout to null in teacher
 training, what a user's request must look like, and which conditions sample
 grids and evaluation draw.
 """
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +71,10 @@ class ClassConditioning:
 
   num_classes: int
 
+  def host_batch(self, batch: dict) -> dict:
+    """A data set's host batch as the devices take it (labels: as is)."""
+    return batch
+
   def from_batch(self, batch: dict) -> Cond:
     """The condition of a data batch ({'image', 'label'})."""
     return {'label': batch['label']}
@@ -89,6 +96,10 @@ class ClassConditioning:
     """(host conditions, rows) of a sample grid: row r is class r."""
     classes = np.arange(min(self.num_classes, max_rows), dtype=np.int32)
     return {'label': np.repeat(classes, per_row)}, len(classes)
+
+  def grid_titles(self, num_rows: int) -> None:
+    """Titles of a grid's rows: none, row r is class r."""
+    del num_rows
 
   def saved_arrays(self, cond: Cond) -> dict[str, np.ndarray]:
     """The arrays saved next to samples in an npz ('labels')."""
@@ -127,11 +138,127 @@ class ClassConditioning:
     return {'label': labels.astype(np.int32)}
 
 
+class Tokenizer(Protocol):
+  """What `TextConditioning` needs of a tokenizer (`gdd.tokenization`)."""
+
+  max_length: int
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+  def decode(self, tokens: np.ndarray) -> list[str]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioning:
+  """Captions, as token ids [B, L]; the null condition ∅ is the empty one.
+
+  The network encodes the tokens with its text encoder (CLIP-style); as in
+  Stable Diffusion the CFG null is the empty caption's encoding, so the
+  null condition is the empty caption's tokens. `captions` are the
+  held-out captions that sample grids and evaluation cycle through.
+  """
+
+  tokenizer: Tokenizer
+  captions: tuple[str, ...]
+
+  def __post_init__(self):
+    if not self.captions:
+      raise ValueError('TextConditioning needs at least one caption.')
+
+  def tokens(self, texts: Sequence[str]) -> np.ndarray:
+    """Token ids int32 [B, L] of `texts`."""
+    return np.asarray(self.tokenizer.encode(list(texts)), np.int32)
+
+  def host_batch(self, batch: dict) -> dict:
+    """A host batch with its 'caption' strings replaced by 'tokens'."""
+    batch = dict(batch)
+    batch['tokens'] = self.tokens(batch.pop('caption'))
+    return batch
+
+  def from_batch(self, batch: dict) -> Cond:
+    """The condition of a device batch ({'image', 'tokens'})."""
+    return {'tokens': batch['tokens']}
+
+  def null_like(self, cond: Cond) -> Cond:
+    """The empty caption's tokens, one per example of `cond`."""
+    empty = jnp.asarray(self.tokens(['']))
+    return {'tokens': jnp.broadcast_to(empty, cond['tokens'].shape)}
+
+  def drop_to_null(self, cond: Cond, rng: jax.Array, p: float) -> Cond:
+    """Each caption replaced by the empty one with probability p (CFG)."""
+    drop = jax.random.bernoulli(rng, p, (batch_size(cond),))
+    return select(drop, self.null_like(cond), cond)
+
+  def cycled(self, num: int) -> Cond:
+    """`num` host conditions cycling through the held-out captions."""
+    return {'tokens': self.tokens(_cycle(self.captions, num))}
+
+  def grid(self, per_row: int, max_rows: int) -> tuple[Cond, int]:
+    """(host conditions, rows) of a sample grid: row r is caption r."""
+    rows = self.captions[:max_rows]
+    return {'tokens': self.tokens(np.repeat(rows, per_row))}, len(rows)
+
+  def grid_titles(self, num_rows: int) -> list[str]:
+    """Titles of a grid's rows: the captions they show."""
+    return list(self.captions[:num_rows])
+
+  def saved_arrays(self, cond: Cond) -> dict[str, np.ndarray]:
+    """The arrays saved next to samples in an npz ('captions')."""
+    return {'captions': np.asarray(self.tokenizer.decode(cond['tokens']))}
+
+  def abstract(self, size: int, sharding=None) -> Cond:
+    """ShapeDtypeStructs of a batch of `size` conditions."""
+    shape = (size, self.tokenizer.max_length)
+    return {'tokens': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)}
+
+  def from_request(self, cond: Any) -> Cond:
+    """A user's captions as host token ids, checked; raises CondError.
+
+    Accepts the captions ([B] strings, or {'caption': strings}), or token
+    ids {'tokens': int [B, L]} as `cycled` and `grid` give them.
+    """
+    if isinstance(cond, dict) and set(cond) == {'tokens'}:
+      return {'tokens': self._checked_tokens(cond['tokens'])}
+    if isinstance(cond, dict):
+      if set(cond) != {'caption'}:
+        raise CondError(
+          f'cond has keys {sorted(cond)}; this text-conditional model takes '
+          "captions: [B] strings or {'caption': [B] strings} "
+          "(or {'tokens': int [B, L]})."
+        )
+      cond = cond['caption']
+    captions = [cond] if isinstance(cond, str) else list(np.asarray(cond))
+    if not captions or not all(isinstance(c, str) for c in captions):
+      raise CondError(
+        'captions must be a non-empty list of strings (one per sample); got '
+        f'{type(cond).__name__} {captions[:3]!r}.'
+      )
+    try:
+      return {'tokens': self.tokens(captions)}
+    except ValueError as error:
+      raise CondError(str(error)) from error
+
+  def _checked_tokens(self, tokens: Any) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    length = self.tokenizer.max_length
+    if (
+      tokens.ndim != 2
+      or not len(tokens)
+      or tokens.shape[1] != length
+      or not np.issubdtype(tokens.dtype, np.integer)
+    ):
+      raise CondError(
+        f'tokens must be a non-empty int array [B, {length}]; got '
+        f'{tokens.dtype} of shape {tokens.shape}.'
+      )
+    return tokens.astype(np.int32)
+
+
+def _cycle(items: Sequence[str], num: int) -> list[str]:
+  """`num` items, cycling through `items`."""
+  return [items[i % len(items)] for i in range(num)]
+
+
 def class_labels(cond: Cond) -> Any:
   """The class labels in `cond`, or None for conditions without classes."""
   return cond.get('label')
-
-
-def for_data(info) -> ClassConditioning:
-  """The conditioning of a data set (`data.DatasetInfo`): its classes."""
-  return ClassConditioning(info.num_classes)

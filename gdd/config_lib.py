@@ -21,11 +21,23 @@ from ml_collections import config_dict
 from gdd import checks, errors, paths
 from gdd.diffusion import losses, parameterization
 
-DATASETS = ('digits', 'cifar10', 'imagenet64')
+DATASETS = ('digits', 'cifar10', 'imagenet64', 'shapes', 'webdataset')
+# Data sets of images with captions: text-conditional models, `config.text`.
+CAPTION_DATASETS = ('shapes', 'webdataset')
+# Where the diffusion models work: on the images, or on the latents of the
+# autoencoder stage (`gdd.stages.autoencoder`).
+SPACES = ('pixel', 'latent')
+# 'unet': the pixel U-Net (ADM-like, gdd/models/unet.py); 'sd_unet': Stable
+# Diffusion's UNet2DConditionModel architecture (gdd/models/sd_unet.py).
+MODEL_KINDS = ('unet', 'sd_unet')
+# 'word': the data set's caption words (shapes); 'clip': CLIP's BPE from a
+# Stable Diffusion `tokenizer/` folder's vocab.json and merges.txt.
+TOKENIZERS = ('word', 'clip')
 OPTIMIZERS = ('adam', 'adamw')
 LR_DECAYS = ('constant', 'cosine', 'linear')
 SAMPLERS = ('ddim', 'ancestral', 'stochastic')
 STAGES = ('teacher', 'guided', 'distill', 'single_w')
+AUTOENCODER_LOSSES = ('l1', 'l2')
 TIME_GRIDS = ('fine', 'student')
 FEATURE_EXTRACTORS = ('inception', 'digits')
 DTYPES = ('float32', 'bfloat16')
@@ -124,9 +136,14 @@ def _add_network_sections(config: ml_collections.ConfigDict) -> None:
       'data_dir': config_dict.placeholder(str),
       'random_flip': False,
       'shuffle_buffer': 10_000,
+      # Side of the square images of data sets drawn or resized to a size
+      # (shapes, webdataset); the others have a fixed size.
+      'image_size': 32,
     }
   )
+  config.space = 'pixel'  # One of SPACES.
   config.model = _model_config()
+  config.text = _text_config()
   config.memory = _memory_config()
   config.diffusion = ml_collections.ConfigDict(
     {
@@ -143,6 +160,7 @@ def _model_config() -> ml_collections.ConfigDict:
   """The U-Net's shape, its output and its compute dtype."""
   return ml_collections.ConfigDict(
     {
+      'kind': 'unet',  # One of MODEL_KINDS.
       'ch': 64,
       'emb_ch': 256,
       'ch_mult': (1, 2),
@@ -154,6 +172,69 @@ def _model_config() -> ml_collections.ConfigDict:
       # Compute dtype; params, optimiser state, EMA, softmax, normalisation
       # statistics and the loss stay float32 ('bfloat16': mixed precision).
       'dtype': 'float32',
+    }
+  )
+
+
+def sd_unet_model_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """`config.model` for an SD-architecture U-Net (`gdd.models.sd_unet`).
+
+  Defaults are a small text-conditional network; Stable Diffusion 1.x is
+  block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+  attention_head_dim=8. Its cross-attention reads the text encoder's states
+  (`config.text.encoder.hidden_size` wide).
+  """
+  model = ml_collections.ConfigDict(
+    {
+      'kind': 'sd_unet',
+      'block_out_channels': (64, 128),
+      'layers_per_block': 1,
+      'down_block_types': ('CrossAttnDownBlock2D', 'DownBlock2D'),
+      'up_block_types': ('UpBlock2D', 'CrossAttnUpBlock2D'),
+      'attention_head_dim': 4,
+      'transformer_layers_per_block': 1,
+      'use_linear_projection': False,
+      'norm_num_groups': 32,
+      'dropout': 0.0,
+      'mean_type': 'both',
+      'dtype': 'float32',
+    }
+  )
+  model.update(overrides)
+  return model
+
+
+def _text_config() -> ml_collections.ConfigDict:
+  """Captions → token ids → the CLIP-architecture text encoder's states.
+
+  Read for caption data sets (CAPTION_DATASETS) only.
+  """
+  return ml_collections.ConfigDict(
+    {
+      'tokenizer': 'word',  # One of TOKENIZERS.
+      # 'clip': the tokenizer/ files shipped with Stable Diffusion weights.
+      'vocab_file': '',
+      'merges_file': '',
+      # SD 1.x pads with '<|endoftext|>', SD 2.x with '!'.
+      'pad_token': '<|endoftext|>',
+      # Token ids per caption, BOS and EOS included (CLIP: 77).
+      'max_length': 16,
+      'encoder': ml_collections.ConfigDict(
+        {
+          'hidden_size': 128,
+          'intermediate_size': 512,
+          'num_hidden_layers': 2,
+          'num_attention_heads': 4,
+          'hidden_act': 'quick_gelu',
+          'layer_norm_eps': 1e-5,
+        }
+      ),
+      # The teacher trains the encoder with the U-Net (as GLIDE does);
+      # every student keeps its teacher's encoder frozen. False: frozen from
+      # the start too (pretrained weights).
+      'train_encoder': True,
+      # Held-out captions that sample grids and evaluation cycle through.
+      'num_held_out_captions': 64,
     }
   )
 
@@ -182,6 +263,33 @@ def _memory_config() -> ml_collections.ConfigDict:
 
 def _add_stage_sections(config: ml_collections.ConfigDict) -> None:
   """One section per training stage: teacher, guided, distill (single_w)."""
+  # The frozen autoencoder of a latent space (config.space='latent').
+  config.autoencoder = train_config(num_train_steps=20_000, ema_decay=0.999)
+  config.autoencoder.optimizer.update(learning_rate=1e-4, warmup_steps=500)
+  config.autoencoder.update(
+    {
+      # AutoencoderConfig's fields (gdd/models/autoencoder.py) but the
+      # image channels; Stable Diffusion's VAE is block_out_channels=(128,
+      # 256, 512, 512), layers_per_block=2.
+      'model': ml_collections.ConfigDict(
+        {
+          'latent_channels': 4,
+          'block_out_channels': (64, 128, 128),
+          'layers_per_block': 1,
+          'norm_num_groups': 32,
+          'mid_block_add_attention': True,
+          'dtype': 'float32',
+        }
+      ),
+      'reconstruction_loss': 'l1',  # One of AUTOENCODER_LOSSES.
+      # Per-image sums: LDM's weight, the KL a small regulariser.
+      'kl_weight': 1e-6,
+      # Training images whose latents give the scaling factor.
+      'scaling_examples': 2048,
+      # Held-out images whose reconstruction PSNR is measured.
+      'eval_examples': 512,
+    }
+  )
   config.teacher = train_config()
   # Probability that a label is replaced by the null label (CFG training).
   config.teacher.p_uncond = 0.1
@@ -231,6 +339,9 @@ def _add_mode_sections(config: ml_collections.ConfigDict) -> None:
       'batch_size': 500,
       'seed': 0,
       'output': '',
+      # Text models: a file of captions, one per line, cycled ('': the
+      # held-out captions).
+      'prompts': '',
     }
   )
   config.evaluate = _evaluate_config()
@@ -286,11 +397,37 @@ def _evaluate_config() -> ml_collections.ConfigDict:
 # teacher's keys. A stage folder's config.json is compared on these keys
 # only (`training_keys`), so a resumed or skipped stage is refused exactly
 # when the current config would train it differently.
-_TEACHER_TRAINING_KEYS = (
+_DATA_TRAINING_KEYS = (
   'seed',  # Init, per-step randomness and the order of the data.
   'data.name',
   'data.random_flip',
   'data.shuffle_buffer',  # The order of a TFDS data set's examples.
+)
+# The autoencoder's keys: what it learns, and so the latents every stage of
+# a latent-space chain diffuses in (its scaling factor included).
+_AUTOENCODER_TRAINING_KEYS = (
+  'autoencoder.num_train_steps',
+  'autoencoder.batch_size',
+  'autoencoder.optimizer',
+  'autoencoder.ema_decay',
+  'autoencoder.ema_warmup',
+  'autoencoder.model',
+  'autoencoder.reconstruction_loss',
+  'autoencoder.kl_weight',
+  'autoencoder.scaling_examples',
+)
+# The captions' tokens and the text encoder (caption data sets only).
+_TEXT_TRAINING_KEYS = (
+  'text.tokenizer',
+  'text.vocab_file',
+  'text.merges_file',
+  'text.pad_token',
+  'text.max_length',
+  'text.encoder',
+  'text.train_encoder',
+)
+_TEACHER_TRAINING_KEYS = _DATA_TRAINING_KEYS + (
+  'space',
   'model',
   'diffusion.logsnr_min',
   'diffusion.logsnr_max',
@@ -326,6 +463,7 @@ _ROUND_TRAINING_KEYS = (
   'distill.time_grid',
 )
 TRAINING_KEYS = {
+  'autoencoder': _DATA_TRAINING_KEYS + _AUTOENCODER_TRAINING_KEYS,
   'teacher': _TEACHER_TRAINING_KEYS,
   'guided': _TEACHER_TRAINING_KEYS + _GUIDED_TRAINING_KEYS,
   'distill': (
@@ -350,9 +488,11 @@ NOT_TRAINING_KEYS = {
   'diffusion.clip_x': 'clips x̂ in samplers only, never in training targets',
   **{
     f'{stage}.{key}': reason
-    for stage in ('teacher', 'guided', 'distill')
+    for stage in ('autoencoder', 'teacher', 'guided', 'distill')
     for key, reason in _CADENCE_KEYS.items()
   },
+  'autoencoder.eval_examples': 'how many held-out images its PSNR reports',
+  'text.num_held_out_captions': 'which captions grids and evaluation use',
   'distill.final_num_steps': (
     'where the chain stops; round N reads only its teacher step count 2N'
   ),
@@ -374,8 +514,29 @@ NOT_TRAINING_KEYS = {
 # trains what gdd did before the key existed: a config.json without the key
 # compares as if it held this value, so older workdirs still resume.
 _ADDED_TRAINING_KEYS = {
-  f'{stage}.ema_warmup': False for stage in ('teacher', 'guided', 'distill')
+  **{
+    f'{stage}.ema_warmup': False for stage in ('teacher', 'guided', 'distill')
+  },
+  'space': 'pixel',
+  'model.kind': 'unet',
 }
+
+
+def _entries_in_use(flat: dict, kind: str) -> tuple[str, ...]:
+  """The training entries that only some configs read, where `flat` does.
+
+  The image size of data sets drawn or resized to one; the text keys of
+  caption data sets; the autoencoder's keys for the stages of a latent
+  chain (its own are always in TRAINING_KEYS['autoencoder']).
+  """
+  entries = ()
+  if flat.get('data.name') in CAPTION_DATASETS:
+    entries += ('data.image_size',)
+    if kind != 'autoencoder':
+      entries += _TEXT_TRAINING_KEYS
+  if flat.get('space') == 'latent' and kind != 'autoencoder':
+    entries += _AUTOENCODER_TRAINING_KEYS
+  return entries
 
 
 def flatten(tree: Any) -> dict[str, Any]:
@@ -401,10 +562,11 @@ def training_keys(config_dict: dict, kind: str) -> dict:
   stored and a current config compare equal exactly when they would train
   the stage alike. `kind` is a key of TRAINING_KEYS.
   """
-  entries = TRAINING_KEYS[kind]
+  flat = {**_ADDED_TRAINING_KEYS, **flatten(config_dict)}
+  entries = TRAINING_KEYS[kind] + _entries_in_use(flat, kind)
   return {
     key: list(value) if isinstance(value, tuple) else value
-    for key, value in {**_ADDED_TRAINING_KEYS, **flatten(config_dict)}.items()
+    for key, value in flat.items()
     if any(_in_entry(key, entry) for entry in entries)
   }
 
@@ -534,7 +696,43 @@ def _validate_network(
     'False for digits (digits are not mirror-symmetric)',
   )
   _check(config, 'data.shuffle_buffer', checks.is_int, 'a positive int')
+  _check(config, 'data.image_size', checks.is_int, 'a positive int')
+  _check(config, 'space', _one_of(SPACES), f'one of {SPACES}')
+  _check(config, 'model.kind', _one_of(MODEL_KINDS), f'one of {MODEL_KINDS}')
+  if config.model.kind == 'unet':
+    _validate_pixel_unet(config)
+  else:
+    _validate_sd_unet(config)
+  _check(
+    config,
+    'model.mean_type',
+    _one_of(parameterization.MEAN_TYPES),
+    f'one of {parameterization.MEAN_TYPES}',
+  )
+  _check(config, 'model.dtype', _one_of(DTYPES), f'one of {DTYPES}')
+  _check(config, 'model.dropout', lambda v: 0 <= v < 1, 'in [0, 1)')
+  _check_student_mean_type(config, training)
+  if config.data.name in CAPTION_DATASETS:
+    _validate_text(config)
+  if config.space == 'latent':
+    _validate_autoencoder(config, training)
 
+  _check(
+    config,
+    'diffusion.logsnr_max',
+    lambda v: v > config.diffusion.logsnr_min,
+    '> diffusion.logsnr_min',
+  )
+  _check(
+    config,
+    'diffusion.loss_weighting',
+    _one_of(losses.WEIGHTINGS),
+    f'one of {losses.WEIGHTINGS}',
+  )
+
+
+def _validate_pixel_unet(config: ml_collections.ConfigDict) -> None:
+  """The pixel U-Net's shape keys."""
   for key in ('ch', 'emb_ch', 'num_res_blocks', 'head_dim'):
     _check(config, f'model.{key}', checks.is_int, 'a positive int')
   _check(
@@ -549,28 +747,92 @@ def _validate_network(
     _positive_int_tuple,
     'a tuple of spatial sizes, e.g. (16, 8) or ()',
   )
-  _check(config, 'model.dropout', lambda v: 0 <= v < 1, 'in [0, 1)')
-  _check(
-    config,
-    'model.mean_type',
-    _one_of(parameterization.MEAN_TYPES),
-    f'one of {parameterization.MEAN_TYPES}',
-  )
-  _check(config, 'model.dtype', _one_of(DTYPES), f'one of {DTYPES}')
-  _check_student_mean_type(config, training)
 
+
+def _validate_sd_unet(config: ml_collections.ConfigDict) -> None:
+  """The SD-architecture U-Net's keys (SDUNetConfig checks the rest)."""
   _check(
     config,
-    'diffusion.logsnr_max',
-    lambda v: v > config.diffusion.logsnr_min,
-    '> diffusion.logsnr_min',
+    'model.block_out_channels',
+    lambda v: len(v) > 0 and _positive_int_tuple(v),
+    'a non-empty tuple of positive ints, e.g. (64, 128)',
   )
+  for key in ('layers_per_block', 'norm_num_groups'):
+    _check(config, f'model.{key}', checks.is_int, 'a positive int')
+  levels = len(config.model.block_out_channels)
+  for key in ('down_block_types', 'up_block_types'):
+    _check(
+      config,
+      f'model.{key}',
+      lambda v: isinstance(v, tuple | list) and len(v) == levels,
+      f'a tuple of {levels} block types, one per block_out_channels entry',
+    )
+  if config.data.name not in CAPTION_DATASETS and any(
+    'CrossAttn' in block for block in config.model.down_block_types
+  ):
+    raise ConfigError(
+      f'config.model.down_block_types={config.model.down_block_types!r} '
+      f'has cross-attention, but {config.data.name!r} has no captions to '
+      "attend to: use 'DownBlock2D' / 'UpBlock2D' blocks for a class-"
+      'conditional model.'
+    )
+
+
+def _validate_text(config: ml_collections.ConfigDict) -> None:
+  """The tokenizer and text encoder of a caption data set."""
+  _check(config, 'text.tokenizer', _one_of(TOKENIZERS), f'one of {TOKENIZERS}')
+  if config.text.tokenizer == 'clip':
+    for key in ('vocab_file', 'merges_file'):
+      _check(
+        config,
+        f'text.{key}',
+        lambda v: isinstance(v, str) and v,
+        'a path (the tokenizer/ folder of Stable Diffusion weights)',
+      )
+  _check(
+    config, 'text.max_length', lambda v: checks.is_int(v, 3), 'an int >= 3'
+  )
+  for key in (
+    'hidden_size',
+    'intermediate_size',
+    'num_hidden_layers',
+    'num_attention_heads',
+  ):
+    _check(config, f'text.encoder.{key}', checks.is_int, 'a positive int')
   _check(
     config,
-    'diffusion.loss_weighting',
-    _one_of(losses.WEIGHTINGS),
-    f'one of {losses.WEIGHTINGS}',
+    'text.train_encoder',
+    lambda v: isinstance(v, bool),
+    'True or False',
   )
+  _check(config, 'text.num_held_out_captions', checks.is_int, 'a positive int')
+
+
+def _validate_autoencoder(
+  config: ml_collections.ConfigDict, training: Iterable[str]
+) -> None:
+  """The autoencoder section of a latent-space config."""
+  if 'autoencoder' in training:
+    _validate_train(config, 'autoencoder')
+  model = 'autoencoder.model'
+  _check(
+    config,
+    f'{model}.block_out_channels',
+    lambda v: len(v) > 0 and _positive_int_tuple(v),
+    'a non-empty tuple of positive ints, e.g. (64, 128, 128)',
+  )
+  for key in ('latent_channels', 'layers_per_block', 'norm_num_groups'):
+    _check(config, f'{model}.{key}', checks.is_int, 'a positive int')
+  _check(config, f'{model}.dtype', _one_of(DTYPES), f'one of {DTYPES}')
+  _check(
+    config,
+    'autoencoder.reconstruction_loss',
+    _one_of(AUTOENCODER_LOSSES),
+    f'one of {AUTOENCODER_LOSSES}',
+  )
+  _check(config, 'autoencoder.kl_weight', _non_negative_number, 'a number >= 0')
+  for key in ('scaling_examples', 'eval_examples'):
+    _check(config, f'autoencoder.{key}', checks.is_int, 'a positive int')
 
 
 def _validate_stages(config: ml_collections.ConfigDict) -> None:
@@ -764,7 +1026,19 @@ def make_quick(config: ml_collections.ConfigDict) -> None:
 
 
 def _make_network_quick(config: ml_collections.ConfigDict) -> None:
-  """A tiny float32 U-Net with the plain memory layout."""
+  """A tiny float32 pixel U-Net with the plain memory layout.
+
+  An SD-architecture model keeps its shape: its config file shrinks it.
+  """
+  if config.model.kind == 'unet':
+    _make_pixel_unet_quick(config)
+  # The tiny model fits anywhere: no FSDP or remat; float32, since XLA:CPU
+  # runs bfloat16 in float32 and compiles it ~3× slower.
+  config.model.dtype = 'float32'
+  config.memory.update(fsdp=1, remat='none')
+
+
+def _make_pixel_unet_quick(config: ml_collections.ConfigDict) -> None:
   config.model.update(
     ch=16,
     emb_ch=64,
@@ -774,10 +1048,6 @@ def _make_network_quick(config: ml_collections.ConfigDict) -> None:
     head_dim=16,
     dropout=0.0,
   )
-  # The tiny model fits anywhere: no FSDP or remat; float32, since XLA:CPU
-  # runs bfloat16 in float32 and compiles it ~3× slower.
-  config.model.dtype = 'float32'
-  config.memory.update(fsdp=1, remat='none')
 
 
 def _make_training_quick(config: ml_collections.ConfigDict) -> None:

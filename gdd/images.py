@@ -2,7 +2,7 @@
 
 import numpy as np
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from gdd import paths
 
@@ -57,6 +57,31 @@ def save_png(path: epath.PathLike, image: np.ndarray, upscale: int = 1) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open('wb') as f:
     Image.fromarray(image).save(f, format='PNG')
+
+
+def with_row_titles(
+  grid: np.ndarray, titles: list[str], upscale: int = 1
+) -> np.ndarray:
+  """The grid (upscaled), with each row's title (a caption) at its left.
+
+  `titles` has one entry per row of images; the grid's rows are equally
+  tall (`make_grid`). Returns uint8 RGB [H·upscale, text + W·upscale, 3].
+  """
+  image = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
+  if image.shape[-1] == 1:
+    image = image.repeat(3, axis=-1)
+  font = ImageFont.load_default()
+  measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  text_width = 8 + int(max(measure.textlength(t, font=font) for t in titles))
+  canvas = Image.new('RGB', (text_width + image.shape[1], image.shape[0]))
+  canvas.paste((255, 255, 255), (0, 0, text_width, image.shape[0]))
+  canvas.paste(Image.fromarray(image), (text_width, 0))
+  draw = ImageDraw.Draw(canvas)
+  row_height = image.shape[0] / len(titles)
+  for row, title in enumerate(titles):
+    middle = (row + 0.5) * row_height
+    draw.text((4, middle), title, fill=(0, 0, 0), font=font, anchor='lm')
+  return np.asarray(canvas)
 
 
 def display_scale(image_size: int) -> int:

@@ -19,7 +19,7 @@ from etils import epath
 
 from gdd import config_lib, data, errors, paths, plan, sample, workdir_lib
 from gdd.evaluation import evaluate
-from gdd.stages import Stage, StageKind, common, registry
+from gdd.stages import Stage, StageKind, autoencoder, common, registry
 from gdd.train import checkpointing, lock, loop, preemption, sharding
 
 MODES = (*registry.training_modes(), 'sample', 'evaluate', 'plan')
@@ -146,8 +146,19 @@ class TrainContext:
     name: str,
     abstract_params,
     trained_from: dict | None = None,
+    in_space: bool = True,
   ):
-    """Trains (or resumes, or loads) the folder `name`; returns its params."""
+    """Trains (or resumes, or loads) the folder `name`; returns its params.
+
+    `in_space`: the stage's model diffuses in the config's space, so its
+    batches are encoded there (`common.in_space`); False for a stage that
+    learns on the images themselves (the autoencoder).
+    """
+    if in_space:
+      build = make_stage
+      make_stage = lambda: common.in_space(
+        build(), self.space, self.space_params()
+      )
     return _run_stage(
       self.config,
       self.workdir,
@@ -157,6 +168,15 @@ class TrainContext:
       abstract_params=abstract_params,
       trained_from=trained_from,
     )
+
+  @functools.cached_property
+  def space(self):
+    """The space the chain's diffusion models work in."""
+    return common.build_space(self.config, self.info)
+
+  def space_params(self):
+    """The space's frozen params (None in pixel space), read only."""
+    return autoencoder.load_space_params(self.config, self.workdir)
 
   def input_loader(self, name: str | None) -> Callable[[], object]:
     """() -> the finished params of kind `name`, loaded when called."""
@@ -196,7 +216,13 @@ def run_chain(
   Teacher → guided student → halving rounds for --mode=all; one kind (from
   its finished input) otherwise. A finished folder is loaded, not trained.
   """
-  kinds = registry.for_mode(mode)
+  kinds = registry.for_mode(mode, config)
+  if not kinds:
+    raise config_lib.ConfigError(
+      f'--mode={mode} trains nothing for this config: '
+      f'{registry.for_mode(mode)[0].name!r} exists only for latent-space '
+      "configs (config.space='latent')."
+    )
   _require_input(workdir, mode, kinds[0])
   ctx = TrainContext(config, paths.resolve(workdir), data.get_info(config.data))
   load_input = ctx.input_loader(kinds[0].needs)
@@ -208,19 +234,21 @@ def run_chain(
     print(summary)
 
 
-# The config sections of the stages each training --mode trains: their
-# values are checked for those stages (`config_lib.validate`), and their
-# batch_size is split evenly over the devices (samplers pad their batches
-# and need no check).
-_MODE_SECTIONS = {
-  mode: tuple(kind.section for kind in registry.for_mode(mode))
-  for mode in registry.training_modes()
-}
+def _mode_sections(config: ml_collections.ConfigDict, mode: str):
+  """The config sections of the stages a training --mode trains.
+
+  Their values are checked for those stages (`config_lib.validate`), and
+  their batch_size is split evenly over the devices (samplers pad their
+  batches and need no check). Other modes: none.
+  """
+  if mode not in registry.training_modes():
+    return ()
+  return tuple(kind.section for kind in registry.for_mode(mode, config))
 
 
 def _check_batch_sizes(config: ml_collections.ConfigDict, mode: str) -> None:
   """Every batch that `mode` will split over the devices, before any stage."""
-  sections = _MODE_SECTIONS.get(mode, ())
+  sections = _mode_sections(config, mode)
   if mode == 'evaluate' and config.evaluate.feature_extractor == 'inception':
     sections = ('evaluate',)  # Inception's batches are split over devices.
   mesh = sharding.mesh_for(config)
@@ -245,7 +273,7 @@ def run(
   """
   if mode not in MODES:
     raise config_lib.ConfigError(f'--mode={mode!r}; allowed: {MODES}.')
-  config_lib.validate(config, training=_MODE_SECTIONS.get(mode, ()))
+  config_lib.validate(config, training=_mode_sections(config, mode))
   if mode == 'plan':  # Shapes only: needs no data, workdir or writes.
     plan.print_plan(config)
     return

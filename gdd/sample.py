@@ -25,11 +25,13 @@ from gdd import (
   workdir_lib,
 )
 from gdd.evaluation import npz
-from gdd.stages import common, registry
+from gdd.stages import autoencoder, common, registry
 from gdd.train import loop, sharding
 
-# The PNG next to an npz shows at most this many samples.
+# The PNG next to an npz shows at most this many samples; a text model's,
+# at most this many captions (a row each).
 MAX_PNG_SAMPLES = 100
+MAX_CAPTION_ROWS = 16
 
 
 class StageNotFoundError(errors.UserError, FileNotFoundError):
@@ -92,7 +94,8 @@ def load_sampler(
 
   Returns:
     A `sampling.Sampler`: `sampler(rng, cond, w)` → images [B, H, W, C] in
-    [−1, 1], with cond {'label': int [B]} or the labels themselves, w GD's
+    [−1, 1], with cond {'label': int [B]} or the labels themselves (class
+    models), or the captions (a list of strings; text models), w GD's
     guidance strength (diffusers' guidance_scale is 1 + w); `init`,
     `t_start` and `mask` start from an image (see `Sampler.__call__`).
     Each batch size compiles once, on its first call or ahead of time with
@@ -101,7 +104,7 @@ def load_sampler(
   folder = _resolve(workdir, stage, num_steps, sampler, w)
   config = load_stage_config(workdir, folder)
   info = data.get_info(config.data)
-  cond_kind = conditioning.for_data(info)
+  cond_kind = common.build_conditioning(config, info)
   space = common.build_space(config, info)
   kind = registry.get(stage)
   model, make_denoiser = kind.sampler_model(config, info)
@@ -119,6 +122,7 @@ def load_sampler(
     check_w=functools.partial(
       _check_w, stage=stage, w_range=kind.w_range(config, w)
     ),
+    space_params=autoencoder.load_space_params(config, workdir),
   )
 
 
@@ -137,9 +141,14 @@ def sample_to_files(
 ) -> str:
   """`--mode=sample`: writes an .npz (images uint8, labels) and a PNG grid.
 
-  Conditions cycle through the classes 0..K−1. Returns the npz path.
+  Conditions cycle through the classes 0..K−1, or for a text model through
+  the held-out captions or the lines of `config.sample.prompts` (the npz
+  then holds `captions`). Returns the npz path.
   """
   c = config.sample
+  info = data.get_info(config.data)
+  cond_kind = common.build_conditioning(config, info)
+  cond = _requested_conditions(cond_kind, c)  # Checked before any loading.
   sampler = load_sampler(
     workdir,
     c.stage,
@@ -147,9 +156,6 @@ def sample_to_files(
     sampler=c.sampler,
     w=c.w,
   )
-  info = data.get_info(config.data)
-  cond_kind = conditioning.for_data(info)
-  cond = cond_kind.cycled(c.num_samples)
   rng = jax.random.PRNGKey(c.seed)
   chunks = []
   for index, start in enumerate(range(0, c.num_samples, c.batch_size)):
@@ -170,12 +176,56 @@ def sample_to_files(
     output = output.with_name(output.name + '.npz')
   if jax.process_index() > 0:  # Every process holds the samples; one writes.
     return os.fspath(output)
-  npz.atomic_savez(output, images=samples, **cond_kind.saved_arrays(cond))
-  shown = samples[:MAX_PNG_SAMPLES]
-  num_cols = min(info.num_classes, 10, len(shown))
-  images.save_png(
-    output.with_suffix('.png'),
-    images.make_grid(shown, num_rows=math.ceil(len(shown) / num_cols)),
-    upscale=images.display_scale(info.image_shape[0]),
-  )
+  saved = cond_kind.saved_arrays(cond)
+  npz.atomic_savez(output, images=samples, **saved)
+  upscale = images.display_scale(info.image_shape[0])
+  if 'captions' in saved:
+    png = _caption_grid(samples, saved['captions'], upscale)
+    upscale = 1
+  else:
+    shown = samples[:MAX_PNG_SAMPLES]
+    num_cols = min(info.num_classes, 10, len(shown))
+    png = images.make_grid(shown, num_rows=math.ceil(len(shown) / num_cols))
+  images.save_png(output.with_suffix('.png'), png, upscale=upscale)
   return os.fspath(output)
+
+
+def _caption_grid(
+  samples: np.ndarray, captions: np.ndarray, upscale: int
+) -> np.ndarray:
+  """One row per caption (the first 16), its first 10 samples, titled."""
+  titles = list(dict.fromkeys(captions.tolist()))[:MAX_CAPTION_ROWS]
+  per_row = min(10, max(int(np.sum(captions == t)) for t in titles))
+  rows = []
+  for title in titles:
+    row = samples[captions == title][:per_row]
+    pad = np.zeros((per_row - len(row), *row.shape[1:]), row.dtype)
+    rows.append(np.concatenate([row, pad]))
+  grid = images.make_grid(np.concatenate(rows), num_rows=len(titles))
+  return images.with_row_titles(grid, titles, upscale)
+
+
+def _requested_conditions(cond_kind, sample_config) -> conditioning.Cond:
+  """`num_samples` conditions: the prompts file's lines cycled, or the
+  conditioning's own cycle (classes, held-out captions)."""
+  num = sample_config.num_samples
+  if not sample_config.prompts:
+    return cond_kind.cycled(num)
+  if not isinstance(cond_kind, conditioning.TextConditioning):
+    raise sampling.SampleRequestError(
+      'config.sample.prompts is for text-conditional models; this one is '
+      'class-conditional (its samples cycle through the classes).'
+    )
+  path = paths.resolve(sample_config.prompts)
+  if not path.is_file():
+    raise StageNotFoundError(
+      f'config.sample.prompts={sample_config.prompts!r}: no such file '
+      '(one caption per line).'
+    )
+  prompts = [line.strip() for line in path.read_text().splitlines()]
+  prompts = [p for p in prompts if p]
+  if not prompts:
+    raise sampling.SampleRequestError(
+      f'config.sample.prompts file {path} has no caption (one per line).'
+    )
+  return cond_kind.from_request([prompts[i % len(prompts)] for i in range(num)])

@@ -2,6 +2,7 @@
 
 ```
 WORKDIR/
+  autoencoder/               latent-space configs only: the frozen autoencoder
   teacher/, guided/          one folder per stage (`stage_dir`)
   distill/<N>steps/          one per halving round (`round_name`)
   single_w/w<w>/<N>steps/    the single-w baseline's rounds
@@ -13,7 +14,8 @@ Each stage folder holds `config.json` (the config it was trained with),
 `stage.json` (what a student was trained from), `lock`, `checkpoints/`,
 `params/` (the params-only export; its presence means "finished"),
 `unreadable/`, `samples/` (training's sample grids), `profile/` and the
-TensorBoard event files.
+TensorBoard event files. The autoencoder's folder also holds `latent.json`
+(its latent scaling factor and held-out PSNR) and `reconstructions.png`.
 
 The layout is stable: users' workdirs and the tests rely on it. Every path
 goes through `paths.resolve`, so a workdir may be a gs:// URL. The module
@@ -30,6 +32,7 @@ from gdd import paths
 
 _CONFIG_RECORD = 'config.json'
 _STAGE_RECORD = 'stage.json'
+_LATENT_RECORD = 'latent.json'
 _ROUND_SUFFIX = 'steps'
 # The stage kinds whose rounds live under one folder per student step count.
 _ROUND_KINDS = ('distill', 'single_w')
@@ -181,6 +184,31 @@ def write_stage_record(stage_dir: epath.PathLike, record: dict) -> None:
   paths.write_atomically(
     stage_record(stage_dir), json.dumps(record, indent=2).encode()
   )
+
+
+def latent_record(stage_dir: epath.PathLike) -> epath.Path:
+  """`latent.json`: an autoencoder's scaling factor and held-out PSNR."""
+  return paths.resolve(stage_dir) / _LATENT_RECORD
+
+
+def read_latent_record(stage_dir: epath.PathLike) -> dict | None:
+  """An autoencoder folder's measurements, or None before they exist."""
+  path = latent_record(stage_dir)
+  if not path.exists():
+    return None
+  return json.loads(path.read_text())
+
+
+def write_latent_record(stage_dir: epath.PathLike, record: dict) -> None:
+  """Records an autoencoder's measurements (the space reads s from them)."""
+  paths.write_atomically(
+    latent_record(stage_dir), json.dumps(record, indent=2).encode()
+  )
+
+
+def reconstruction_grid_file(stage_dir: epath.PathLike) -> epath.Path:
+  """Held-out images (top row) and their reconstructions (bottom row)."""
+  return paths.resolve(stage_dir) / 'reconstructions.png'
 
 
 def samples_dir(workdir: epath.PathLike) -> epath.Path:

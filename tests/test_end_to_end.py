@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from gdd import conditioning, data, denoisers, pipeline, sample, workdir_lib
+from gdd import data, denoisers, pipeline, sample, workdir_lib
 from gdd.diffusion import samplers
 from gdd.stages import common
 from gdd.train import lock, loop
@@ -172,7 +172,7 @@ def test_sampler_defaults_are_plain_ddim_from_noise(digits_workdir):
   )
   denoise = denoisers.guided(
     model,
-    conditioning.for_data(info),
+    common.build_conditioning(config, info),
     params,
     {'label': jax.numpy.asarray(labels)},
     1.5,

@@ -35,7 +35,7 @@ from gdd import (
   workdir_lib,
 )
 from gdd.evaluation import features, fid, report
-from gdd.stages import registry
+from gdd.stages import common, registry
 
 # Real images scored as if they were a model (the floor of the metric).
 REAL = 'real'
@@ -272,7 +272,7 @@ def measure_speed(
     logging.warning('Speed: no finished %d-step round; skipped.', student_steps)
     return None
   info = data.get_info(config.data)
-  cond = conditioning.for_data(info).cycled(ev.speed_batch_size)
+  cond = common.build_conditioning(config, info).cycled(ev.speed_batch_size)
   rng = jax.random.PRNGKey(ev.seed)
 
   def seconds(model: str, num_steps: int) -> float:
@@ -329,7 +329,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
   extractor = features.make_extractor(config, out_dir)
   reference = features.reference_stats(config, extractor, out_dir)
   info = data.get_info(config.data)
-  cond = conditioning.for_data(info).cycled(ev.num_samples)
+  cond = common.build_conditioning(config, info).cycled(ev.num_samples)
   records = []
   if ev.real_split:
     records.append(_evaluate_real(config, extractor, reference))

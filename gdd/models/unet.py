@@ -140,11 +140,6 @@ class UNetConfig:
     return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
 
 
-def example_cond(batch_size: int) -> dict:
-  """A `cond` of the shape a `UNet` takes, for init and shape tracing."""
-  return {'label': jnp.zeros((batch_size,), jnp.int32)}
-
-
 class UNet(nn.Module):
   """Class- (and optionally w-) conditional U-Net on [B, H, W, C] images."""
 
@@ -195,6 +190,14 @@ class UNet(nn.Module):
     h = attention(h, 'mid_attn')
     h = res_block(h, h.shape[-1], 'mid_block_1')
     return self._output_head(self._up(h, skips, res_block, attention))
+
+  def example_inputs(self, batch_size: int) -> tuple:
+    """(z, logsnr, cond, w) of the shapes the network takes, for init."""
+    cfg = self.config
+    z = jnp.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.in_channels))
+    cond = {'label': jnp.zeros((batch_size,), jnp.int32)}
+    w = jnp.zeros((batch_size,)) if cfg.use_w_embedding else None
+    return z, jnp.zeros((batch_size,)), cond, w
 
   def _embedding(self, logsnr, labels, w) -> jnp.ndarray:
     """Time + class (+ w) embedding that every residual block reads."""

@@ -12,8 +12,9 @@ Params = Any
 Batch = dict[str, jnp.ndarray]
 # (params, frozen_params, batch, rng) -> (scalar loss, metrics dict).
 LossFn = Callable[[Params, Any, Batch, jax.Array], tuple[jnp.ndarray, dict]]
-# (params, frozen_params, rng, cond, w) -> images [B, H, W, C] in [-1, 1]; cond
-# is the condition pytree (`gdd.conditioning`).
+# (params, frozen_params, rng, cond, w[, space_params]) -> images [B, H, W, C]
+# in [-1, 1]; cond is the condition pytree (`gdd.conditioning`), space_params
+# the params of the space's decoder (`common.in_space` passes them).
 PanelFn = Callable[[Params, Any, jax.Array, Any, Any], jnp.ndarray]
 
 
@@ -35,6 +36,8 @@ class Stage:
       sampler. Students put their teacher's panel first, so every grid
       compares teacher and student.
     sample_ws: the guidance strengths w with a grid each.
+    frozen_subtrees: top-level keys of the params that are never updated
+      (a student's copy of its teacher's text encoder).
   """
 
   name: str
@@ -44,6 +47,7 @@ class Stage:
   frozen_params: Any
   sample_panels: dict[str, PanelFn]
   sample_ws: tuple[float, ...]
+  frozen_subtrees: tuple[str, ...] = ()
 
 
 # A sampling request's answer: (network, denoiser factory) of a stage kind.
@@ -88,6 +92,8 @@ class StageKind:
       `--mode=plan` and `plan.check_fits`; None if it is never planned.
     summary: (config, workdir) -> the line printed when its mode finishes,
       or None.
+    applies: config -> whether the kind exists for that config (the
+      autoencoder only where the chain runs in a latent space).
   """
 
   name: str
@@ -105,3 +111,4 @@ class StageKind:
   series: dict[str, tuple[str, str | None]]
   plan_stage: Callable[..., Stage] | None = None
   summary: Callable[..., str | None] = lambda config, workdir: None
+  applies: Callable[..., bool] = lambda config: True

@@ -1,14 +1,23 @@
-"""Config → the pieces every stage shares: the network and the schedule."""
+"""Config → the pieces every stage shares: network, condition, space, schedule."""
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import data, spaces
+from gdd import conditioning, config_lib, data, errors, spaces, tokenization
 from gdd.diffusion import schedules
-from gdd.models import UNet, UNetConfig, unet
+from gdd.models import (
+  UNet,
+  UNetConfig,
+  autoencoder,
+  sd_unet,
+  text_encoder,
+  text_unet,
+)
+from gdd.stages import PanelFn, Stage
 
 
 def build_model(
@@ -17,14 +26,22 @@ def build_model(
   *,
   use_w_embedding: bool = False,
   w_max: float = 4.0,
-) -> UNet:
-  """The U-Net of `config.model` for images of `info`'s shape and classes.
+) -> UNet | text_unet.TextUNet:
+  """The denoising network of `config.model` for `info`'s data.
 
-  Its remat policy is `config.memory.remat`: a memory setting, not part of
-  what the network is, so it may change between runs of one stage.
+  'unet': the pixel U-Net; 'sd_unet': the SD-architecture U-Net on the
+  config's space, behind a text encoder for caption data sets. Its remat
+  policy is `config.memory.remat`: a memory setting, not part of what the
+  network is, so it may change between runs of one stage.
   """
-  height, _, channels = info.image_shape
   model_config = config.model.to_dict()
+  kind = model_config.pop('kind')
+  options = dict(
+    use_w_embedding=use_w_embedding, w_max=w_max, remat=config.memory.remat
+  )
+  if kind == 'sd_unet':
+    return _text_unet(config, info, model_config, options)
+  height, _, channels = info.image_shape
   for key in ('ch_mult', 'attn_resolutions'):
     model_config[key] = tuple(model_config[key])
   return UNet(
@@ -32,28 +49,115 @@ def build_model(
       image_size=height,
       in_channels=channels,
       num_classes=info.num_classes,
-      use_w_embedding=use_w_embedding,
-      w_max=w_max,
-      remat=config.memory.remat,
+      **options,
       **model_config,
     )
   )
 
 
+def _text_unet(config, info, model_config, options) -> text_unet.TextUNet:
+  """Text encoder + SD U-Net on the config's space (caption data sets)."""
+  if not info.has_captions:
+    raise errors.UserError(
+      "config.model.kind='sd_unet' is text-conditional, but "
+      f'{info.name!r} has no captions; use a caption data set '
+      f'({config_lib.CAPTION_DATASETS}) or the pixel U-Net.'
+    )
+  height, _, channels = build_space(config, info).shape
+  tokenizer = tokenization.for_config(config, info)
+  text = text_encoder.TextEncoderConfig(
+    vocab_size=tokenizer.vocab_size,
+    eos_token_id=tokenizer.eos_id,
+    max_position_embeddings=tokenizer.max_length,
+    dtype=model_config['dtype'],
+    remat=options['remat'],
+    **config.text.encoder.to_dict(),
+  )
+  unet_config = sd_unet.SDUNetConfig(
+    sample_size=height,
+    in_channels=channels,
+    cross_attention_dim=text.hidden_size,
+    **options,
+    **model_config,
+  )
+  return text_unet.TextUNet(
+    text_unet.TextUNetConfig(
+      unet=unet_config, text=text, max_length=tokenizer.max_length
+    )
+  )
+
+
+# Params subtree of a text-conditional network's text encoder.
+TEXT_ENCODER = 'text_encoder'
+
+
+def frozen_subtrees(
+  config: ml_collections.ConfigDict, *, teacher: bool = False
+) -> tuple[str, ...]:
+  """The params subtrees a stage never updates (`Stage.frozen_subtrees`).
+
+  The text encoder of a caption data set: trained with the teacher when
+  `config.text.train_encoder` (as GLIDE does), frozen in every student,
+  which keeps its teacher's copy (and so needs no second encoder).
+  """
+  if config.data.name not in config_lib.CAPTION_DATASETS:
+    return ()
+  if teacher and config.text.train_encoder:
+    return ()
+  return (TEXT_ENCODER,)
+
+
 def build_space(config: ml_collections.ConfigDict, info: data.DatasetInfo):
-  """The space the stages' models diffuse in: today the pixels of `info`."""
+  """The space the stages' models diffuse in (`config.space`).
+
+  'pixel': the pixels of `info`; 'latent': the latents of the autoencoder
+  stage's network (its params arrive later, as `space_params`).
+  """
+  if config.space == 'latent':
+    return _latent_space(config, info)
   return spaces.pixel_space(config, info.image_shape)
 
 
-def init_params(model: UNet, rng: jax.Array) -> dict:
-  """Fresh params of `model` (shapes from a batch of one)."""
-  cfg = model.config
-  z = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels))
-  w = jnp.zeros((1,)) if cfg.use_w_embedding else None
-  variables = model.init(
-    rng, z, jnp.zeros((1,)), unet.example_cond(1), w, train=False
+def build_autoencoder(
+  config: ml_collections.ConfigDict, info: data.DatasetInfo
+) -> autoencoder.Autoencoder:
+  """The autoencoder of `config.autoencoder.model` for `info`'s images."""
+  channels = info.image_shape[-1]
+  return autoencoder.Autoencoder(
+    autoencoder.AutoencoderConfig(
+      in_channels=channels,
+      out_channels=channels,
+      remat=config.memory.remat,
+      **config.autoencoder.model.to_dict(),
+    )
   )
-  return variables['params']
+
+
+def _latent_space(
+  config: ml_collections.ConfigDict, info: data.DatasetInfo
+) -> spaces.LatentSpace:
+  """The latent space of the autoencoder of `config` on `info`'s images."""
+  model = build_autoencoder(config, info)
+  height, width, _ = info.image_shape
+  factor = model.config.downsampling_factor
+  if height % factor or width % factor:
+    raise errors.UserError(
+      f'The images are {height}×{width}, not a multiple of the '
+      f'autoencoder downsampling factor {factor} (2 ** (levels − 1), '
+      'levels = len(config.autoencoder.model.block_out_channels)): use '
+      'fewer levels or another config.data.image_size.'
+    )
+  return spaces.LatentSpace(
+    autoencoder=model,
+    shape=(height // factor, width // factor, model.config.latent_channels),
+    image_shape=tuple(info.image_shape),
+  )
+
+
+def init_params(model, rng: jax.Array) -> dict:
+  """Fresh params of `model` (shapes from a batch of one)."""
+  z, logsnr, cond, w = model.example_inputs(1)
+  return model.init(rng, z, logsnr, cond, w, train=False)['params']
 
 
 def abstract_params(model: UNet):
@@ -69,4 +173,51 @@ def logsnr_fn(config: ml_collections.ConfigDict):
     schedules.logsnr_from_t,
     logsnr_min=config.diffusion.logsnr_min,
     logsnr_max=config.diffusion.logsnr_max,
+  )
+
+
+def panel(sample_fn, *, of: str) -> PanelFn:
+  """A sample-grid panel drawing `sample_fn` with the stage's `of` params.
+
+  `of` is 'params' (the params being trained) or 'frozen' (the teacher's).
+  """
+  if of not in ('params', 'frozen'):
+    raise ValueError(f"of={of!r}; allowed: 'params', 'frozen'.")
+
+  def draw(params, frozen, rng, cond, w, space_params=None):
+    chosen = params if of == 'params' else frozen
+    return sample_fn(chosen, rng, cond, w, space_params=space_params)
+
+  return draw
+
+
+def in_space(stage: Stage, space, space_params) -> Stage:
+  """`stage` trained in `space`: its loss sees x = space.encode(images).
+
+  The frozen params become (the stage's frozen params, `space_params`), so
+  the space's networks (a frozen autoencoder) enter the jitted step as an
+  argument; the loss and the panels get their own part. Pixel space
+  (`space_params` None) returns `stage` itself: nothing to encode.
+  """
+  if space_params is None:
+    return stage
+
+  def loss_fn(params, frozen, batch, rng):
+    stage_frozen, frozen_space = frozen
+    x = jax.lax.stop_gradient(space.encode(frozen_space, batch['image']))
+    return stage.loss_fn(params, stage_frozen, dict(batch, image=x), rng)
+
+  def in_space_panel(draw: PanelFn) -> PanelFn:
+    return lambda params, frozen, rng, cond, w: draw(
+      params, frozen[0], rng, cond, w, space_params=frozen[1]
+    )
+
+  return dataclasses.replace(
+    stage,
+    init_params=lambda rng, frozen: stage.init_params(rng, frozen[0]),
+    loss_fn=loss_fn,
+    frozen_params=(stage.frozen_params, space_params),
+    sample_panels={
+      name: in_space_panel(draw) for name, draw in stage.sample_panels.items()
+    },
   )

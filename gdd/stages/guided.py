@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import conditioning, data, denoisers, sampling, workdir_lib
+from gdd import data, denoisers, sampling, workdir_lib
 from gdd.diffusion import losses, schedules
 from gdd.models import UNet
 from gdd.stages import Stage, StageKind, common
@@ -34,11 +34,15 @@ def build_student(
 
 
 def init_from_teacher(student: UNet, rng: jax.Array, teacher_params) -> dict:
-  """Student params: the teacher's everywhere, fresh only in `w_embedding`."""
+  """Student params: the teacher's everywhere, fresh only in `w_embedding`.
+
+  (At the top of the tree for the pixel U-Net, under 'unet' for a
+  text-conditional network.)
+  """
   fresh = flax.traverse_util.flatten_dict(common.init_params(student, rng))
   teacher_flat = flax.traverse_util.flatten_dict(teacher_params)
   extra = {k for k in fresh if k not in teacher_flat}
-  if any(k[0] != 'w_embedding' for k in extra) or set(teacher_flat) - set(
+  if any('w_embedding' not in k[:2] for k in extra) or set(teacher_flat) - set(
     fresh
   ):
     raise ValueError(
@@ -99,7 +103,7 @@ def make_stage(
   """The stage-one `Stage`; `teacher_params` are the teacher's EMA params."""
   student = build_student(config, info)
   teacher = common.build_model(config, info)
-  cond_kind = conditioning.for_data(info)
+  cond_kind = common.build_conditioning(config, info)
   space = common.build_space(config, info)
   num_steps = config.grids.teacher_num_steps
   student_sample = sampling.make_sample_fn(
@@ -128,13 +132,14 @@ def make_stage(
     frozen_params=teacher_params,
     sample_ws=tuple(config.grids.sample_ws),
     sample_panels={
-      f'teacher_{num_steps}step_ddim': lambda params, frozen, rng, cond, w: (
-        teacher_sample(frozen, rng, cond, w)
+      f'teacher_{num_steps}step_ddim': common.panel(
+        teacher_sample, of='frozen'
       ),
-      f'student_{num_steps}step_ddim': lambda params, frozen, rng, cond, w: (
-        student_sample(params, rng, cond, w)
+      f'student_{num_steps}step_ddim': common.panel(
+        student_sample, of='params'
       ),
     },
+    frozen_subtrees=common.frozen_subtrees(config),
   )
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import conditioning, config_lib, data, denoisers, sampling, workdir_lib
+from gdd import config_lib, data, denoisers, sampling, workdir_lib
 from gdd.diffusion import distillation, losses, schedules
 from gdd.stages import Stage, StageKind, common, guided
 
@@ -147,7 +147,7 @@ def make_round(
       loss_fn,
       student=student,
       teacher_denoiser=teacher_denoiser,
-      cond_kind=conditioning.for_data(info),
+      cond_kind=common.build_conditioning(config, info),
       teacher_num_steps=2 * student_num_steps,
       config=config,
       fixed_w=fixed_w,
@@ -161,6 +161,7 @@ def make_round(
       student_num_steps,
     ),
     sample_ws=sample_ws,
+    frozen_subtrees=common.frozen_subtrees(config),
   )
 
 
@@ -181,9 +182,7 @@ def _sample_panels(config, space, student, teacher_denoiser, student_num_steps):
       num_steps=num_steps,
       sampler=sampler,
     )
-    return lambda params, frozen, rng, cond, w: sample_fn(
-      frozen if use_teacher else params, rng, cond, w
-    )
+    return common.panel(sample_fn, of='frozen' if use_teacher else 'params')
 
   return {
     f'teacher_{2 * n}step_ddim': panel(2 * n, 'ddim', use_teacher=True),

@@ -35,11 +35,16 @@ def training_modes() -> tuple[str, ...]:
   return ('all', *(kind.mode for kind in KINDS))
 
 
-def for_mode(mode: str) -> list[StageKind]:
-  """The kinds a training --mode runs, in order ('all': the chain)."""
+def for_mode(mode: str, config=None) -> list[StageKind]:
+  """The kinds a training --mode runs, in order ('all': the chain).
+
+  With a `config`, only the kinds that apply to it (`StageKind.applies`).
+  """
   if mode == 'all':
-    return [kind for kind in KINDS if kind.in_chain]
-  return [kind for kind in KINDS if kind.mode == mode]
+    kinds = [kind for kind in KINDS if kind.in_chain]
+  else:
+    kinds = [kind for kind in KINDS if kind.mode == mode]
+  return [k for k in kinds if config is None or k.applies(config)]
 
 
 def nfe(name: str, num_steps: int) -> int:

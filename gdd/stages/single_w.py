@@ -10,7 +10,7 @@ import functools
 
 import ml_collections
 
-from gdd import conditioning, data, denoisers, sampling, workdir_lib
+from gdd import data, denoisers, sampling, workdir_lib
 from gdd.stages import Stage, StageKind, common, progressive
 
 NAME = 'single_w'
@@ -33,7 +33,7 @@ def make_stage(
   model = common.build_model(config, info)
   if from_cfg_teacher:
     teacher_denoiser = functools.partial(
-      denoisers.guided, model, conditioning.for_data(info)
+      denoisers.guided, model, common.build_conditioning(config, info)
     )
   else:
     teacher_denoiser = functools.partial(denoisers.plain, model)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gdd import conditioning, data, denoisers, sampling, workdir_lib
+from gdd import data, denoisers, sampling, workdir_lib
 from gdd.diffusion import losses, schedules
 from gdd.models import UNet
 from gdd.stages import Stage, StageKind, common
@@ -52,7 +52,7 @@ def loss_fn(
 def make_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
   """The teacher `Stage`: fresh init, CFG loss, guided DDIM sample grids."""
   model = common.build_model(config, info)
-  cond_kind = conditioning.for_data(info)
+  cond_kind = common.build_conditioning(config, info)
   num_steps = config.grids.teacher_num_steps
   sample_fn = sampling.make_sample_fn(
     config,
@@ -70,10 +70,9 @@ def make_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
     frozen_params=None,
     sample_ws=tuple(config.grids.sample_ws),
     sample_panels={
-      f'teacher_{num_steps}step_ddim': lambda params, frozen, rng, cond, w: (
-        sample_fn(params, rng, cond, w)
-      )
+      f'teacher_{num_steps}step_ddim': common.panel(sample_fn, of='params')
     },
+    frozen_subtrees=common.frozen_subtrees(config, teacher=True),
   )
 
 
@@ -91,7 +90,7 @@ def _train(ctx, load_input):
 
 def _sampler_model(config: ml_collections.ConfigDict, info: data.DatasetInfo):
   model = common.build_model(config, info)
-  cond_kind = conditioning.for_data(info)
+  cond_kind = common.build_conditioning(config, info)
   return model, functools.partial(denoisers.guided, model, cond_kind)
 
 

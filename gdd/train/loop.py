@@ -27,7 +27,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from gdd import conditioning, data, errors, images, paths, plan, workdir_lib
-from gdd.stages import Stage, registry
+from gdd.stages import Stage, common, registry
 from gdd.train import (
   checkpointing,
   optim,
@@ -215,7 +215,9 @@ def build_train_step(
   """
   train_config = stage.train_config
   num_steps = train_config.num_train_steps
-  tx = optim.make_optimizer(train_config.optimizer, num_steps)
+  tx = optim.make_optimizer(
+    train_config.optimizer, num_steps, frozen=stage.frozen_subtrees
+  )
   if memory_config is None:
     memory_config = ml_collections.ConfigDict(
       {'fsdp_min_size': 0, 'fsdp_rules': ()}
@@ -258,9 +260,11 @@ class _SampleGridWriter:
     stage_dir: epath.PathLike,
   ):
     self._stage_dir = paths.resolve(stage_dir)
-    self._cond, self._num_rows = conditioning.for_data(info).grid(
+    cond_kind = common.build_conditioning(config, info)
+    self._cond, self._num_rows = cond_kind.grid(
       config.grids.samples_per_class, MAX_GRID_ROWS
     )
+    self._titles = cond_kind.grid_titles(self._num_rows)
     self._num_devices = mesh.devices.size
     self._mesh = mesh
     rep = sharding.replicated(mesh)
@@ -295,14 +299,18 @@ class _SampleGridWriter:
         samples = images.to_uint8(sharding.to_host(samples)[:n])
         panels.append(images.make_grid(samples, num_rows=self._num_rows))
         grids[f'samples/w={w:g}/{name}'] = panels[-1][None]
-      grid = images.side_by_side(panels)
       if jax.process_index() == 0:
-        images.save_png(
-          workdir_lib.grid_file(self._stage_dir, step, w),
-          grid,
-          upscale=self._upscale,
-        )
+        self._save(step, w, images.side_by_side(panels))
     writer.write_images(step, grids)
+
+  def _save(self, step: int, w: float, grid: np.ndarray) -> None:
+    """Writes the PNG; rows of captions get their caption at the left."""
+    upscale = self._upscale
+    if self._titles:
+      grid, upscale = images.with_row_titles(grid, self._titles, upscale), 1
+    images.save_png(
+      workdir_lib.grid_file(self._stage_dir, step, w), grid, upscale=upscale
+    )
 
 
 def _all_finite(tree) -> jax.Array:
@@ -532,8 +540,12 @@ def _global_batches(run: _StageRun, start_step: int):
     global_batch_size=run.stage.train_config.batch_size,
     start_step=start_step,
   )
+  # Captions become token ids here, on the host: strings cannot enter jit.
+  cond_kind = common.build_conditioning(
+    run.config, data.get_info(run.config.data)
+  )
   for batch in batches:
-    yield sharding.global_batch(batch, run.mesh)
+    yield sharding.global_batch(cond_kind.host_batch(batch), run.mesh)
 
 
 def _run_steps(run: _StageRun, state: TrainState) -> TrainState:

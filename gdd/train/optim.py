@@ -1,5 +1,6 @@
 """The optax chain of a stage, built from its `optimizer` config block."""
 
+import jax
 import ml_collections
 import optax
 
@@ -27,9 +28,35 @@ def learning_rate_schedule(
 
 
 def make_optimizer(
+  opt_config: ml_collections.ConfigDict,
+  num_train_steps: int,
+  frozen: tuple[str, ...] = (),
+) -> optax.GradientTransformation:
+  """Global-norm clipping (if > 0) followed by Adam or AdamW.
+
+  `frozen` names top-level params subtrees (e.g. a pretrained or
+  teacher-trained 'text_encoder') that are never updated: no update, no
+  weight decay, no optimiser state, and their gradients do not count in
+  the clipping norm.
+  """
+  optimizer = _train_all(opt_config, num_train_steps)
+  if not frozen:
+    return optimizer
+  return optax.multi_transform(
+    {'train': optimizer, 'frozen': optax.set_to_zero()},
+    lambda params: {
+      key: jax.tree.map(
+        lambda _, k=key: 'frozen' if k in frozen else 'train', value
+      )
+      for key, value in params.items()
+    },
+  )
+
+
+def _train_all(
   opt_config: ml_collections.ConfigDict, num_train_steps: int
 ) -> optax.GradientTransformation:
-  """Global-norm clipping (if > 0) followed by Adam or AdamW."""
+  """The chain of `make_optimizer` over every param."""
   schedule = learning_rate_schedule(opt_config, num_train_steps)
   kwargs = dict(b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps)
   if opt_config.name == 'adam':

@@ -1,0 +1,114 @@
+r"""Text-to-image in latent space, embedded: the generated `shapes` captions.
+
+32×32 RGB images of one or two coloured shapes with captions such as "a
+small red circle above a large blue square" (gdd/data/shapes.py; drawn, no
+download). The whole latent chain runs on a laptop CPU: a KL autoencoder
+(32×32×3 → 8×8×4), a CFG teacher — CLIP-architecture text encoder + SD
+U-Net on the latents, the encoder trained with the U-Net — then stage one
+and the halving rounds, every student with its teacher's encoder frozen.
+
+  python -m gdd.main --config=configs/shapes.py --workdir=/tmp/gdd_shapes
+
+`--config=configs/shapes.py:quick` is a minutes-long smoke run.
+"""
+
+from gdd import config_lib
+
+
+def get_config(variant: str = ''):
+  config = config_lib.base_config()
+  config.data.update(name='shapes', image_size=32)
+  config.space = 'latent'
+  config.autoencoder.model.update(
+    latent_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    norm_num_groups=16,
+  )
+  config.autoencoder.update(
+    num_train_steps=3000,
+    batch_size=64,
+    ema_decay=0.999,
+    ema_warmup=True,
+    log_every=100,
+    checkpoint_every=500,
+    grids_every=3000,
+  )
+  config.autoencoder.optimizer.update(
+    learning_rate=1e-3, warmup_steps=200, decay='cosine'
+  )
+  config.model = config_lib.sd_unet_model_config(
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
+    up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
+    attention_head_dim=4,
+    norm_num_groups=16,
+  )
+  config.text.update(max_length=16, num_held_out_captions=64)
+  config.text.encoder.update(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+  )
+  config.teacher.update(
+    num_train_steps=4000,
+    batch_size=64,
+    ema_decay=0.998,
+    ema_warmup=True,
+    log_every=100,
+    grids_every=2000,
+    checkpoint_every=500,
+  )
+  config.teacher.optimizer.update(
+    learning_rate=1e-3, warmup_steps=200, decay='cosine'
+  )
+  config.guided.update(
+    num_train_steps=1500,
+    batch_size=64,
+    ema_decay=0.995,
+    ema_warmup=True,
+    log_every=100,
+    grids_every=1500,
+    checkpoint_every=500,
+  )
+  config.guided.optimizer.update(learning_rate=2e-4, decay='cosine')
+  config.distill.update(
+    num_train_steps=500,
+    batch_size=64,
+    log_every=100,
+    grids_every=500,
+    checkpoint_every=500,
+  )
+  config.distill.optimizer.learning_rate = 2e-4
+  config.distill.initial_num_steps = 32
+  config.grids.update(teacher_num_steps=64, samples_per_class=8)
+  if variant == 'quick':
+    _make_quick(config)
+    return config
+  return config_lib.apply_variant(config, variant)
+
+
+def _make_quick(config) -> None:
+  """Minutes: tiny networks, a few dozen steps per stage."""
+  config_lib.make_quick(config)
+  config.data.image_size = 16
+  config.autoencoder.model.update(
+    block_out_channels=(16, 16), norm_num_groups=8
+  )
+  config.autoencoder.update(
+    num_train_steps=40,
+    batch_size=32,
+    log_every=10,
+    grids_every=40,
+    checkpoint_every=20,
+    scaling_examples=256,
+    eval_examples=64,
+  )
+  config.autoencoder.optimizer.update(warmup_steps=5)
+  config.model.update(block_out_channels=(16, 32), norm_num_groups=8)
+  config.text.encoder.update(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1
+  )
+  config.text.num_held_out_captions = 4
