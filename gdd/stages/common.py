@@ -1,10 +1,9 @@
-"""Config → the pieces every stage shares: network, condition, space, schedule."""
+"""Config → what every stage shares: network, condition, space, schedule."""
 
 import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from gdd import conditioning, config_lib, data, errors, spaces, tokenization
@@ -105,6 +104,23 @@ def frozen_subtrees(
   if teacher and config.text.train_encoder:
     return ()
   return (TEXT_ENCODER,)
+
+
+def build_conditioning(
+  config: ml_collections.ConfigDict, info: data.DatasetInfo
+) -> conditioning.ClassConditioning | conditioning.TextConditioning:
+  """What the models of `config` are conditioned on: classes or captions.
+
+  Caption data sets (`info.has_captions`) give text conditioning with the
+  config's tokenizer (`config.text`), cycling the held-out captions in
+  grids and evaluation; the others their classes.
+  """
+  if not info.has_captions:
+    return conditioning.ClassConditioning(info.num_classes)
+  return conditioning.TextConditioning(
+    tokenization.for_config(config, info),
+    data.held_out_captions(config.data, config.text.num_held_out_captions),
+  )
 
 
 def build_space(config: ml_collections.ConfigDict, info: data.DatasetInfo):
