@@ -14,14 +14,13 @@ with EOS (the text encoder pools the state at the first EOS). Two tokenizers:
 
 import json
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+import ml_collections
 import numpy as np
-import tokenizers
 from etils import epath
-from tokenizers import normalizers, pre_tokenizers, processors
 
-from gdd import checks, errors, paths
+from gdd import checks, data, errors, paths
 
 BOS_TOKEN = '<|startoftext|>'
 EOS_TOKEN = '<|endoftext|>'
@@ -276,11 +275,29 @@ class ClipTokenizer:
     # reshape: an empty batch must still have shape [0, L].
     return np.array(ids, np.int32).reshape(len(texts), self.max_length)
 
+  def decode(self, ids: np.ndarray) -> list[str]:
+    """The (lower-cased, normalised) text of each row of ids [B, L]."""
+    rows = np.asarray(ids).tolist()
+    return [
+      text.strip()
+      for text in self._tokenizer.decode_batch(rows, skip_special_tokens=True)
+    ]
 
-def _clip_bpe(
-  vocab: dict[str, int], merges: list[tuple[str, str]]
-) -> tokenizers.Tokenizer:
-  """The `tokenizers` pipeline of transformers' CLIPTokenizer (fast)."""
+
+def _clip_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Any:
+  """The `tokenizers` pipeline of transformers' CLIPTokenizer (fast).
+
+  `tokenizers` is imported here: only CLIP tokenization needs it (the
+  `clip` extra), not the embedded data sets' word tokenizer.
+  """
+  try:
+    import tokenizers
+    from tokenizers import decoders, normalizers, pre_tokenizers, processors
+  except ImportError as error:
+    raise errors.UserError(
+      "CLIP tokenization needs the 'tokenizers' package: "
+      "pip install -e '.[clip]'."
+    ) from error
   tokenizer = tokenizers.Tokenizer(
     tokenizers.models.BPE(
       vocab=vocab,
@@ -305,6 +322,9 @@ def _clip_bpe(
       ),
       pre_tokenizers.ByteLevel(add_prefix_space=False),
     ]
+  )
+  tokenizer.decoder = decoders.Sequence(
+    [decoders.BPEDecoder(suffix='</w>'), decoders.ByteLevel()]
   )
   tokenizer.add_special_tokens([BOS_TOKEN, EOS_TOKEN])
   tokenizer.post_processor = processors.TemplateProcessing(
@@ -338,3 +358,25 @@ def _parse_merges(text: str, path: epath.Path) -> list[tuple[str, str]]:
       )
     merges.append(tuple(pair))
   return merges
+
+
+def for_config(config: ml_collections.ConfigDict, info) -> Tokenizer:
+  """The tokenizer of `config.text` for the caption data set of `info`.
+
+  'word': the data set's caption vocabulary (`data.caption_vocabulary`);
+  'clip': CLIP's BPE from `text.vocab_file` and `text.merges_file`.
+  """
+  text = config.text
+  if text.tokenizer == 'clip':
+    return ClipTokenizer.from_files(
+      text.vocab_file, text.merges_file, text.max_length, text.pad_token
+    )
+  vocabulary = data.caption_vocabulary(config.data)
+  if vocabulary is None:
+    raise errors.UserError(
+      f"config.text.tokenizer='word' needs a data set with a fixed caption "
+      f'vocabulary (shapes); {info.name!r} has free text: set '
+      "config.text.tokenizer='clip' with text.vocab_file and "
+      'text.merges_file.'
+    )
+  return WordTokenizer(vocabulary, text.max_length)

@@ -167,3 +167,9 @@ def test_clip_tokenizer_pad_token_must_be_in_vocabulary():
   vocab = {k: v for k, v in VOCAB.items() if k != '<|startoftext|>'}
   with pytest.raises(ValueError, match='BOS'):
     tokenization.ClipTokenizer(vocab, merges)
+
+
+def test_clip_decode_gives_back_the_text_without_special_tokens(clip_files):
+  tokenizer = tokenization.ClipTokenizer.from_files(*clip_files, max_length=8)
+  ids = tokenizer.encode(['a cat', 'cat a'])
+  assert tokenizer.decode(ids) == ['a cat', 'cat a']
