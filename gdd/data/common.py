@@ -1,4 +1,5 @@
-"""What the indexed data sets share: the training stream and fixed prefixes.
+"""What the data sets share: the missing-data error, the training stream of
+an indexed data set and fixed prefixes of arrays.
 
 The training stream is the concatenation of epochs, epoch e being the
 permutation of the examples drawn from `np.random.default_rng([seed, e])`.
@@ -10,6 +11,12 @@ run sees exactly the batches of an uninterrupted one.
 from collections.abc import Iterator
 
 import numpy as np
+
+from gdd import errors
+
+
+class DatasetNotFoundError(errors.UserError, FileNotFoundError):
+  """A data set is not prepared where the config says it is."""
 
 
 def batch_indices(
@@ -51,22 +58,33 @@ def batch_indices(
     step += 1
 
 
+def num_examples_or_all(num_examples: int | None, size: int, where: str) -> int:
+  """`num_examples`, or all `size` examples if None.
+
+  `where` names the data set and split in the error.
+
+  Raises:
+    ValueError: num_examples is not in [1, size].
+  """
+  if num_examples is None:
+    return size
+  if not 0 < num_examples <= size:
+    raise ValueError(
+      f'num_examples must be in [1, {size}] for {where}, got {num_examples}.'
+    )
+  return num_examples
+
+
 def prefix(
   arrays: dict[str, np.ndarray], num_examples: int | None, where: str
 ) -> dict[str, np.ndarray]:
   """Copies of the first `num_examples` rows (all if None) of `arrays`.
 
   Copies, so that callers may write into them without corrupting a cache.
-  `where` names the data set and split in the error.
 
   Raises:
     ValueError: num_examples is not in [1, number of rows].
   """
   size = len(next(iter(arrays.values())))
-  if num_examples is None:
-    num_examples = size
-  if not 0 < num_examples <= size:
-    raise ValueError(
-      f'num_examples must be in [1, {size}] for {where}, got {num_examples}.'
-    )
+  num_examples = num_examples_or_all(num_examples, size, where)
   return {key: np.array(value[:num_examples]) for key, value in arrays.items()}
