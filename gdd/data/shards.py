@@ -77,8 +77,9 @@ def shard_paths(data_dir: str | None) -> list[epath.Path]:
   folder = paths.resolve(data_dir)
   if not folder.is_dir():
     raise common.DatasetNotFoundError(
-      f'webdataset data_dir {os.fspath(folder)!r} is not a folder. Set '
-      'config.data.data_dir to the folder that holds the .tar shards.'
+      f'webdataset data_dir {os.fspath(folder)!r} does not exist or is not '
+      'a folder. Set config.data.data_dir to the folder that holds the .tar '
+      'shards.'
     )
   shards = sorted(folder.glob('*.tar'))
   if not shards:
