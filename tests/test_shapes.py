@@ -107,7 +107,10 @@ def test_captions_state_the_attributes():
     else:
       assert arrays['relation'][i] == shapes.ABSENT
     assert objects == _objects(arrays, i), caption
-    templates.add(arrays['template'][i])
+    template = arrays['template'][i]
+    assert caption.startswith('a picture of ') == (template == 1), caption
+    assert caption.endswith(' on a black background') == (template == 2)
+    templates.add(template)
     # The public function gives the same caption from the attributes.
     attributes = {name: arrays[name][i] for name in shapes.ATTRIBUTES}
     assert shapes.caption(**attributes) == caption

@@ -6,18 +6,18 @@ with the package), 'shapes' (captioned coloured shapes, generated here),
 data set ('cifar10', 'imagenet64'). Images are shaped (B, H, W, C). Class
 data sets label them (int32 'label'); caption data sets
 (`DatasetInfo.has_captions`) describe them (str 'caption') and have no
-classes. Training batches carry the raw pixels as
-uint8 in [0, DatasetInfo.max_pixel_value], a quarter of the bytes of float32
-to send to the devices; the jitted train step maps them onto the model's
-[−1, 1] with `to_model_range`. Evaluation arrays come already in [−1, 1] as
-float32, scaled on the host by the same function.
+classes. Training batches carry the raw pixels as uint8 in
+[0, DatasetInfo.max_pixel_value], a quarter of the bytes of float32 to send
+to the devices; the jitted train step maps them onto the model's [−1, 1]
+with `to_model_range`. Evaluation arrays come already in [−1, 1] as float32,
+scaled on the host by the same function.
 
 Training batches are a pure function of (seed, step, process_index,
 process_count): no iterator state is ever saved, and a run resumed at step k
 sees exactly the batches an uninterrupted run sees from step k on.
 
-TensorFlow is imported only when a TFDS data set is used, so digits runs and
-`import gdd.data` stay fast.
+TensorFlow is imported only when a TFDS data set is used, so digits, shapes
+and webdataset runs and `import gdd.data` stay fast.
 """
 
 import dataclasses
