@@ -1,19 +1,23 @@
 """Training and evaluation data, one API over every supported data set.
 
 `data_config.name` picks the backend: 'digits' (scikit-learn's digits, ships
-with the package) or a TFDS data set ('cifar10', 'imagenet64'). Images are
-shaped (B, H, W, C), labels int32. Training batches carry the raw pixels as
-uint8 in [0, DatasetInfo.max_pixel_value], a quarter of the bytes of float32
-to send to the devices; the jitted train step maps them onto the model's
-[−1, 1] with `to_model_range`. Evaluation arrays come already in [−1, 1] as
-float32, scaled on the host by the same function.
+with the package), 'shapes' (captioned coloured shapes, generated here),
+'webdataset' (image–caption pairs in tar shards under data_dir) or a TFDS
+data set ('cifar10', 'imagenet64'). Images are shaped (B, H, W, C). Class
+data sets label them (int32 'label'); caption data sets
+(`DatasetInfo.has_captions`) describe them (str 'caption') and have no
+classes. Training batches carry the raw pixels as uint8 in
+[0, DatasetInfo.max_pixel_value], a quarter of the bytes of float32 to send
+to the devices; the jitted train step maps them onto the model's [−1, 1]
+with `to_model_range`. Evaluation arrays come already in [−1, 1] as float32,
+scaled on the host by the same function.
 
 Training batches are a pure function of (seed, step, process_index,
 process_count): no iterator state is ever saved, and a run resumed at step k
 sees exactly the batches an uninterrupted run sees from step k on.
 
-TensorFlow is imported only when a TFDS data set is used, so digits runs and
-`import gdd.data` stay fast.
+TensorFlow is imported only when a TFDS data set is used, so digits, shapes
+and webdataset runs and `import gdd.data` stay fast.
 """
 
 import dataclasses
@@ -26,16 +30,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gdd import checks, errors
-from gdd.data import digits
+from gdd import checks
+from gdd.data import digits, shapes, shards
+from gdd.data.common import DatasetNotFoundError
 
 DIGITS = 'digits'
+SHAPES = 'shapes'
+WEBDATASET = 'webdataset'
 TFDS_NAMES = ('cifar10', 'imagenet64')
-NAMES = (DIGITS, *TFDS_NAMES)
+NAMES = (DIGITS, SHAPES, WEBDATASET, *TFDS_NAMES)
+# config.data.image_size when unset; read by shapes and webdataset only.
+DEFAULT_IMAGE_SIZE = 32
 
-
-class DatasetNotFoundError(errors.UserError, FileNotFoundError):
-  """A data set is not prepared where the config says it is."""
+# Why a left-right flip is no augmentation for a data set.
+_NO_FLIP = {
+  DIGITS: 'digits are not symmetric under a left-right flip',
+  SHAPES: 'a flip swaps left and right, and the captions would lie',
+  WEBDATASET: 'a flip contradicts captions that say left or right',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +56,12 @@ class DatasetInfo:
 
   name: str
   image_shape: tuple[int, int, int]  # (H, W, C)
-  num_classes: int
+  num_classes: int  # 0 for a caption data set.
   num_train_examples: int
   # Largest raw pixel value: training images lie in [0, max_pixel_value].
   max_pixel_value: int
+  # Examples carry a 'caption' (str) instead of a 'label'.
+  has_captions: bool = False
 
 
 def _tfds() -> ModuleType:
@@ -65,24 +79,45 @@ def _validate(data_config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f'config.data.random_flip must be a bool, got {random_flip!r}.'
     )
-  if name == DIGITS:
-    # Mirrored digits are other symbols (or other digits): not augmentation.
-    if random_flip:
-      raise ValueError(
-        'config.data.random_flip must be False for digits: digits are not '
-        'symmetric under a left-right flip.'
-      )
-    return
-  shuffle_buffer = data_config.get('shuffle_buffer')
-  if not checks.is_int(shuffle_buffer):
+  if random_flip and name in _NO_FLIP:
     raise ValueError(
-      f'config.data.shuffle_buffer must be a positive int for {name!r}, got '
-      f'{shuffle_buffer!r}.'
+      f'config.data.random_flip must be False for {name}: {_NO_FLIP[name]}.'
     )
+  if name in (SHAPES, WEBDATASET):
+    _image_size(data_config)
+  if name in TFDS_NAMES:
+    shuffle_buffer = data_config.get('shuffle_buffer')
+    if not checks.is_int(shuffle_buffer):
+      raise ValueError(
+        f'config.data.shuffle_buffer must be a positive int for {name!r}, '
+        f'got {shuffle_buffer!r}.'
+      )
+
+
+def _image_size(data_config: ml_collections.ConfigDict) -> int:
+  """config.data.image_size (DEFAULT_IMAGE_SIZE if unset), checked."""
+  image_size = data_config.get('image_size')
+  if image_size is None:
+    return DEFAULT_IMAGE_SIZE
+  if data_config.name == SHAPES:
+    if not checks.is_int(image_size) or image_size not in shapes.IMAGE_SIZES:
+      raise ValueError(
+        f'config.data.image_size must be one of {shapes.IMAGE_SIZES} for '
+        f'shapes, got {image_size!r}.'
+      )
+  elif not checks.is_int(image_size):
+    raise ValueError(
+      f'config.data.image_size must be a positive int, got {image_size!r}.'
+    )
+  return image_size
 
 
 def get_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
-  """Image shape, class count and train size; reads no data."""
+  """Image shape, class count and train size.
+
+  Reads no data, but for webdataset the shards' tar headers, to count the
+  pairs (once per process).
+  """
   _validate(data_config)
   name = data_config.name
   if name == DIGITS:
@@ -92,6 +127,26 @@ def get_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
       num_classes=digits.NUM_CLASSES,
       num_train_examples=digits.NUM_TRAIN_EXAMPLES,
       max_pixel_value=digits.MAX_PIXEL_VALUE,
+    )
+  if name == SHAPES:
+    image_size = _image_size(data_config)
+    return DatasetInfo(
+      name=name,
+      image_shape=(image_size, image_size, 3),
+      num_classes=0,
+      num_train_examples=shapes.NUM_TRAIN_EXAMPLES,
+      max_pixel_value=shapes.MAX_PIXEL_VALUE,
+      has_captions=True,
+    )
+  if name == WEBDATASET:
+    image_size = _image_size(data_config)
+    return DatasetInfo(
+      name=name,
+      image_shape=(image_size, image_size, 3),
+      num_classes=0,
+      num_train_examples=shards.num_pairs(data_config.get('data_dir')),
+      max_pixel_value=shards.MAX_PIXEL_VALUE,
+      has_captions=True,
     )
   tfds_module = _tfds()
   spec = tfds_module.SPECS[name]
@@ -107,13 +162,21 @@ def get_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
 def check_available(data_config: ml_collections.ConfigDict) -> None:
   """Fails fast, before anything compiles, if the data is not prepared.
 
+  For webdataset, indexes every shard: an unpaired image or caption, or an
+  empty caption, fails here rather than during training.
+
   Raises:
     ValueError: the config is invalid.
     DatasetNotFoundError: a TFDS data set is not prepared under
-      data_config.data_dir; the message says how to prepare it.
+      data_config.data_dir, or data_dir holds no webdataset shard; the
+      message says how to prepare it.
+    shards.ShardError: a webdataset shard is invalid.
   """
   _validate(data_config)
-  if data_config.name == DIGITS:
+  if data_config.name in (DIGITS, SHAPES):
+    return
+  if data_config.name == WEBDATASET:
+    shards.num_pairs(data_config.get('data_dir'))
     return
   message = _tfds().missing_message(
     data_config.name, data_config.get('data_dir')
@@ -177,12 +240,15 @@ def train_batches(
   Yields the parts of global batches start_step, start_step + 1, … that
   belong to this process: {'image': uint8 [B / P, H, W, C] in
   [0, max_pixel_value], 'label': int32 [B / P]} with B = global_batch_size,
-  P = process_count; `to_model_range` maps the images onto [−1, 1]. Batch k
-  depends only on (seed, k, process_index, process_count).
+  P = process_count, or for a caption data set {'image': …, 'caption': str
+  [B / P]}; `to_model_range` maps the images onto [−1, 1]. Batch k depends
+  only on (seed, k, process_index, process_count). A webdataset process
+  reads only its own shards (see `gdd.data.shards`), indexed before this
+  returns.
 
   Args:
     data_config: the data config (name, data_dir, random_flip,
-      shuffle_buffer).
+      shuffle_buffer, image_size).
     seed: non-negative data seed; the order of examples derives from it.
     global_batch_size: examples per step over all processes; must be
       divisible by process_count.
@@ -192,6 +258,7 @@ def train_batches(
 
   Raises:
     ValueError: an invalid config or argument.
+    DatasetNotFoundError, shards.ShardError: as in `check_available`.
   """
   _validate(data_config)
   kwargs = _batch_arguments(
@@ -203,6 +270,12 @@ def train_batches(
   )
   if data_config.name == DIGITS:
     return digits.train_batches(**kwargs)
+  if data_config.name == SHAPES:
+    return shapes.train_batches(image_size=_image_size(data_config), **kwargs)
+  if data_config.name == WEBDATASET:
+    return shards.train_batches(
+      data_config.get('data_dir'), image_size=_image_size(data_config), **kwargs
+    )
   return _tfds().train_batches(
     data_config.name,
     data_config.get('data_dir'),
@@ -268,13 +341,27 @@ def eval_arrays(
 
   For evaluation (e.g. FID reference statistics): the first `num_examples`
   (all if None) of `split` in stored order, never flipped, as
-  {'image': float32 [N, H, W, C] in [−1, 1], 'label': int32 [N]}. Digits has
-  splits 'train' and 'test'; TFDS data sets have their TFDS splits. The
-  images are the training pixels through `to_model_range`.
+  {'image': float32 [N, H, W, C] in [−1, 1], 'label': int32 [N]}; caption
+  data sets give 'caption' (str [N]) instead of 'label', and shapes its
+  attribute arrays too (`shapes.ATTRIBUTES`). Digits and shapes have splits
+  'train' and 'test'; webdataset has 'train' only (its first pairs in index
+  order: shard by shard, key by key); TFDS data sets have their TFDS
+  splits. The images are the training pixels through `to_model_range`.
   """
   info = get_info(data_config)
   if info.name == DIGITS:
     raw = digits.eval_arrays(split=split, num_examples=num_examples)
+  elif info.name == SHAPES:
+    raw = shapes.eval_arrays(
+      image_size=info.image_shape[0], split=split, num_examples=num_examples
+    )
+  elif info.name == WEBDATASET:
+    raw = shards.eval_arrays(
+      data_config.get('data_dir'),
+      image_size=info.image_shape[0],
+      split=split,
+      num_examples=num_examples,
+    )
   else:
     raw = _tfds().eval_arrays(
       info.name,
@@ -286,10 +373,15 @@ def eval_arrays(
 
 
 def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
-  """Examples in `split` (reads metadata only for TFDS data sets)."""
+  """Examples in `split` (reads metadata only for TFDS data sets, and tar
+  headers for webdataset)."""
   _validate(data_config)
   if data_config.name == DIGITS:
     return digits.split_size(split)
+  if data_config.name == SHAPES:
+    return shapes.split_size(split)
+  if data_config.name == WEBDATASET:
+    return shards.split_size(data_config.get('data_dir'), split)
   return _tfds().split_size(
     data_config.name, data_config.get('data_dir'), split
   )

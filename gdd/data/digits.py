@@ -5,17 +5,17 @@ ten classes. A fixed stratified split holds out 297 images as 'test' and
 leaves 1500 for 'train'; the split never depends on the run's seed, so every
 run and every evaluation sees the same train set.
 
-The training stream is the concatenation of epochs, epoch e being the
-permutation of the train set drawn from `np.random.default_rng([seed, e])`.
-Global batch k is stream elements [k·B, (k+1)·B), so a batch may straddle two
-epochs. Any batch is computed directly from its step number, which makes a
-resumed run see exactly the batches of an uninterrupted one.
+The training stream is `gdd.data.common`'s: epochs of permutations of the
+train set drawn from (seed, epoch), any batch computed directly from its step
+number, so a resumed run sees exactly the batches of an uninterrupted one.
 """
 
 import functools
 from collections.abc import Iterator
 
 import numpy as np
+
+from gdd.data import common
 
 IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
@@ -67,16 +67,9 @@ def eval_arrays(
   as raw pixels."""
   if split not in SPLITS:
     raise ValueError(f'digits split must be one of {SPLITS}, got {split!r}.')
-  arrays = _load_splits()[split]
-  size = len(arrays['label'])
-  if num_examples is None:
-    num_examples = size
-  if not 0 < num_examples <= size:
-    raise ValueError(
-      f'num_examples must be in [1, {size}] for digits split {split!r}, '
-      f'got {num_examples}.'
-    )
-  return {key: np.array(value[:num_examples]) for key, value in arrays.items()}
+  return common.prefix(
+    _load_splits()[split], num_examples, f'digits split {split!r}'
+  )
 
 
 def train_batches(
@@ -92,25 +85,12 @@ def train_batches(
   Arguments are validated by `gdd.data.train_batches`.
   """
   train = _load_splits()['train']
-  local_batch_size = global_batch_size // process_count
-  # Positions of this process's rows within global batch 0 of the stream.
-  offsets = process_index * local_batch_size + np.arange(local_batch_size)
-  # Permutations of the epochs the current batch touches; older ones are
-  # dropped so memory stays O(B + N) however long training runs.
-  permutations = {}
-  step = start_step
-  while True:
-    epochs, positions = np.divmod(
-      step * global_batch_size + offsets, NUM_TRAIN_EXAMPLES
-    )
-    idx = np.empty(local_batch_size, np.int64)
-    for epoch in np.unique(epochs).tolist():
-      if epoch not in permutations:
-        rng = np.random.default_rng([seed, epoch])
-        permutations[epoch] = rng.permutation(NUM_TRAIN_EXAMPLES)
-      in_epoch = epochs == epoch
-      idx[in_epoch] = permutations[epoch][positions[in_epoch]]
-    # Later batches start no earlier than this one's last epoch.
-    permutations = {e: p for e, p in permutations.items() if e >= epochs[-1]}
+  for idx in common.batch_indices(
+    num_examples=NUM_TRAIN_EXAMPLES,
+    seed=seed,
+    global_batch_size=global_batch_size,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+  ):
     yield {'image': train['image'][idx], 'label': train['label'][idx]}
-    step += 1
