@@ -45,7 +45,8 @@ def get_config(variant: str = ''):
     attention_head_dim=4,
     norm_num_groups=16,
   )
-  config.text.update(max_length=16, num_held_out_captions=64)
+  # The longest caption has 16 words; + BOS and EOS.
+  config.text.update(max_length=18, num_held_out_captions=64)
   config.text.encoder.update(
     hidden_size=64,
     intermediate_size=256,
@@ -112,3 +113,5 @@ def _make_quick(config) -> None:
     hidden_size=16, intermediate_size=32, num_hidden_layers=1
   )
   config.text.num_held_out_captions = 4
+  # Rounds 2 → 1: the shortest chain that still has a halving round.
+  config.distill.initial_num_steps = 4

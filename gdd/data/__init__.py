@@ -39,6 +39,15 @@ SHAPES = 'shapes'
 WEBDATASET = 'webdataset'
 TFDS_NAMES = ('cifar10', 'imagenet64')
 NAMES = (DIGITS, SHAPES, WEBDATASET, *TFDS_NAMES)
+# The split each data set holds out from training. A shard folder has only
+# 'train': its first pairs stand in (they are trained on too).
+_HELD_OUT_SPLITS = {
+  DIGITS: 'test',
+  SHAPES: 'test',
+  WEBDATASET: 'train',
+  'cifar10': 'test',
+  'imagenet64': 'validation',
+}
 # config.data.image_size when unset; read by shapes and webdataset only.
 DEFAULT_IMAGE_SIZE = 32
 
@@ -385,3 +394,31 @@ def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
   return _tfds().split_size(
     data_config.name, data_config.get('data_dir'), split
   )
+
+
+def held_out_split(data_config: ml_collections.ConfigDict) -> str:
+  """The split held out from training (`_HELD_OUT_SPLITS`)."""
+  _validate(data_config)
+  return _HELD_OUT_SPLITS[data_config.name]
+
+
+def held_out_captions(
+  data_config: ml_collections.ConfigDict, num: int
+) -> tuple[str, ...]:
+  """The first `num` captions of the held-out split (fewer if it is small).
+
+  What text models' sample grids, `--mode=sample` and evaluation cycle
+  through, as the class-conditional ones cycle the classes.
+  """
+  split = held_out_split(data_config)
+  num = min(num, split_size(data_config, split))
+  arrays = eval_arrays(data_config, split=split, num_examples=num)
+  return tuple(str(c) for c in arrays['caption'])
+
+
+def caption_vocabulary(
+  data_config: ml_collections.ConfigDict,
+) -> tuple[str, ...] | None:
+  """Every word of a data set's captions, or None for free text."""
+  _validate(data_config)
+  return shapes.VOCABULARY if data_config.name == SHAPES else None
