@@ -30,24 +30,38 @@ _REMAT_SAVEABLE = {
 
 
 def sinusoidal_embedding(
-  x: jnp.ndarray, dim: int, max_period: float = 10000.0
+  x: jnp.ndarray,
+  dim: int,
+  max_period: float = 10000.0,
+  *,
+  flip_sin_to_cos: bool = True,
+  freq_shift: float = 0.0,
 ) -> jnp.ndarray:
   """Sinusoidal features [cos(x f_i), sin(x f_i)] of a [B] input, [B, dim].
 
-  The frequencies f_i = max_period^(−i/half), half = dim // 2, run
-  geometrically from 1 down to about 1/max_period, so inputs spread over
+  The frequencies f_i = max_period^(−i/(half − freq_shift)), half = dim // 2,
+  run geometrically from 1 down to about 1/max_period, so inputs spread over
   [0, 1000] (t_in·1000, w·1000/w_max) are resolved both coarsely and finely.
   An odd `dim` gets a zero last column. Always float32.
+
+  `flip_sin_to_cos=False` puts the sines first; with `freq_shift` this is
+  diffusers' `get_timestep_embedding` (its `downscale_freq_shift`), so a
+  Stable Diffusion U-Net's time embedding can be reproduced exactly. The
+  defaults are diffusers' `Timesteps(flip_sin_to_cos=True,
+  downscale_freq_shift=0)`, the embedding of SD 1 and 2.
   """
   x = jnp.asarray(x, jnp.float32)
   if x.ndim != 1:
     raise ValueError(f'x must have shape [B]; got shape {x.shape}.')
   half = dim // 2
   freqs = jnp.exp(
-    -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+    -math.log(max_period)
+    * jnp.arange(half, dtype=jnp.float32)
+    / (half - freq_shift)
   )
   args = x[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  waves = [jnp.cos(args), jnp.sin(args)]
+  emb = jnp.concatenate(waves if flip_sin_to_cos else waves[::-1], axis=-1)
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
@@ -65,8 +79,18 @@ def num_heads(channels: int, head_dim: int) -> int:
   return max(1, channels // head_dim)
 
 
-def group_norm(x: jnp.ndarray, dtype: Dtype, name: str) -> jnp.ndarray:
-  """GroupNorm over the last axis with `num_groups` groups, output in `dtype`.
+def group_norm(
+  x: jnp.ndarray,
+  dtype: Dtype,
+  name: str,
+  *,
+  groups: int | None = None,
+  epsilon: float = 1e-6,
+) -> jnp.ndarray:
+  """GroupNorm over the last axis, output in `dtype`.
+
+  `groups` defaults to `num_groups(channels)`; a Stable Diffusion U-Net
+  passes its fixed `norm_num_groups` and its own `epsilon` instead.
 
   Mean and variance are float32 whatever `dtype` is: Flax's variance
   E[x²] − E[x]² cancels when the mean is large next to the spread, and
@@ -75,7 +99,8 @@ def group_norm(x: jnp.ndarray, dtype: Dtype, name: str) -> jnp.ndarray:
   called inside a compact method (it creates a named submodule).
   """
   return nn.GroupNorm(
-    num_groups=num_groups(x.shape[-1]),
+    num_groups=groups or num_groups(x.shape[-1]),
+    epsilon=epsilon,
     dtype=dtype,
     force_float32_reductions=True,
     name=name,
@@ -109,21 +134,25 @@ class EmbeddingMLP(nn.Module):
   `zero_init_output` zeroes the last layer's kernel and bias, so the MLP
   outputs exactly 0 until trained: a conditioning path added to a trained
   network (the student's w-embedding) then changes nothing at first.
+  `layer_names` names the two Dense layers (diffusers' `TimestepEmbedding`
+  calls them linear_1 and linear_2).
   """
 
   features: int
   zero_init_output: bool = False
   dtype: Dtype = jnp.float32
+  layer_names: tuple[str, str] = ('dense_0', 'dense_1')
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = nn.Dense(self.features, dtype=self.dtype, name='dense_0')(x)
+    first, last = self.layer_names
+    x = nn.Dense(self.features, dtype=self.dtype, name=first)(x)
     x = nn.swish(x)
     if self.zero_init_output:
       inits = dict(kernel_init=_zeros, bias_init=_zeros)
     else:
       inits = {}
-    return nn.Dense(self.features, dtype=self.dtype, name='dense_1', **inits)(x)
+    return nn.Dense(self.features, dtype=self.dtype, name=last, **inits)(x)
 
 
 class ResBlock(nn.Module):
@@ -207,14 +236,25 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-  """Halves H and W with a stride-2 3x3 conv (channels unchanged)."""
+  """Halves H and W with a stride-2 3x3 conv (channels unchanged).
+
+  `padding` is Flax's: 'SAME' pads an even size by 0 before and 1 after;
+  ((1, 1), (1, 1)) is PyTorch's `padding=1`, which a Stable Diffusion
+  U-Net's weights were trained with.
+  """
 
   dtype: Dtype = jnp.float32
+  padding: str | tuple[tuple[int, int], ...] = 'SAME'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     return nn.Conv(
-      x.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name='conv'
+      x.shape[-1],
+      (3, 3),
+      strides=(2, 2),
+      padding=self.padding,
+      dtype=self.dtype,
+      name='conv',
     )(x)
 
 
