@@ -6,10 +6,18 @@ here and nothing else outside its module, config section and tests.
 """
 
 from gdd import errors
-from gdd.stages import StageKind, guided, progressive, single_w, teacher
+from gdd.stages import (
+  StageKind,
+  autoencoder,
+  guided,
+  progressive,
+  single_w,
+  teacher,
+)
 
 # --mode=all trains the kinds with in_chain set, in this order.
 KINDS: tuple[StageKind, ...] = (
+  autoencoder.KIND,  # Latent-space configs only (`StageKind.applies`).
   teacher.KIND,
   guided.KIND,
   progressive.KIND,
