@@ -30,12 +30,23 @@ def test_kinds_declare_modes_inputs_and_samplers():
 
 def test_modes_run_their_kinds_in_chain_order():
   assert [k.name for k in registry.for_mode('all')] == [
+    'autoencoder',
     'teacher',
     'guided',
     'distill',
   ]
   assert [k.name for k in registry.for_mode('distill_single_w')] == ['single_w']
-  assert plan.STAGE_SECTIONS == ('teacher', 'guided', 'distill')
+  assert plan.STAGE_SECTIONS == ('autoencoder', 'teacher', 'guided', 'distill')
+
+
+def test_the_autoencoder_is_a_stage_of_latent_configs_only():
+  config = config_lib.base_config()
+  assert 'autoencoder' not in [
+    k.name for k in registry.for_mode('all', config)
+  ]
+  assert registry.for_mode('autoencoder', config) == []
+  config.space = 'latent'
+  assert [k.name for k in registry.for_mode('all', config)][0] == 'autoencoder'
 
 
 def test_nfe_counts_the_cfg_pair_of_the_teacher_only():
