@@ -155,10 +155,9 @@ class TrainContext:
     learns on the images themselves (the autoencoder).
     """
     if in_space:
-      build = make_stage
-      make_stage = lambda: common.in_space(
-        build(), self.space, self.space_params()
-      )
+      # Loaded first: a missing autoencoder fails before anything is written.
+      build, space_params = make_stage, self.space_params()
+      make_stage = lambda: common.in_space(build(), self.space, space_params)
     return _run_stage(
       self.config,
       self.workdir,

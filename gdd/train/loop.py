@@ -169,6 +169,7 @@ def _train_step(
   step_key: jax.Array,
   micro: tuple[int, jax.sharding.NamedSharding],
   max_pixel_value: int | None,
+  frozen_subtrees: tuple[str, ...] = (),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   rng = jax.random.fold_in(step_key, state.step)
   batch = _model_batch(batch, max_pixel_value)
@@ -188,14 +189,32 @@ def _train_step(
     step=state.step + 1,
     params=params,
     opt_state=opt_state,
-    ema_params=update_ema(
-      state.ema_params,
+    ema_params=_with_frozen(
+      update_ema(
+        state.ema_params,
+        params,
+        # state.step updates were done before this one.
+        ema_decay_at(ema_decay, state.step, ema_warmup),
+      ),
       params,
-      # state.step updates were done before this one.
-      ema_decay_at(ema_decay, state.step, ema_warmup),
+      frozen_subtrees,
     ),
   )
   return new_state, metrics
+
+
+def _with_frozen(ema_params, params, frozen_subtrees: tuple[str, ...]):
+  """The EMA with its frozen subtrees set to the (unchanged) params.
+
+  Averaging a constant would change its last bits (d·p + (1 − d)·p ≠ p in
+  floating point); a frozen subtree must stay bit for bit what it was.
+  """
+  if not frozen_subtrees:
+    return ema_params
+  return {
+    key: params[key] if key in frozen_subtrees else value
+    for key, value in ema_params.items()
+  }
 
 
 def build_train_step(
@@ -236,6 +255,7 @@ def build_train_step(
       step_key=step_key,
       micro=(train_config.grad_accum_steps, layout.batch),
       max_pixel_value=max_pixel_value,
+      frozen_subtrees=stage.frozen_subtrees,
     ),
     in_shardings=(layout.state, layout.frozen, layout.batch),
     out_shardings=(layout.state, sharding.replicated(mesh)),
