@@ -146,15 +146,13 @@ class TrainContext:
     name: str,
     abstract_params,
     trained_from: dict | None = None,
-    in_space: bool = True,
   ):
     """Trains (or resumes, or loads) the folder `name`; returns its params.
 
-    `in_space`: the stage's model diffuses in the config's space, so its
-    batches are encoded there (`common.in_space`); False for a stage that
-    learns on the images themselves (the autoencoder).
+    A kind that diffuses in the config's space (`StageKind.in_space`)
+    trains on batches encoded there (`common.in_space`).
     """
-    if in_space:
+    if registry.get(kind).in_space:
       # Loaded first: a missing autoencoder fails before anything is written.
       build, space_params = make_stage, self.space_params()
       make_stage = lambda: common.in_space(build(), self.space, space_params)

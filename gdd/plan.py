@@ -34,6 +34,7 @@ stage compiles at full size, and fails with the knobs that lower it.
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -43,13 +44,23 @@ import ml_collections
 import numpy as np
 
 from gdd import config_lib, data
-from gdd.stages import Stage, registry
+from gdd.stages import Stage, common, registry
 from gdd.train import optim, sharding, throughput
 
-# The config sections planned: one per kind that --mode=all trains.
+# The config sections planned: one per kind that --mode=all trains (a
+# config plans those that apply to it, `sections`).
 STAGE_SECTIONS = tuple(
   kind.section for kind in registry.for_mode('all') if kind.plan_stage
 )
+
+
+def sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The planned sections of the stages `config`'s chain trains."""
+  return tuple(
+    kind.section for kind in registry.for_mode('all', config) if kind.plan_stage
+  )
+
+
 # The micro-batches the gradient program is compiled at (see the docstring).
 MEASURED_MICRO_BATCHES = (4, 8)
 # Kept free of the plan: XLA's fragmentation, program code, estimate error.
@@ -273,12 +284,21 @@ class GradientProgram:
     return self.flops_intercept + self.flops_per_example * micro_batch
 
 
-def batch_struct(image_shape: tuple[int, ...], batch_size: int) -> dict:
-  """ShapeDtypeStructs of a training batch, as the losses take it."""
-  return {
-    'image': jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32),
-    'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-  }
+def batch_maker(
+  config: ml_collections.ConfigDict, info: data.DatasetInfo
+) -> Callable[[int], dict]:
+  """batch size ↦ ShapeDtypeStructs of a training batch as losses take it.
+
+  Images in [−1, 1] (a stage in a latent space encodes them itself) and
+  the condition arrays of the config's conditioning (labels, tokens).
+  """
+  cond_kind = common.build_conditioning(config, info)
+
+  def batch(batch_size: int) -> dict:
+    image = jax.ShapeDtypeStruct((batch_size, *info.image_shape), jnp.float32)
+    return {'image': image, **cond_kind.abstract(batch_size)}
+
+  return batch
 
 
 def _abstract(tree: Any) -> Any:
@@ -294,7 +314,9 @@ def abstract_params(stage: Stage) -> tuple[Any, Any]:
 
 
 def compile_gradient_programs(
-  stage: Stage, image_shape: tuple[int, ...], micro_batches: tuple[int, ...]
+  stage: Stage,
+  make_batch: Callable[[int], dict],
+  micro_batches: tuple[int, ...],
 ) -> list[jax.stages.Compiled]:
   """value_and_grad of the stage's loss, compiled at each micro-batch.
 
@@ -308,7 +330,7 @@ def compile_gradient_programs(
     grad_fn.lower(
       params,
       frozen,
-      batch_struct(image_shape, micro_batch),
+      make_batch(micro_batch),
       jax.random.PRNGKey(0),
     )
     for micro_batch in micro_batches
@@ -337,11 +359,11 @@ def fit_gradient_program(
 
 
 def measure_gradient_program(
-  stage: Stage, image_shape: tuple[int, ...]
+  stage: Stage, make_batch: Callable[[int], dict]
 ) -> GradientProgram:
   """The stage's gradient program, fitted at MEASURED_MICRO_BATCHES."""
   compiled = compile_gradient_programs(
-    stage, image_shape, MEASURED_MICRO_BATCHES
+    stage, make_batch, MEASURED_MICRO_BATCHES
   )
   return fit_gradient_program(MEASURED_MICRO_BATCHES, compiled)
 
@@ -424,10 +446,17 @@ def build_stage(
   Each kind builds its own (`StageKind.plan_stage`); the halving rounds
   plan their first round, since every round has the same program.
   """
-  for kind in registry.for_mode('all'):
+  for kind in registry.for_mode('all', config):
     if kind.section == section and kind.plan_stage:
-      return kind.plan_stage(config, info)
-  raise ValueError(f'section={section!r}; planned: {STAGE_SECTIONS}.')
+      stage = kind.plan_stage(config, info)
+      if not kind.in_space:
+        return stage
+      return common.in_space(
+        stage,
+        common.build_space(config, info),
+        common.abstract_space_params(config, info),
+      )
+  raise ValueError(f'section={section!r}; planned: {sections(config)}.')
 
 
 def check_splits(
@@ -486,20 +515,18 @@ def measure_stages(
   The measurement does not depend on the target, so one serves many.
   """
   info = data.get_info(config.data)
+  make_batch = batch_maker(config, info)
   measured = {}
-  for section in STAGE_SECTIONS:
+  for section in sections(config):
     stage = build_stage(config, info, section)
-    measured[section] = (
-      stage,
-      measure_gradient_program(stage, info.image_shape),
-    )
+    measured[section] = (stage, measure_gradient_program(stage, make_batch))
   return measured
 
 
 def print_plan(config: ml_collections.ConfigDict) -> None:
   """`--mode=plan`: prints every training stage's plan on the target."""
   target = parse_target(config.plan.target, config.model.dtype)
-  for section in STAGE_SECTIONS:
+  for section in sections(config):
     check_splits(config, section, target)
   plans = [
     plan_stage(config, section, stage, program, target)
@@ -652,5 +679,5 @@ def check_fits(
     return
   target = present_target(devices, config.model.dtype)
   info = data.get_info(config.data)
-  program = measure_gradient_program(stage, info.image_shape)
+  program = measure_gradient_program(stage, batch_maker(config, info))
   require_fits(plan_stage(config, section, stage, program, target), config)

@@ -103,7 +103,7 @@ def test_activation_estimate_matches_a_compiled_program():
   info = data.get_info(config.data)
   stage = plan.build_stage(config, info, 'teacher')
   compiled = plan.compile_gradient_programs(
-    stage, info.image_shape, (*plan.MEASURED_MICRO_BATCHES, 16)
+    stage, plan.batch_maker(config, info), (*plan.MEASURED_MICRO_BATCHES, 16)
   )
   program = plan.fit_gradient_program(plan.MEASURED_MICRO_BATCHES, compiled)
   actual = compiled[2].memory_analysis().temp_size_in_bytes

@@ -41,9 +41,7 @@ def test_modes_run_their_kinds_in_chain_order():
 
 def test_the_autoencoder_is_a_stage_of_latent_configs_only():
   config = config_lib.base_config()
-  assert 'autoencoder' not in [
-    k.name for k in registry.for_mode('all', config)
-  ]
+  assert 'autoencoder' not in [k.name for k in registry.for_mode('all', config)]
   assert registry.for_mode('autoencoder', config) == []
   config.space = 'latent'
   assert [k.name for k in registry.for_mode('all', config)][0] == 'autoencoder'

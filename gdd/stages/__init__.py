@@ -94,6 +94,9 @@ class StageKind:
       or None.
     applies: config -> whether the kind exists for that config (the
       autoencoder only where the chain runs in a latent space).
+    in_space: its models diffuse in the config's space, so its batches are
+      encoded there (`common.in_space`); False for a kind that learns on
+      the images themselves (the autoencoder).
   """
 
   name: str
@@ -112,3 +115,4 @@ class StageKind:
   plan_stage: Callable[..., Stage] | None = None
   summary: Callable[..., str | None] = lambda config, workdir: None
   applies: Callable[..., bool] = lambda config: True
+  in_space: bool = True

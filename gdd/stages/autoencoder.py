@@ -164,7 +164,6 @@ def _train(ctx, load_input):
       functools.partial(init_params, model, info.image_shape),
       jax.random.PRNGKey(0),
     ),
-    in_space=False,
   )
   _record(ctx, params)
   return params
@@ -247,4 +246,5 @@ KIND = StageKind(
   plan_stage=make_stage,
   summary=_summary,
   applies=uses_latent_space,
+  in_space=False,
 )

@@ -170,6 +170,24 @@ def _latent_space(
   )
 
 
+def abstract_space_params(
+  config: ml_collections.ConfigDict, info: data.DatasetInfo
+):
+  """ShapeDtypeStructs of the space's params (None in pixel space)."""
+  if config.space != 'latent':
+    return None
+  model = build_autoencoder(config, info)
+  images = jax.numpy.zeros((1, *info.image_shape))
+  params = jax.eval_shape(
+    lambda rng: model.init(rng, images, sample_posterior=False)['params'],
+    jax.random.PRNGKey(0),
+  )
+  return {
+    'autoencoder': params,
+    'scaling_factor': jax.ShapeDtypeStruct((), jax.numpy.float32),
+  }
+
+
 def init_params(model, rng: jax.Array) -> dict:
   """Fresh params of `model` (shapes from a batch of one)."""
   z, logsnr, cond, w = model.example_inputs(1)
