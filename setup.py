@@ -6,6 +6,8 @@ import setuptools
 
 # Only `python -m gdd.evaluation.convert_inception` (torch.load) needs torch.
 _TORCH = 'torch>=2.0,<3'
+# Only CLIP's BPE (Stable Diffusion's tokenizer files) needs tokenizers.
+_TOKENIZERS = 'tokenizers>=0.23,<0.24'
 
 setuptools.setup(
   name='gdd',
@@ -48,6 +50,9 @@ setuptools.setup(
     'gcs': ['google-cloud-storage>=3,<4'],
     # Converts pytorch-fid's FID Inception weights to the .npz gdd loads.
     'convert': [_TORCH],
+    # CLIP tokenization: text models on free captions (config.text
+    # .tokenizer='clip'), Stable Diffusion's tokenizer/ files.
+    'clip': [_TOKENIZERS],
     'test': [
       'ipykernel>=6,<8',
       'nbclient>=0.10,<0.12',
@@ -58,6 +63,7 @@ setuptools.setup(
       'ruff>=0.8,<0.18',
       # The converter's tests (tests/test_inception.py); a CPU build.
       _TORCH,
+      _TOKENIZERS,
     ],
   },
 )
