@@ -21,29 +21,29 @@ def get_config(variant: str = ''):
   config.space = 'latent'
   config.autoencoder.model.update(
     latent_channels=4,
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(16, 32, 32),
     layers_per_block=1,
-    norm_num_groups=16,
+    norm_num_groups=8,
   )
   config.autoencoder.update(
-    num_train_steps=3000,
-    batch_size=64,
+    num_train_steps=2000,
+    batch_size=32,
     ema_decay=0.999,
     ema_warmup=True,
     log_every=100,
     checkpoint_every=500,
-    grids_every=3000,
+    grids_every=2000,
   )
   config.autoencoder.optimizer.update(
     learning_rate=1e-3, warmup_steps=200, decay='cosine'
   )
   config.model = config_lib.sd_unet_model_config(
-    block_out_channels=(64, 128),
+    block_out_channels=(32, 64),
     layers_per_block=1,
     down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
     up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
-    attention_head_dim=4,
-    norm_num_groups=16,
+    attention_head_dim=2,
+    norm_num_groups=8,
   )
   # The longest caption has 16 words; + BOS and EOS.
   config.text.update(max_length=18, num_held_out_captions=64)
@@ -54,7 +54,7 @@ def get_config(variant: str = ''):
     num_attention_heads=4,
   )
   config.teacher.update(
-    num_train_steps=4000,
+    num_train_steps=3000,
     batch_size=64,
     ema_decay=0.998,
     ema_warmup=True,
@@ -66,25 +66,25 @@ def get_config(variant: str = ''):
     learning_rate=1e-3, warmup_steps=200, decay='cosine'
   )
   config.guided.update(
-    num_train_steps=1500,
+    num_train_steps=1000,
     batch_size=64,
     ema_decay=0.995,
     ema_warmup=True,
     log_every=100,
-    grids_every=1500,
+    grids_every=1000,
     checkpoint_every=500,
   )
   config.guided.optimizer.update(learning_rate=2e-4, decay='cosine')
   config.distill.update(
-    num_train_steps=500,
+    num_train_steps=400,
     batch_size=64,
     log_every=100,
-    grids_every=500,
-    checkpoint_every=500,
+    grids_every=400,
+    checkpoint_every=400,
   )
   config.distill.optimizer.learning_rate = 2e-4
   config.distill.initial_num_steps = 32
-  config.grids.update(teacher_num_steps=64, samples_per_class=8)
+  config.grids.update(teacher_num_steps=32, samples_per_class=4)
   if variant == 'quick':
     _make_quick(config)
     return config
