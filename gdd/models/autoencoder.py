@@ -51,7 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gdd import checks, config_lib
+from gdd import checks
 from gdd.models import layers
 
 Dtype = Any
@@ -68,7 +68,7 @@ _zeros = nn.initializers.zeros_init()
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoencoderConfig:
+class AutoencoderConfig(layers.CheckedConfig):
   """Shape of an `Autoencoder`; the defaults are Stable Diffusion's VAE.
 
   The fields are `AutoencoderKL`'s config keys. There are
@@ -119,21 +119,7 @@ class AutoencoderConfig:
       'mid_block_add_attention',
       'a bool',
     )
-    self._require(
-      self.dtype in config_lib.DTYPES, 'dtype', f'one of {config_lib.DTYPES}'
-    )
-    self._require(
-      self.remat in config_lib.REMAT_POLICIES,
-      'remat',
-      f'one of {config_lib.REMAT_POLICIES}',
-    )
-
-  def _require(self, ok: bool, name: str, allowed: str) -> None:
-    if not ok:
-      value = getattr(self, name)
-      raise ValueError(
-        f'AutoencoderConfig.{name}={value!r}; must be {allowed}.'
-      )
+    self._check_dtype_and_remat()
 
   @property
   def downsampling_factor(self) -> int:

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gdd import config_lib
+
 Dtype = Any
 
 _zeros = nn.initializers.zeros_init()
@@ -27,6 +29,32 @@ _REMAT_SAVEABLE = {
   'full': jax.checkpoint_policies.nothing_saveable,
   'dots_saveable': jax.checkpoint_policies.dots_saveable,
 }
+
+
+class CheckedConfig:
+  """Base of the networks' frozen config dataclasses: one check rule.
+
+  A bad field raises ValueError naming the class, the field, its value and
+  what is allowed, before any network is built.
+  """
+
+  def _require(self, ok: bool, name: str, allowed: str) -> None:
+    if not ok:
+      value = getattr(self, name)
+      raise ValueError(
+        f'{type(self).__name__}.{name}={value!r}; must be {allowed}.'
+      )
+
+  def _check_dtype_and_remat(self) -> None:
+    """The compute dtype and remat policy every network config has."""
+    self._require(
+      self.dtype in config_lib.DTYPES, 'dtype', f'one of {config_lib.DTYPES}'
+    )
+    self._require(
+      self.remat in config_lib.REMAT_POLICIES,
+      'remat',
+      f'one of {config_lib.REMAT_POLICIES}',
+    )
 
 
 def sinusoidal_embedding(

@@ -56,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gdd import checks, config_lib
+from gdd import checks
 from gdd.diffusion import parameterization, schedules
 from gdd.models import layers
 
@@ -84,7 +84,7 @@ def timesteps(logsnr: jnp.ndarray) -> jnp.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class SDUNetConfig:
+class SDUNetConfig(layers.CheckedConfig):
   """Shape and conditioning of an `SDUNet`; validated on construction.
 
   Field names are diffusers' (`UNet2DConditionModel`'s config.json) and the
@@ -238,14 +238,7 @@ class SDUNetConfig:
     self._require(self.norm_eps > 0, 'norm_eps', 'positive')
     self._require(0.0 <= self.dropout < 1.0, 'dropout', 'in [0, 1)')
     self._require(self.w_max > 0, 'w_max', 'positive')
-    self._require(
-      self.dtype in config_lib.DTYPES, 'dtype', f'one of {config_lib.DTYPES}'
-    )
-    self._require(
-      self.remat in config_lib.REMAT_POLICIES,
-      'remat',
-      f'one of {config_lib.REMAT_POLICIES}',
-    )
+    self._check_dtype_and_remat()
 
   def _check_attention_heads(self) -> None:
     """Every transformer's channels split into its number of heads."""
@@ -273,11 +266,6 @@ class SDUNetConfig:
       if kind == 'CrossAttnUpBlock2D'
     ]
     return found
-
-  def _require(self, ok: bool, name: str, allowed: str) -> None:
-    if not ok:
-      value = getattr(self, name)
-      raise ValueError(f'SDUNetConfig.{name}={value!r}; must be {allowed}.')
 
   @property
   def out_channels(self) -> int:

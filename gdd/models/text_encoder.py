@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gdd import checks, config_lib
+from gdd import checks
 from gdd.models import layers
 
 Dtype = Any
@@ -29,7 +29,7 @@ HIDDEN_ACTS = ('quick_gelu', 'gelu')
 
 
 @dataclasses.dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(layers.CheckedConfig):
   """Shape of a `TextEncoder`, as transformers' `CLIPTextConfig` names it.
 
   `eos_token_id` is the tokenizer's `eos_id`: the pooled state is taken at
@@ -80,21 +80,7 @@ class TextEncoderConfig:
       self.hidden_act in HIDDEN_ACTS, 'hidden_act', f'one of {HIDDEN_ACTS}'
     )
     self._require(self.layer_norm_eps > 0, 'layer_norm_eps', 'positive')
-    self._require(
-      self.dtype in config_lib.DTYPES, 'dtype', f'one of {config_lib.DTYPES}'
-    )
-    self._require(
-      self.remat in config_lib.REMAT_POLICIES,
-      'remat',
-      f'one of {config_lib.REMAT_POLICIES}',
-    )
-
-  def _require(self, ok: bool, name: str, allowed: str) -> None:
-    if not ok:
-      value = getattr(self, name)
-      raise ValueError(
-        f'TextEncoderConfig.{name}={value!r}; must be {allowed}.'
-      )
+    self._check_dtype_and_remat()
 
 
 # The text encoder of Stable Diffusion 1.x: OpenAI CLIP ViT-L/14's

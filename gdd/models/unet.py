@@ -14,13 +14,13 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gdd import checks, config_lib
+from gdd import checks
 from gdd.diffusion import parameterization, schedules
 from gdd.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(layers.CheckedConfig):
   """Shape and conditioning of a `UNet`; validated on construction.
 
   `attn_resolutions` lists spatial sizes (e.g. 16, 8) whose res blocks are
@@ -95,16 +95,7 @@ class UNetConfig:
       f'one of {parameterization.MEAN_TYPES}',
     )
     self._require(self.w_max > 0, 'w_max', 'positive')
-    self._require(
-      self.dtype in config_lib.DTYPES,
-      'dtype',
-      f'one of {config_lib.DTYPES}',
-    )
-    self._require(
-      self.remat in config_lib.REMAT_POLICIES,
-      'remat',
-      f'one of {config_lib.REMAT_POLICIES}',
-    )
+    self._check_dtype_and_remat()
 
   def _check_attention_heads(self) -> None:
     """Every attention block's channels split into equal heads."""
@@ -121,11 +112,6 @@ class UNetConfig:
         f'such that {channels} attention channels split into '
         f'{channels} // head_dim = {heads} equal heads',
       )
-
-  def _require(self, ok: bool, name: str, allowed: str) -> None:
-    if not ok:
-      value = getattr(self, name)
-      raise ValueError(f'UNetConfig.{name}={value!r}; must be {allowed}.')
 
   @property
   def out_channels(self) -> int:
