@@ -24,7 +24,7 @@ from gdd import (
   workdir_lib,
 )
 from gdd.stages import Stage, common, guided
-from gdd.train import checkpointing, optim
+from gdd.train import checkpointing, optim, sharding
 from tests import helpers
 
 
@@ -345,3 +345,39 @@ def test_sample_cli_cycles_held_out_captions(shapes_workdir):
   ).captions
   with np.load(path) as saved:
     assert list(saved['captions']) == [held_out[i % 4] for i in range(6)]
+
+
+def test_fsdp_rules_split_the_latent_models_large_kernels(info):
+  # Stable Diffusion's sizes: the default threshold (2**20 elements) then
+  # splits the U-Net's, text encoder's and autoencoder's big kernels.
+  config = _quick()
+  config.model.update(block_out_channels=(320, 640), attention_head_dim=8)
+  config.text.encoder.update(hidden_size=768, intermediate_size=3072)
+  config.autoencoder.model.update(
+    block_out_channels=(128, 512), norm_num_groups=32
+  )
+  memory = config_lib.base_config().memory
+  network = jax.eval_shape(
+    functools.partial(common.init_params, common.build_model(config, info)),
+    jax.random.PRNGKey(0),
+  )
+  space = common.abstract_space_params(config, info)
+  for tree in (network, space):
+    specs = sharding.tree_specs(tree, memory, fsdp=4)
+    flat = flax.traverse_util.flatten_dict(specs)
+    sizes = flax.traverse_util.flatten_dict(
+      jax.tree.map(lambda x: x.size, tree)
+    )
+    big = [k for k, size in sizes.items() if size >= 2**20]
+    assert big
+    for path in big:
+      assert 'fsdp' in flat[path], path
+    small = [k for k, size in sizes.items() if size < 2**20]
+    assert all('fsdp' not in flat[k] for k in small)
+  unet_kernel = ('unet', 'down_blocks_1', 'resnets_0', 'conv2', 'kernel')
+  assert (
+    'fsdp'
+    in flax.traverse_util.flatten_dict(
+      sharding.tree_specs(network, memory, fsdp=4)
+    )[unet_kernel]
+  )
