@@ -522,6 +522,26 @@ _ADDED_TRAINING_KEYS = {
 }
 
 
+def from_record(record: dict) -> ml_collections.ConfigDict:
+  """The config of a stage's `config.json`, with keys added since filled in.
+
+  A workdir recorded before a key existed trained as the key's default (or,
+  for a section, without it), so the missing entries get base_config()'s
+  values: `space`, `model.kind`, `data.image_size` and whole sections such
+  as `text` and `autoencoder`.
+  """
+  config = ml_collections.ConfigDict(record)
+  base = base_config()
+  for section in base:
+    if section not in config:
+      config[section] = base[section]
+  for key in ('model.kind', 'data.image_size', 'sample.prompts'):
+    section, name = key.split('.')
+    if name not in config[section]:
+      config[section][name] = base[section][name]
+  return config
+
+
 def _entries_in_use(flat: dict, kind: str) -> tuple[str, ...]:
   """The training entries that only some configs read, where `flat` does.
 

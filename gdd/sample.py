@@ -17,6 +17,7 @@ from etils import epath
 
 from gdd import (
   conditioning,
+  config_lib,
   data,
   errors,
   images,
@@ -50,7 +51,7 @@ def load_stage_config(
       f'({workdir_lib.config_record(stage_dir)} is missing). Train it first: '
       f'python -m gdd.main --config=... --workdir={workdir} --mode={stage}'
     )
-  return ml_collections.ConfigDict(record)
+  return config_lib.from_record(record)
 
 
 def _resolve(

@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from gdd import config_lib, pipeline
+from gdd import config_lib, data, pipeline
+from gdd.models import unet
+from gdd.stages import common
 from tests import conftest, helpers
 
 CONFIGS = ('digits', 'cifar10', 'imagenet64', 'shapes')
@@ -306,3 +308,19 @@ def test_load_file_reads_variants_and_names_missing_files(tmp_path):
   )
   with pytest.raises(FileNotFoundError, match='nope.py'):
     config_lib.load_file(str(tmp_path / 'nope.py'))
+
+
+def test_a_record_from_before_latent_keys_builds_its_network():
+  # Recorded before config.space, model.kind, data.image_size, text and
+  # autoencoder existed: read back as the pixel digits config it was.
+  stored = json.loads(config_lib.base_config().to_json())
+  for section in ('space', 'text', 'autoencoder'):
+    del stored[section]
+  del stored['model']['kind'], stored['data']['image_size']
+  del stored['sample']['prompts']
+  config = config_lib.from_record(stored)
+  assert config.space == 'pixel' and config.model.kind == 'unet'
+  config_lib.validate(config)
+  info = data.get_info(config.data)
+  assert isinstance(common.build_model(config, info), unet.UNet)
+  assert common.build_space(config, info).shape == info.image_shape
