@@ -9,7 +9,10 @@ and the halving rounds, every student with its teacher's encoder frozen.
 
   python -m gdd.main --config=configs/shapes.py --workdir=/tmp/gdd_shapes
 
-`--config=configs/shapes.py:quick` is a minutes-long smoke run.
+`--config=configs/shapes.py:quick` is a minutes-long smoke run. Then
+
+  python -m gdd.main --config=configs/shapes.py --workdir=/tmp/gdd_shapes \
+    --mode=evaluate
 """
 
 from gdd import config_lib
@@ -85,6 +88,21 @@ def get_config(variant: str = ''):
   config.distill.optimizer.learning_rate = 2e-4
   config.distill.initial_num_steps = 32
   config.grids.update(teacher_num_steps=32, samples_per_class=4)
+  # Scored by the shapes classifier (gdd/evaluation/shapes_features.py):
+  # FD-shapes, and how often samples show every attribute their caption
+  # asks for, per attribute too. Samples cycle the held-out captions.
+  config.evaluate.update(
+    feature_extractor='shapes',
+    num_samples=1000,
+    batch_size=250,
+    ws=(0.0, 1.0, 2.0, 4.0),
+    # 2000 of the 20 000 train images: twice the samples per cell, so the
+    # reference adds less estimation noise than they do; seconds to embed.
+    num_reference=2000,
+    real_split='test',
+    teacher_num_steps=(256, 16, 8, 4),
+    guided_num_steps=(64, 8, 4),
+  )
   if variant == 'quick':
     _make_quick(config)
     return config
@@ -113,5 +131,6 @@ def _make_quick(config) -> None:
     hidden_size=16, intermediate_size=32, num_hidden_layers=1
   )
   config.text.num_held_out_captions = 4
+  config.evaluate.num_reference = 500
   # Rounds 2 → 1: the shortest chain that still has a halving round.
   config.distill.initial_num_steps = 4

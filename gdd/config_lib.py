@@ -39,7 +39,9 @@ SAMPLERS = ('ddim', 'ancestral', 'stochastic')
 STAGES = ('autoencoder', 'teacher', 'guided', 'distill', 'single_w')
 AUTOENCODER_LOSSES = ('l1', 'l2')
 TIME_GRIDS = ('fine', 'student')
-FEATURE_EXTRACTORS = ('inception', 'digits')
+# 'digits' and 'shapes': a small classifier trained on that data set's own
+# train split (gdd/evaluation/{digits,shapes}_features.py).
+FEATURE_EXTRACTORS = ('inception', 'digits', 'shapes')
 DTYPES = ('float32', 'bfloat16')
 # What `nn.remat` recomputes in the backward pass (gdd/models/layers.py):
 # 'none' stores every activation; 'full' stores only each residual and
@@ -359,11 +361,12 @@ def _add_mode_sections(config: ml_collections.ConfigDict) -> None:
 def _evaluate_config() -> ml_collections.ConfigDict:
   """The `--mode=evaluate` section: every finished stage, rows × w.
 
-  Scored by FID/IS (Inception-v3) or, on digits, by FD-digits.
+  Scored by FID/IS (Inception-v3) or, on digits and shapes, by FD-digits
+  and FD-shapes.
   """
   return ml_collections.ConfigDict(
     {
-      # 'inception' (FID/IS; needs inception_weights) or 'digits'.
+      # 'inception' (FID/IS; needs inception_weights), 'digits' or 'shapes'.
       'feature_extractor': 'inception',
       # A converted weights file: python -m gdd.evaluation.convert_inception.
       'inception_weights': '',

@@ -4,12 +4,16 @@ A row is (model, sampler, num_steps): the CFG teacher with many DDIM steps
 (the reference) and with few (the paper's DDIM baseline), the stage-one
 student, the distilled student deterministic and stochastic at every
 distilled step count, and the single-w baseline where present. Each row is
-sampled at every w of `config.evaluate.ws` from the same noise seeds, and
-scored against cached reference statistics of real data: Fréchet distance
-(FID with Inception-v3, FD-digits with the digits classifier), Inception
-Score (or its digits analogue), class accuracy where the extractor's classes
-are the data set's, NFE per sample, and seconds per sample measured after
-compilation. Results go to `<workdir>/eval/` (see `report`).
+sampled at every w of `config.evaluate.ws` from the same noise seeds and the
+same conditions (the classes, or the held-out captions, cycled), and scored
+against cached reference statistics of real data: Fréchet distance (FID with
+Inception-v3, FD-digits or FD-shapes with the digits or shapes classifier),
+and beside it Inception Score (or its digits analogue) and class accuracy
+where the extractor's classes are the data set's, or on shapes the fraction
+of images that show every attribute their caption asks for and each
+attribute's accuracy; then NFE per sample, and seconds per sample measured
+after compilation (for a latent model, decoding the latents included: the
+sampler returns images). Results go to `<workdir>/eval/` (see `report`).
 """
 
 import dataclasses
@@ -134,32 +138,43 @@ def _generate(
 def _score(
   extractor: features.FeatureExtractor,
   samples: np.ndarray,
-  labels: np.ndarray | None,
+  asked: dict[str, np.ndarray],
   reference: tuple[np.ndarray, np.ndarray],
-  num_splits: int,
 ) -> dict:
+  """FD against `reference`, and the extractor's scores of the samples
+  against what each was asked for."""
   out = extractor.extract(samples)
   mu, sigma = fid.gaussian_stats(out['features'])
-  is_mean, is_std = fid.inception_score(
-    out['logits'], num_splits=num_splits, from_logits=True
-  )
-  scores = {
+  return {
     'fd': fid.frechet_distance(mu, sigma, *reference),
-    'is': is_mean,
-    'is_std': is_std,
-    'accuracy': None,
+    **extractor.judge(out, asked),
   }
-  # Class accuracy needs class conditions (not captions, say) that are the
-  # extractor's classes.
-  if extractor.labels_are_classes and labels is not None:
-    predicted = np.argmax(out['logits'], axis=-1)
-    scores['accuracy'] = float(np.mean(predicted == labels))
-  return scores
 
 
-def _num_splits(num_samples: int) -> int:
-  """10 splits as is standard, fewer when there are few samples."""
-  return max(1, min(10, num_samples // 100))
+def conditions(
+  config: ml_collections.ConfigDict, num: int
+) -> tuple[conditioning.Cond, dict[str, np.ndarray]]:
+  """`num` conditions, cycled as grids cycle them, and what each asks for.
+
+  Class models ask for their labels. Text models ask for the held-out
+  examples whose captions they cycle: each caption with every array the data
+  set stores beside it (shapes: its attributes), so that an evaluator can
+  judge a sample by what its caption asked for without parsing it.
+  """
+  info = data.get_info(config.data)
+  cond_kind = common.build_conditioning(config, info)
+  cond = cond_kind.cycled(num)
+  if not info.has_captions:
+    return cond, {'label': conditioning.class_labels(cond)}
+  # The conditioning's captions are the first of the held-out split
+  # (`data.held_out_captions`): these examples, in this order.
+  held_out = data.eval_arrays(
+    config.data,
+    split=data.held_out_split(config.data),
+    num_examples=len(cond_kind.captions),
+  )
+  index = np.arange(num) % len(cond_kind.captions)
+  return cond, {k: v[index] for k, v in held_out.items() if k != 'image'}
 
 
 def _evaluate_row(
@@ -169,8 +184,10 @@ def _evaluate_row(
   extractor: features.FeatureExtractor,
   reference: tuple[np.ndarray, np.ndarray],
   cond: conditioning.Cond,
+  asked: dict[str, np.ndarray],
 ) -> list[dict]:
-  """One record per w for a model row; `cond` as the evaluation draws it."""
+  """One record per w for a model row; `cond` and what it asks for as
+  `conditions` draws them."""
   ev = config.evaluate
   sampler = sample.load_sampler(
     workdir,
@@ -194,13 +211,7 @@ def _evaluate_row(
         num_samples=num,
         seconds_per_sample=seconds,
         compile_seconds=compile_seconds,
-        **_score(
-          extractor,
-          samples,
-          conditioning.class_labels(cond),
-          reference,
-          _num_splits(num),
-        ),
+        **_score(extractor, samples, asked, reference),
       )
     )
     logging.info('%s', report.format_record(records[-1]))
@@ -220,15 +231,15 @@ def _evaluate_real(config, extractor, reference) -> dict:
     dataclasses.asdict(Row(REAL, ev.real_split, 0)),
     nfe=0,
     w=None,
-    num_samples=len(real['label']),
+    num_samples=len(real['image']),
     seconds_per_sample=None,
     compile_seconds=None,
+    # Each real image is scored against its own label or caption.
     **_score(
       extractor,
       real['image'],
-      real['label'],
+      {k: v for k, v in real.items() if k != 'image'},
       reference,
-      _num_splits(len(real['label'])),
     ),
   )
   logging.info('%s', report.format_record(record))
@@ -305,6 +316,13 @@ def measure_speed(
   }
 
 
+def _describe_conditions(asked: dict[str, np.ndarray]) -> str:
+  """What the samples of a cell were asked for, in words."""
+  if 'caption' in asked:
+    return f'{len(set(asked["caption"]))} distinct held-out captions cycled'
+  return 'classes cycled'
+
+
 def device_description() -> str:
   devices = jax.devices()
   return f'{devices[0].platform}:{devices[0].device_kind} x{len(devices)}'
@@ -328,17 +346,19 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
   out_dir.mkdir(parents=True, exist_ok=True)
   extractor = features.make_extractor(config, out_dir)
   reference = features.reference_stats(config, extractor, out_dir)
-  info = data.get_info(config.data)
-  cond = common.build_conditioning(config, info).cycled(ev.num_samples)
+  cond, asked = conditions(config, ev.num_samples)
   records = []
   if ev.real_split:
     records.append(_evaluate_real(config, extractor, reference))
   for row in rows:
-    records += _evaluate_row(row, config, workdir, extractor, reference, cond)
+    records += _evaluate_row(
+      row, config, workdir, extractor, reference, cond, asked
+    )
   results = {
     'workdir': os.fspath(paths.resolve(workdir)),
     'device': device_description(),
     'metric': extractor.metric_name,
+    'conditions': _describe_conditions(asked),
     'extractor': extractor.about,
     'reference': {
       'split': ev.reference_split,

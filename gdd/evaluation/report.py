@@ -12,6 +12,7 @@ from etils import epath
 from matplotlib import figure
 
 from gdd import paths
+from gdd.evaluation import shapes_features
 from gdd.stages import registry
 
 # Figures are built with matplotlib's object API and saved to files, never
@@ -36,6 +37,31 @@ _COLORMAPS = {
 }
 
 
+# Scores beside the Fréchet distance that an extractor may give, in report
+# order: key → (table title, format). A table is written for each that a
+# record holds (digits and Inception: IS and class accuracy; shapes: caption
+# accuracy, in all and per attribute).
+_SCORES = {
+  'is': ('Inception Score (higher is better)', '.2f'),
+  'accuracy': ('Class accuracy', '.3f'),
+  'all_correct': (
+    'Caption accuracy: images showing every attribute asked for',
+    '.3f',
+  ),
+  **{
+    f'{name}_accuracy': (
+      f'Caption accuracy: {name.replace("_", " ")} as asked',
+      '.3f',
+    )
+    for name in shapes_features.SCORED_ATTRIBUTES
+  },
+}
+# Scores on each progress line, with their short names.
+_LOGGED = {'is': 'IS', 'accuracy': 'accuracy', 'all_correct': 'all correct'}
+# The score plotted under the Fréchet distance: the first a record holds.
+_PLOTTED = (('is', 'IS'), ('all_correct', 'all attributes correct'))
+
+
 def _fmt(value, spec: str) -> str:
   return '–' if value is None else format(value, spec)
 
@@ -58,10 +84,12 @@ def format_record(record: dict) -> str:
       f'{row_name(record)} {record["sampler"]} {record["num_steps"]} steps '
       f'w={record["w"]:g}'
     )
+  scores = [f'FD {record["fd"]:.3f}']
+  for key, name in _LOGGED.items():
+    if key in record:
+      scores.append(f'{name} {_fmt(record[key], _SCORES[key][1])}')
   return (
-    f'{what}: '
-    f'FD {record["fd"]:.3f}, IS {record["is"]:.2f}, accuracy '
-    f'{_fmt(record["accuracy"], ".3f")}, '
+    f'{what}: {", ".join(scores)}, '
     f'{_fmt(record["seconds_per_sample"], ".2e")} s/sample'
   )
 
@@ -155,24 +183,35 @@ def markdown(results: dict) -> str:
     f'{k}: {v:.4f}' if isinstance(v, float) else f'{k}: {v}'
     for k, v in results['extractor'].items()
   )
+  # results.json files written before captions were scored lack the key.
+  conditions = results.get('conditions', 'classes cycled')
   parts = [
     f'## Evaluation of {results["workdir"]}',
     '',
-    f'Device: {results["device"]}. {num_samples} samples per cell (classes '
-    f'cycled), scored against {results["reference"]["num_examples"]} real '
-    f'images of the {results["reference"]["split"]} split ({about}). NFE: '
-    'network evaluations per sample (the CFG teacher makes 2 per step). '
-    's/sample: sampling wall time after compilation, mean over w.',
+    f'Device: {results["device"]}. {num_samples} samples per cell '
+    f'({conditions}), scored against '
+    f'{results["reference"]["num_examples"]} real images of the '
+    f'{results["reference"]["split"]} split ({about}). NFE: network '
+    'evaluations per sample (the CFG teacher makes 2 per step). s/sample: '
+    'sampling wall time after compilation (for a latent model, decoding '
+    'included), mean over w.',
     '',
     _metric_table(results, 'fd', f'{metric} (lower is better)', '.3f'),
-    '',
-    _metric_table(results, 'is', 'Inception Score (higher is better)', '.2f'),
   ]
-  if any(r['accuracy'] is not None for r in records):
-    parts += ['', _metric_table(results, 'accuracy', 'Class accuracy', '.3f')]
+  for key, (title, spec) in _SCORES.items():
+    if any(r.get(key) is not None for r in records):
+      parts += ['', _metric_table(results, key, title, spec)]
   if results.get('speed'):
     parts += ['', speed_table(results['speed'])]
   return '\n'.join(parts) + '\n'
+
+
+def _plotted(records: list[dict]) -> tuple[str, str]:
+  """(key, axis label) of the score plotted under the Fréchet distance."""
+  for key, label in _PLOTTED:
+    if any(r.get(key) is not None for r in records):
+      return key, label
+  raise ValueError(f'The records hold none of {[k for k, _ in _PLOTTED]}.')
 
 
 def _series(records: list[dict]) -> dict[tuple, list[dict]]:
@@ -185,7 +224,8 @@ def _series(records: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def plot_quality_vs_nfe(results: dict, path: epath.PathLike) -> None:
-  """FD and IS against NFE (log axis), one column per w."""
+  """FD and IS (shapes: the all-correct rate) against NFE (log axis), one
+  column per w."""
   records = results['records']
   ws = _ws(records)
   real = [r for r in records if r['model'] == 'real']
@@ -194,7 +234,7 @@ def plot_quality_vs_nfe(results: dict, path: epath.PathLike) -> None:
   for col, w in enumerate(ws):
     cells = [r for r in records if r['w'] == w]
     for row, (metric, label) in enumerate(
-      (('fd', results['metric']), ('is', 'IS'))
+      (('fd', results['metric']), _plotted(records))
     ):
       ax = axes[row][col]
       for key, points in _series(cells).items():
@@ -219,12 +259,14 @@ def plot_quality_vs_nfe(results: dict, path: epath.PathLike) -> None:
 
 
 def plot_quality_vs_w(results: dict, path: epath.PathLike) -> None:
-  """FD and IS against w, one line per (model, sampler, steps).
+  """FD and IS (shapes: the all-correct rate) against w, one line per
+  (model, sampler, steps).
 
   Each series has its own colour family, darker for more steps. Single-w
   models have one w each and appear in the NFE plot only.
   """
   records = [r for r in results['records'] if r['w'] is not None]
+  score, score_label = _plotted(records)
   fig = figure.Figure(figsize=(12, 4.6))
   axes = fig.subplots(1, 2)
   for key, points in _series(records).items():
@@ -238,7 +280,7 @@ def plot_quality_vs_w(results: dict, path: epath.PathLike) -> None:
         key=lambda p: p['w'],
       )
       shade = 0.35 + 0.65 * (index + 1) / len(steps)
-      for ax, metric in zip(axes, ('fd', 'is'), strict=True):
+      for ax, metric in zip(axes, ('fd', score), strict=True):
         ax.plot(
           [c['w'] for c in cells],
           [c[metric] for c in cells],
@@ -248,7 +290,7 @@ def plot_quality_vs_w(results: dict, path: epath.PathLike) -> None:
         )
   axes[0].set_ylabel(results['metric'])
   axes[0].set_yscale('log')
-  axes[1].set_ylabel('IS')
+  axes[1].set_ylabel(score_label)
   for ax in axes:
     ax.set_xlabel('guidance strength w')
   axes[0].legend(fontsize=6, ncol=2)
