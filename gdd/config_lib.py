@@ -21,7 +21,14 @@ from ml_collections import config_dict
 from gdd import checks, errors, paths
 from gdd.diffusion import losses, parameterization
 
-DATASETS = ('digits', 'cifar10', 'imagenet64', 'shapes', 'webdataset')
+DATASETS = (
+  'digits',
+  'cifar10',
+  'imagenet64',
+  'imagenet256',
+  'shapes',
+  'webdataset',
+)
 # Data sets of images with captions: text-conditional models, `config.text`.
 CAPTION_DATASETS = ('shapes', 'webdataset')
 # Where the diffusion models work: on the images, or on the latents of the
@@ -181,29 +188,31 @@ def _model_config() -> ml_collections.ConfigDict:
 def sd_unet_model_config(**overrides: Any) -> ml_collections.ConfigDict:
   """`config.model` for an SD-architecture U-Net (`gdd.models.sd_unet`).
 
-  Defaults are a small text-conditional network; Stable Diffusion 1.x is
+  Defaults are a small network; Stable Diffusion 1.x is
   block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-  attention_head_dim=8. Its cross-attention reads the text encoder's states
-  (`config.text.encoder.hidden_size` wide).
+  attention_head_dim=8. On a caption data set its cross-attention reads the
+  text encoder's states (`config.text.encoder.hidden_size` wide); on a
+  class data set it embeds the label and its transformers have
+  self-attention only (`gdd.models.class_sd_unet`). `overrides` may change
+  a key's type: `attention_head_dim` and `transformer_layers_per_block` are
+  an int or one int per block, e.g. SD 2.x's attention_head_dim=(5, 10, 20,
+  20).
   """
-  model = ml_collections.ConfigDict(
-    {
-      'kind': 'sd_unet',
-      'block_out_channels': (64, 128),
-      'layers_per_block': 1,
-      'down_block_types': ('CrossAttnDownBlock2D', 'DownBlock2D'),
-      'up_block_types': ('UpBlock2D', 'CrossAttnUpBlock2D'),
-      'attention_head_dim': 4,
-      'transformer_layers_per_block': 1,
-      'use_linear_projection': False,
-      'norm_num_groups': 32,
-      'dropout': 0.0,
-      'mean_type': 'both',
-      'dtype': 'float32',
-    }
-  )
-  model.update(overrides)
-  return model
+  model = {
+    'kind': 'sd_unet',
+    'block_out_channels': (64, 128),
+    'layers_per_block': 1,
+    'down_block_types': ('CrossAttnDownBlock2D', 'DownBlock2D'),
+    'up_block_types': ('UpBlock2D', 'CrossAttnUpBlock2D'),
+    'attention_head_dim': 4,
+    'transformer_layers_per_block': 1,
+    'use_linear_projection': False,
+    'norm_num_groups': 32,
+    'dropout': 0.0,
+    'mean_type': 'both',
+    'dtype': 'float32',
+  }
+  return ml_collections.ConfigDict({**model, **overrides})
 
 
 def _text_config() -> ml_collections.ConfigDict:
@@ -722,6 +731,14 @@ def _validate_network(
   _check(config, 'data.image_size', checks.is_int, 'a positive int')
   _check(config, 'space', _one_of(SPACES), f'one of {SPACES}')
   _check(config, 'model.kind', _one_of(MODEL_KINDS), f'one of {MODEL_KINDS}')
+  _check(
+    config,
+    'model.kind',
+    lambda v: v == 'sd_unet' or config.data.name not in CAPTION_DATASETS,
+    f"'sd_unet' for {config.data.name!r}: the pixel U-Net is "
+    'class-conditional and this data set has captions, not classes '
+    '(config_lib.sd_unet_model_config() gives the text-conditional model)',
+  )
   if config.model.kind == 'unet':
     _validate_pixel_unet(config)
   else:
@@ -789,15 +806,6 @@ def _validate_sd_unet(config: ml_collections.ConfigDict) -> None:
       f'model.{key}',
       lambda v: isinstance(v, tuple | list) and len(v) == levels,
       f'a tuple of {levels} block types, one per block_out_channels entry',
-    )
-  if config.data.name not in CAPTION_DATASETS and any(
-    'CrossAttn' in block for block in config.model.down_block_types
-  ):
-    raise ConfigError(
-      f'config.model.down_block_types={config.model.down_block_types!r} '
-      f'has cross-attention, but {config.data.name!r} has no captions to '
-      "attend to: use 'DownBlock2D' / 'UpBlock2D' blocks for a class-"
-      'conditional model.'
     )
 
 

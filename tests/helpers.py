@@ -28,6 +28,20 @@ def raises_user_error(builtin: type[Exception], match: str):
   assert isinstance(info.value, errors.UserError), repr(info.value)
 
 
+def write_tfds_metadata(tfds_name: str, data_dir: str) -> None:
+  """Makes `tfds_name` count as prepared in data_dir, for `check_available`.
+
+  `tfds.testing.mock_data(data_dir=data_dir)` serves random examples; the
+  builder's metadata in data_dir is what a prepared data set has there.
+  """
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder(tfds_name)
+  metadata_dir = os.path.join(data_dir, builder.info.full_name)
+  os.makedirs(metadata_dir)
+  builder.info.write_to_directory(metadata_dir)
+
+
 def checkpoint_steps(stage_dir: str) -> list[int]:
   """The steps of a stage's finished checkpoints, ascending.
 
@@ -59,6 +73,49 @@ def quick_config(
   config.sample.update(num_steps=2, num_samples=12, batch_size=8)
   config_lib.validate(config)
   return config
+
+
+def quick_latent_config(
+  name: str = 'shapes', num_train_steps: int = 4
+) -> ml_collections.ConfigDict:
+  """A latent config's `:quick` variant with a few steps per stage and one
+  small grid: the autoencoder → … chain in minutes."""
+  config = load_config(name, 'quick')
+  for stage in ('autoencoder', 'teacher', 'guided', 'distill'):
+    config[stage].update(
+      num_train_steps=num_train_steps,
+      batch_size=8,
+      log_every=2,
+      grids_every=1000,
+      checkpoint_every=1000,
+    )
+    config[stage].optimizer.warmup_steps = 1
+  config.grids.update(sample_ws=(1.0,), teacher_num_steps=2)
+  config.sample.update(num_steps=2, num_samples=6, batch_size=4)
+  config_lib.validate(config)
+  return config
+
+
+def noisy_params(model, seed: int = 0):
+  """`model`'s fresh params with every leaf perturbed by 0.05·N(0, 1).
+
+  A fresh network outputs exactly 0 (its last conv starts at zero); these
+  make every input show in the output.
+  """
+  import jax
+
+  from gdd.stages import common
+
+  params = common.init_params(model, jax.random.PRNGKey(seed))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  return jax.tree.unflatten(
+    tree,
+    [
+      x + 0.05 * jax.random.normal(k, x.shape)
+      for x, k in zip(leaves, keys, strict=True)
+    ],
+  )
 
 
 def train_steps(

@@ -273,12 +273,7 @@ def test_teacher_runs_on_mocked_tfds(name, tmp_path):
     )
   config.data.data_dir = str(tmp_path / 'tfds')
   tfds_name = {'cifar10': 'cifar10', 'imagenet64': 'imagenet_resized/64x64'}
-  builder = tfds.builder(tfds_name[name])
-  # mock_data serves random examples; the builder's metadata in data_dir is
-  # what makes the dataset count as prepared for check_available.
-  metadata_dir = tmp_path / 'tfds' / builder.info.full_name
-  metadata_dir.mkdir(parents=True)
-  builder.info.write_to_directory(str(metadata_dir))
+  helpers.write_tfds_metadata(tfds_name[name], config.data.data_dir)
   workdir = str(tmp_path / 'run')
   num_examples = max(16, config.teacher.batch_size)
   with tfds.testing.mock_data(

@@ -30,20 +30,7 @@ from tests import helpers
 
 def _quick(num_train_steps: int = 4) -> ml_collections.ConfigDict:
   """`shapes:quick` with a few steps per stage and one small grid."""
-  config = helpers.load_config('shapes', 'quick')
-  for stage in ('autoencoder', 'teacher', 'guided', 'distill'):
-    config[stage].update(
-      num_train_steps=num_train_steps,
-      batch_size=8,
-      log_every=2,
-      grids_every=1000,
-      checkpoint_every=1000,
-    )
-    config[stage].optimizer.warmup_steps = 1
-  config.grids.update(sample_ws=(1.0,), teacher_num_steps=2)
-  config.sample.update(num_steps=2, num_samples=6, batch_size=4)
-  config_lib.validate(config)
-  return config
+  return helpers.quick_latent_config('shapes', num_train_steps)
 
 
 @pytest.fixture(scope='module')
@@ -101,24 +88,10 @@ def test_held_out_captions_come_from_the_test_split():
   assert data.held_out_split(config.data) == 'test'
 
 
-def _random_params(model, seed: int = 0):
-  """Params with every leaf random: a fresh network outputs exactly 0."""
-  params = common.init_params(model, jax.random.PRNGKey(seed))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-  return jax.tree.unflatten(
-    tree,
-    [
-      x + 0.05 * jax.random.normal(k, x.shape)
-      for x, k in zip(leaves, keys, strict=True)
-    ],
-  )
-
-
 def test_the_text_network_reads_the_caption(info, text_kind):
   config = _quick()
   model = common.build_model(config, info)
-  params = _random_params(model)
+  params = helpers.noisy_params(model)
   z = jax.random.normal(
     jax.random.PRNGKey(2), (2, *model.example_inputs(1)[0].shape[1:])
   )
@@ -140,7 +113,7 @@ def test_the_text_student_starts_as_its_teacher_at_every_w(info, text_kind):
   config = _quick()
   teacher = common.build_model(config, info)
   student = guided.build_student(config, info)
-  teacher_params = _random_params(teacher)
+  teacher_params = helpers.noisy_params(teacher)
   params = guided.init_from_teacher(
     student, jax.random.PRNGKey(3), teacher_params
   )

@@ -29,6 +29,10 @@ TINY = sd_unet.SDUNetConfig(
   # passes: every eval test checks that dropout is off there.
   dropout=0.1,
 )
+# Without text: classes, and self-attention-only transformers.
+CLASSES = dataclasses.replace(
+  TINY, cross_attention_dim=None, num_class_embeds=3
+)
 BATCH, TOKENS = 2, 5
 
 
@@ -39,10 +43,12 @@ def _inputs(cfg: sd_unet.SDUNetConfig, seed: int = 0) -> dict:
   inputs = {
     'z': jax.random.normal(keys[0], (BATCH, size, size, cfg.in_channels)),
     'logsnr': jax.random.uniform(keys[1], (BATCH,), minval=-10, maxval=10),
-    'context': jax.random.normal(
-      keys[2], (BATCH, TOKENS, cfg.cross_attention_dim)
-    ),
+    'context': None,
   }
+  if cfg.cross_attention_dim is not None:
+    inputs['context'] = jax.random.normal(
+      keys[2], (BATCH, TOKENS, cfg.cross_attention_dim)
+    )
   if cfg.num_class_embeds is not None:
     inputs['labels'] = jax.random.randint(
       keys[3], (BATCH,), 0, cfg.num_class_embeds + 1
@@ -192,6 +198,34 @@ def test_output_shape_and_param_names(mean_type, channels):
   assert not any(p.startswith(('class_embedding', 'w_embedding')) for p in flat)
 
 
+def test_without_text_the_transformers_only_self_attend():
+  flat = flax.traverse_util.flatten_dict(_param_shapes(CLASSES), sep='/')
+  text = flax.traverse_util.flatten_dict(_param_shapes(TINY), sep='/')
+  # diffusers' BasicTransformerBlock with cross_attention_dim=None: no
+  # norm2 and no attn2; every other param is the text network's, path and
+  # shape, and the class embedding has the null label's row.
+  cross = {
+    p for p in text if re.search(r'transformer_blocks_\d+/(attn2|norm2)/', p)
+  }
+  assert cross
+  assert set(flat) == set(text) - cross | {'class_embedding/embedding'}
+  for path, struct in flat.items():
+    assert path not in text or text[path].shape == struct.shape, path
+  assert flat['class_embedding/embedding'].shape == (4, 128)
+  # Labels, not a text, condition it; the null label K is a label too.
+  params = _noisy_params(CLASSES)
+  inputs = _inputs(CLASSES)
+  labels = (jnp.array([0, 1]), jnp.array([2, 1]), jnp.array([3, 1]))
+  out = [_apply(CLASSES, params, {**inputs, 'labels': y}) for y in labels]
+  np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out[0][0], out[1][0], atol=1e-3)
+  assert not np.allclose(out[0][0], out[2][0], atol=1e-3)
+  with pytest.raises(ValueError, match='context=None'):
+    _apply(CLASSES, params, {**inputs, 'context': _inputs(TINY)['context']})
+  with pytest.raises(ValueError, match='context must have shape'):
+    _apply(TINY, _noisy_params(TINY), {**_inputs(TINY), 'context': None})
+
+
 def test_linear_projection():
   cfg = dataclasses.replace(TINY, use_linear_projection=True)
   params = _noisy_params(cfg)
@@ -253,11 +287,12 @@ def test_time_and_class_labels_change_the_output():
   assert not np.allclose(out, _apply(cfg, params, later), atol=1e-3)
 
 
-def test_student_params_are_teacher_params_plus_w_embedding():
-  student_cfg = dataclasses.replace(TINY, use_w_embedding=True)
+@pytest.mark.parametrize('teacher_cfg', [TINY, CLASSES], ids=['text', 'class'])
+def test_student_params_are_teacher_params_plus_w_embedding(teacher_cfg):
+  student_cfg = dataclasses.replace(teacher_cfg, use_w_embedding=True)
   teacher, student = (
     flax.traverse_util.flatten_dict(_param_shapes(c))
-    for c in (TINY, student_cfg)
+    for c in (teacher_cfg, student_cfg)
   )
   extra = set(student) - set(teacher)
   assert set(teacher) <= set(student)
@@ -266,8 +301,9 @@ def test_student_params_are_teacher_params_plus_w_embedding():
     assert student[path] == value, path
 
 
-def test_fresh_net_is_zero_and_its_w_embedding_changes_nothing():
-  student_cfg = dataclasses.replace(TINY, use_w_embedding=True)
+@pytest.mark.parametrize('teacher_cfg', [TINY, CLASSES], ids=['text', 'class'])
+def test_fresh_net_is_zero_and_its_w_embedding_changes_nothing(teacher_cfg):
+  student_cfg = dataclasses.replace(teacher_cfg, use_w_embedding=True)
   inputs = _inputs(student_cfg)
   fresh = jax.jit(
     lambda: sd_unet.SDUNet(student_cfg).init(
@@ -281,10 +317,10 @@ def test_fresh_net_is_zero_and_its_w_embedding_changes_nothing():
   # Only its zero-initialised last layer makes it a no-op.
   w_embedding = fresh['w_embedding']
   assert float(jnp.abs(w_embedding['linear_1']['kernel']).max()) > 0
-  teacher_params = _noisy_params(TINY)
+  teacher_params = _noisy_params(teacher_cfg)
   student_params = {**teacher_params, 'w_embedding': w_embedding}
   teacher_inputs = {k: v for k, v in inputs.items() if k != 'w'}
-  expected = _apply(TINY, teacher_params, teacher_inputs)
+  expected = _apply(teacher_cfg, teacher_params, teacher_inputs)
   for w in (0.0, 1.5, 4.0):
     got = _apply(
       student_cfg, student_params, {**inputs, 'w': jnp.full(BATCH, w)}
@@ -431,7 +467,7 @@ def test_input_shape_errors(name, change, message):
     ('down_block_types', ('CrossAttnDownBlock2D',)),
     ('down_block_types', ('CrossAttnDownBlock2D', 'AttnDownBlock2D')),
     ('up_block_types', ('UpBlock2D', 'CrossAttnDownBlock2D')),
-    ('cross_attention_dim', None),
+    ('cross_attention_dim', 0),
     ('attention_head_dim', 3),
     ('attention_head_dim', (2, 2, 2)),
     ('attention_head_dim', (2, 0)),

@@ -3,12 +3,12 @@
 `data_config.name` picks the backend: 'digits' (scikit-learn's digits, ships
 with the package), 'shapes' (captioned coloured shapes, generated here),
 'webdataset' (image–caption pairs in tar shards under data_dir) or a TFDS
-data set ('cifar10', 'imagenet64'). Images are shaped (B, H, W, C). Class
-data sets label them (int32 'label'); caption data sets
-(`DatasetInfo.has_captions`) describe them (str 'caption') and have no
-classes. Training batches carry the raw pixels as uint8 in
-[0, DatasetInfo.max_pixel_value], a quarter of the bytes of float32 to send
-to the devices; the jitted train step maps them onto the model's [−1, 1]
+data set ('cifar10', 'imagenet64', 'imagenet256': ImageNet centre-cropped to
+256×256). Images are shaped (B, H, W, C). Class data sets label them (int32
+'label'); caption data sets (`DatasetInfo.has_captions`) describe them (str
+'caption') and have no classes. Training batches carry the raw pixels as
+uint8 in [0, DatasetInfo.max_pixel_value], a quarter of the bytes of float32
+to send to the devices; the jitted train step maps them onto the model's [−1, 1]
 with `to_model_range`. Evaluation arrays come already in [−1, 1] as float32,
 scaled on the host by the same function.
 
@@ -37,7 +37,7 @@ from gdd.data.common import DatasetNotFoundError
 DIGITS = 'digits'
 SHAPES = 'shapes'
 WEBDATASET = 'webdataset'
-TFDS_NAMES = ('cifar10', 'imagenet64')
+TFDS_NAMES = ('cifar10', 'imagenet64', 'imagenet256')
 NAMES = (DIGITS, SHAPES, WEBDATASET, *TFDS_NAMES)
 # The split each data set holds out from training. A shard folder has only
 # 'train': its first pairs stand in (they are trained on too).
@@ -47,6 +47,7 @@ _HELD_OUT_SPLITS = {
   WEBDATASET: 'train',
   'cifar10': 'test',
   'imagenet64': 'validation',
+  'imagenet256': 'validation',
 }
 # config.data.image_size when unset; read by shapes and webdataset only.
 DEFAULT_IMAGE_SIZE = 32

@@ -1,4 +1,4 @@
-"""TFDS pipelines: cifar10 and imagenet_resized/64x64.
+"""TFDS pipelines: cifar10, imagenet_resized/64x64 and imagenet2012 at 256.
 
 Each process reads its own even part of 'train', so hosts never read the same
 example in an epoch and need not talk to each other. The order is a pure
@@ -6,7 +6,8 @@ function of (seed, epoch, process): epoch e is read with file shuffling and a
 tf.data shuffle whose seeds derive from (seed, e, process_index), and the
 random flip is stateless, seeded by the example's index in the epoch. A run
 resumed at step k therefore rebuilds epoch k // steps_per_epoch and skips the
-batches already consumed in it. Images stay uint8 (0..255), as stored.
+batches already consumed in it. Images stay uint8 (0..255), as stored, or
+for full-size ImageNet as its centre crop (`_center_crop`) rounds them.
 
 TensorFlow itself is imported only when a pipeline is built: the availability
 check (`missing_message`) needs just the builder's metadata, and TensorFlow
@@ -34,6 +35,8 @@ class _Spec:
   num_classes: int
   num_train_examples: int
   how_to_prepare: str
+  # Stored at any size, brought to image_shape by `_center_crop`.
+  center_crop: bool = False
 
 
 SPECS = {
@@ -56,6 +59,21 @@ SPECS = {
       'Imagenet64_val_npz.zip), put them in {data_dir}/downloads/manual/ and '
       'then run:\n  {build}'
     ),
+  ),
+  # ILSVRC 2012 at full size, centre-cropped to 256×256 as ADM and the
+  # latent-diffusion ImageNet 256 models see it.
+  'imagenet256': _Spec(
+    tfds_name='imagenet2012',
+    image_shape=(256, 256, 3),
+    num_classes=1000,
+    num_train_examples=1_281_167,
+    how_to_prepare=(
+      'ImageNet needs an account, so download ILSVRC2012_img_train.tar and '
+      'ILSVRC2012_img_val.tar by hand from '
+      'https://image-net.org/download-images, put them in '
+      '{data_dir}/downloads/manual/ and then run:\n  {build}'
+    ),
+    center_crop=True,
   ),
 }
 
@@ -95,6 +113,41 @@ def _tf():
   return tf
 
 
+def _center_crop(image, size: int):
+  """ADM's centre crop: the short side resized to `size`, the centre kept.
+
+  A uint8 [H, W, 3] image of any size → uint8 [size, size, 3]. The resize
+  is bicubic and antialiased, as in ADM's `center_crop_arr` (PIL's BICUBIC,
+  which antialiases, after box halvings by 2 while the short side is at
+  least twice `size`): the preprocessing of ADM's ImageNet 256 reference
+  batch, which later class-conditional models (DiT among them) report FID
+  against. Not LDM's loader (taming's SmallestMaxSize: cv2 bilinear without
+  antialiasing, which aliases where the short side shrinks several times)
+  and not an area resize, which is a box filter when it shrinks and
+  nearest-neighbour when it enlarges the few images under `size`.
+  """
+  tf = _tf()
+  shape = tf.shape(image)[:2]
+  scale = size / tf.cast(tf.reduce_min(shape), tf.float32)
+  # round() as ADM; max() guards the short side against a rounding slip.
+  resized_shape = tf.maximum(
+    tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32), size
+  )
+  resized = tf.image.resize(
+    image, resized_shape, method='bicubic', antialias=True
+  )
+  top, left = tf.unstack((resized_shape - size) // 2)
+  crop = tf.image.crop_to_bounding_box(resized, top, left, size, size)
+  return tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8)
+
+
+def _stored_image(spec: _Spec, image):
+  """A decoded image as the pipeline yields it: cropped if the spec says."""
+  if spec.center_crop:
+    return _center_crop(image, spec.image_shape[0])
+  return image
+
+
 def _seeds(*entropy: int) -> tuple[int, int, int]:
   """Three independent non-negative int64 seeds derived from `entropy`."""
   state = np.random.SeedSequence(entropy).generate_state(3, np.uint64)
@@ -110,6 +163,7 @@ def _deterministic_options():
 def _epoch_dataset(
   builder: tfds.core.DatasetBuilder,
   *,
+  spec: _Spec,
   part,
   seed: int,
   epoch: int,
@@ -137,7 +191,7 @@ def _epoch_dataset(
   ds = ds.enumerate().skip(skip_batches * local_batch_size)
 
   def preprocess(index, example):
-    image = image_feature.decode_example(example['image'])
+    image = _stored_image(spec, image_feature.decode_example(example['image']))
     if random_flip:
       image = tf.image.stateless_random_flip_left_right(
         image, seed=tf.stack([tf.constant(flip_seed, tf.int64), index])
@@ -183,6 +237,7 @@ def train_batches(
   while True:
     ds = _epoch_dataset(
       builder,
+      spec=SPECS[name],
       part=part,
       seed=seed,
       epoch=epoch,
@@ -230,8 +285,12 @@ def eval_arrays(
       f'num_examples must be in [1, {size}] for {name!r} split {split!r}, '
       f'got {num_examples}.'
     )
+  spec = SPECS[name]
   ds = ds.take(num_examples).map(
-    lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)},
+    lambda ex: {
+      'image': _stored_image(spec, ex['image']),
+      'label': tf.cast(ex['label'], tf.int32),
+    },
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   ds = ds.batch(1024).with_options(_deterministic_options())

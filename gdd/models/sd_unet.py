@@ -11,6 +11,17 @@ strength w through a zero-initialised MLP under `w_embedding`. Every other
 param has the same path and shape with and without w, so a student is the
 teacher's tree plus a fresh `w_embedding`, and equals the teacher at init.
 
+Without text (`cross_attention_dim=None`: a class-conditional network, the
+class embedding added to the time embedding as in diffusers'
+`num_class_embeds`), the SDUNet takes context=None and its transformers keep
+self-attention and the feed-forward but have no cross-attention: diffusers'
+BasicTransformerBlock built with cross_attention_dim=None (no norm2, no
+attn2). The block types keep their names — a CrossAttnDownBlock2D then
+holds self-attention transformers, so `down_block_types` chooses the levels
+with attention, as LDM's class-conditional ImageNet models attend at some
+resolutions only — and a text network's params are untouched, so Stable
+Diffusion weights still load into it.
+
 Structure, as diffusers builds it: conv_in → down blocks (resnets, each
 followed by a Transformer2DModel in a CrossAttnDownBlock2D, then a stride-2
 conv but in the last block) → mid block (resnet, transformer, resnet) → up
@@ -106,6 +117,10 @@ class SDUNetConfig(layers.CheckedConfig):
   An int applies to every block; a tuple gives one per down block, the up
   blocks taking it reversed and the mid block its last entry.
   `transformer_layers_per_block` is per down block in the same way.
+
+  `cross_attention_dim=None` builds a network without text: it takes
+  context=None and its transformers have no cross-attention (the module
+  docstring); give it `num_class_embeds` to condition on classes.
   """
 
   sample_size: int
@@ -125,7 +140,7 @@ class SDUNetConfig(layers.CheckedConfig):
     'CrossAttnUpBlock2D',
     'CrossAttnUpBlock2D',
   )
-  cross_attention_dim: int = 768
+  cross_attention_dim: int | None = 768
   attention_head_dim: int | tuple[int, ...] = 8
   transformer_layers_per_block: int | tuple[int, ...] = 1
   use_linear_projection: bool = False
@@ -163,10 +178,15 @@ class SDUNetConfig(layers.CheckedConfig):
       'sample_size',
       'in_channels',
       'layers_per_block',
-      'cross_attention_dim',
       'norm_num_groups',
     ):
       self._require(checks.is_int(getattr(self, name)), name, 'a positive int')
+    self._require(
+      self.cross_attention_dim is None
+      or checks.is_int(self.cross_attention_dim),
+      'cross_attention_dim',
+      'a positive int, or None for a network without text',
+    )
     channels = self.block_out_channels
     self._require(
       isinstance(channels, tuple)
@@ -391,19 +411,26 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-  """Self-attention, cross-attention to the text, feed-forward; pre-norm."""
+  """Self-attention, cross-attention to the text, feed-forward; pre-norm.
+
+  Without text (context None) there is no cross-attention: no norm2, no
+  attn2, as in diffusers' block with cross_attention_dim=None.
+  """
 
   heads: int
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
+  def __call__(
+    self, x: jnp.ndarray, context: jnp.ndarray | None
+  ) -> jnp.ndarray:
     def norm(name):
       return nn.LayerNorm(_LAYER_NORM_EPS, dtype=self.dtype, name=name)
 
     attention = dict(heads=self.heads, dtype=self.dtype)
     x = x + Attention(**attention, name='attn1')(norm('norm1')(x))
-    x = x + Attention(**attention, name='attn2')(norm('norm2')(x), context)
+    if context is not None:
+      x = x + Attention(**attention, name='attn2')(norm('norm2')(x), context)
     return x + FeedForward(dtype=self.dtype, name='ff')(norm('norm3')(x))
 
 
@@ -421,7 +448,9 @@ class Transformer2DModel(nn.Module):
   depth: int
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
+  def __call__(
+    self, x: jnp.ndarray, context: jnp.ndarray | None
+  ) -> jnp.ndarray:
     cfg = self.config
     dtype = _dtype(cfg)
     batch, height, width, channels = x.shape
@@ -547,7 +576,7 @@ class UpBlock(nn.Module):
 
 
 class SDUNet(nn.Module):
-  """Text- (and optionally class- and w-) conditional SD U-Net on latents."""
+  """Text- or class- (and optionally w-) conditional SD U-Net on latents."""
 
   config: SDUNetConfig
 
@@ -556,7 +585,7 @@ class SDUNet(nn.Module):
     self,
     z: jnp.ndarray,
     logsnr: jnp.ndarray,
-    context: jnp.ndarray,
+    context: jnp.ndarray | None,
     labels: jnp.ndarray | None = None,
     w: jnp.ndarray | None = None,
     *,
@@ -569,7 +598,8 @@ class SDUNet(nn.Module):
       logsnr: [B] log-SNR λ of each latent.
       context: [B, L, cross_attention_dim] per-token text states (the text
         encoder's last hidden state), read by every cross-attention; the
-        CFG null is the empty caption's states.
+        CFG null is the empty caption's states. None iff
+        `config.cross_attention_dim` is None (a network without text).
       labels: [B] int class labels in [0, K], K the null label; required
         iff `config.num_class_embeds` is set.
       w: [B] guidance strengths; required iff `config.use_w_embedding`.
@@ -582,7 +612,8 @@ class SDUNet(nn.Module):
     self._check_inputs(z, logsnr, context, labels, w)
     emb = self._embedding(logsnr, labels, w)
     dtype = _dtype(cfg)
-    context = context.astype(dtype)
+    if context is not None:
+      context = context.astype(dtype)
     h = nn.Conv(cfg.block_out_channels[0], (3, 3), dtype=dtype, name='conv_in')(
       z.astype(dtype)
     )
@@ -665,13 +696,8 @@ class SDUNet(nn.Module):
       raise ValueError(
         f'z must have shape [B, {size}, {size}, {channels}]; got {z.shape}.'
       )
-    batch, width = z.shape[0], cfg.cross_attention_dim
-    shape = jnp.shape(context)
-    if len(shape) != 3 or shape[::2] != (batch, width) or not shape[1]:
-      raise ValueError(
-        f'context must have shape [B, L, cross_attention_dim] = '
-        f'[{batch}, L, {width}] with L >= 1 tokens; got {shape}.'
-      )
+    batch = z.shape[0]
+    _check_context(context, batch, cfg.cross_attention_dim)
     for name, value in (('logsnr', logsnr), ('labels', labels), ('w', w)):
       if value is not None and jnp.shape(value) != (batch,):
         raise ValueError(
@@ -680,6 +706,30 @@ class SDUNet(nn.Module):
     label_dtype = None if labels is None else jnp.asarray(labels).dtype
     if label_dtype is not None and not jnp.issubdtype(label_dtype, jnp.integer):
       raise ValueError(f'labels must be ints; got dtype {label_dtype}.')
+
+
+def _check_context(context, batch: int, width: int | None) -> None:
+  """[B, L, width] text states with L >= 1, or None for a network without
+  text (width None)."""
+  if width is None:
+    if context is not None:
+      raise ValueError(
+        'This SDUNet has no cross-attention (cross_attention_dim=None) but '
+        'got a context: pass context=None, or build it with '
+        'SDUNetConfig(cross_attention_dim=D).'
+      )
+    return
+  shape = None if context is None else jnp.shape(context)
+  if (
+    shape is None
+    or len(shape) != 3
+    or shape[::2] != (batch, width)
+    or not shape[1]
+  ):
+    raise ValueError(
+      f'context must have shape [B, L, cross_attention_dim] = '
+      f'[{batch}, L, {width}] with L >= 1 tokens; got {shape}.'
+    )
 
 
 def _check_present(name: str, value, wanted: bool, setting: str) -> None:

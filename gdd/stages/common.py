@@ -12,6 +12,7 @@ from gdd.models import (
   UNet,
   UNetConfig,
   autoencoder,
+  class_sd_unet,
   sd_unet,
   text_encoder,
   text_unet,
@@ -25,21 +26,24 @@ def build_model(
   *,
   use_w_embedding: bool = False,
   w_max: float = 4.0,
-) -> UNet | text_unet.TextUNet:
+) -> UNet | text_unet.TextUNet | class_sd_unet.ClassSDUNet:
   """The denoising network of `config.model` for `info`'s data.
 
   'unet': the pixel U-Net; 'sd_unet': the SD-architecture U-Net on the
-  config's space, behind a text encoder for caption data sets. Its remat
-  policy is `config.memory.remat`: a memory setting, not part of what the
-  network is, so it may change between runs of one stage.
+  config's space, behind a text encoder for caption data sets, with a class
+  embedding (and no text) for class data sets. Its remat policy is
+  `config.memory.remat`: a memory setting, not part of what the network
+  is, so it may change between runs of one stage.
   """
   model_config = config.model.to_dict()
   kind = model_config.pop('kind')
   options = dict(
     use_w_embedding=use_w_embedding, w_max=w_max, remat=config.memory.remat
   )
-  if kind == 'sd_unet':
+  if kind == 'sd_unet' and info.has_captions:
     return _text_unet(config, info, model_config, options)
+  if kind == 'sd_unet':
+    return _class_sd_unet(config, info, model_config, options)
   height, _, channels = info.image_shape
   for key in ('ch_mult', 'attn_resolutions'):
     model_config[key] = tuple(model_config[key])
@@ -54,14 +58,27 @@ def build_model(
   )
 
 
+def _class_sd_unet(
+  config, info, model_config, options
+) -> class_sd_unet.ClassSDUNet:
+  """SD U-Net with a class embedding on the config's space (class data)."""
+  height, _, channels = build_space(config, info).shape
+  return class_sd_unet.ClassSDUNet(
+    class_sd_unet.ClassSDUNetConfig(
+      sd_unet.SDUNetConfig(
+        sample_size=height,
+        in_channels=channels,
+        cross_attention_dim=None,
+        num_class_embeds=info.num_classes,
+        **options,
+        **model_config,
+      )
+    )
+  )
+
+
 def _text_unet(config, info, model_config, options) -> text_unet.TextUNet:
   """Text encoder + SD U-Net on the config's space (caption data sets)."""
-  if not info.has_captions:
-    raise errors.UserError(
-      "config.model.kind='sd_unet' is text-conditional, but "
-      f'{info.name!r} has no captions; use a caption data set '
-      f'({config_lib.CAPTION_DATASETS}) or the pixel U-Net.'
-    )
   height, _, channels = build_space(config, info).shape
   tokenizer = tokenization.for_config(config, info)
   text = text_encoder.TextEncoderConfig(
