@@ -30,18 +30,9 @@ from tests import helpers
 
 def _quick(num_train_steps: int = 4) -> ml_collections.ConfigDict:
   """`shapes:quick` with a few steps per stage and one small grid."""
-  config = helpers.load_config('shapes', 'quick')
-  for stage in ('autoencoder', 'teacher', 'guided', 'distill'):
-    config[stage].update(
-      num_train_steps=num_train_steps,
-      batch_size=8,
-      log_every=2,
-      grids_every=1000,
-      checkpoint_every=1000,
-    )
-    config[stage].optimizer.warmup_steps = 1
-  config.grids.update(sample_ws=(1.0,), teacher_num_steps=2)
-  config.sample.update(num_steps=2, num_samples=6, batch_size=4)
+  config = helpers.shrink_latent_chain(
+    helpers.load_config('shapes', 'quick'), num_train_steps
+  )
   config_lib.validate(config)
   return config
 
@@ -275,14 +266,6 @@ def shapes_workdir(tmp_path_factory):
   return workdir
 
 
-def _params(workdir, name):
-  return jax.device_get(
-    checkpointing.load_params(
-      workdir_lib.params_dir(workdir_lib.stage_dir(workdir, name))
-    )
-  )
-
-
 def test_chain_runs_every_stage_in_latent_space(shapes_workdir):
   assert workdir_lib.finished_rounds(shapes_workdir) == [2, 1]
   ae_dir = workdir_lib.stage_dir(shapes_workdir, 'autoencoder')
@@ -294,13 +277,13 @@ def test_chain_runs_every_stage_in_latent_space(shapes_workdir):
 
 
 def test_students_keep_the_teachers_text_encoder(shapes_workdir):
-  teacher = _params(shapes_workdir, 'teacher')['text_encoder']
+  teacher = helpers.exported_params(shapes_workdir, 'teacher')['text_encoder']
   fresh = common.init_params(
     common.build_model(_quick(), data.get_info(_quick().data)),
     jax.random.PRNGKey(0),
   )
   for name in ('guided', 'distill/2steps', 'distill/1steps'):
-    student = _params(shapes_workdir, name)['text_encoder']
+    student = helpers.exported_params(shapes_workdir, name)['text_encoder']
     jax.tree.map(np.testing.assert_array_equal, student, teacher)
   # The teacher trained it (not only the U-Net).
   changed = jax.tree.map(
