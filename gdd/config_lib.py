@@ -780,6 +780,13 @@ def _validate_network(
     lambda v: not (v and config.data.name == 'digits'),
     'False for digits (digits are not mirror-symmetric)',
   )
+  _check(
+    config,
+    'data.held_out_dir',
+    lambda v: v is None or config.data.name == 'webdataset',
+    "unset: only 'webdataset' reads it (the other data sets hold out their "
+    'own split)',
+  )
   _check(config, 'data.shuffle_buffer', checks.is_int, 'a positive int')
   _check(config, 'data.image_size', checks.is_int, 'a positive int')
   _check(config, 'space', _one_of(SPACES), f'one of {SPACES}')

@@ -58,6 +58,7 @@ def test_unknown_variant_is_rejected():
   [
     ('data.name', 'mnist', "config.data.name='mnist' is invalid"),
     ('data.random_flip', True, 'not mirror-symmetric'),
+    ('data.held_out_dir', '/data/coco', "only 'webdataset' reads it"),
     ('model.mean_type', 'noise', 'one of'),
     ('model.ch_mult', (), 'non-empty tuple'),
     ('model.dropout', 1.5, 'in \\[0, 1\\)'),
