@@ -31,6 +31,9 @@ DATASETS = (
 )
 # Data sets of images with captions: text-conditional models, `config.text`.
 CAPTION_DATASETS = ('shapes', 'webdataset')
+# Caption data sets with a closed vocabulary, which the 'word' tokenizer
+# takes; the others have free text and need 'clip'.
+WORD_DATASETS = ('shapes',)
 # Where the diffusion models work: on the images, or on the latents of the
 # autoencoder stage (`gdd.stages.autoencoder`).
 SPACES = ('pixel', 'latent')
@@ -143,6 +146,11 @@ def _add_network_sections(config: ml_collections.ConfigDict) -> None:
     {
       'name': 'digits',
       'data_dir': config_dict.placeholder(str),
+      # webdataset: a folder of held-out image–caption shards (e.g. COCO
+      # captions written by img2dataset), the 'test' split that grids,
+      # --mode=sample and evaluation draw captions from; unset: the first
+      # pairs of data_dir stand in (`gdd.data.held_out_split`).
+      'held_out_dir': config_dict.placeholder(str),
       'random_flip': False,
       'shuffle_buffer': 10_000,
       # Side of the square images of data sets drawn or resized to a size
@@ -497,6 +505,9 @@ _CADENCE_KEYS = {
 # of `base_config()` is in TRAINING_KEYS or here (tests/test_configs.py).
 NOT_TRAINING_KEYS = {
   'data.data_dir': 'where the data set is stored; data.name says which',
+  'data.held_out_dir': (
+    'the held-out captions and images of grids and evaluation, never trained on'
+  ),
   'diffusion.clip_x': 'clips x̂ in samplers only, never in training targets',
   **{
     f'{stage}.{key}': reason
@@ -547,7 +558,12 @@ def from_record(record: dict) -> ml_collections.ConfigDict:
   for section in base:
     if section not in config:
       config[section] = base[section]
-  for key in ('model.kind', 'data.image_size', 'sample.prompts'):
+  for key in (
+    'model.kind',
+    'data.image_size',
+    'data.held_out_dir',
+    'sample.prompts',
+  ):
     section, name = key.split('.')
     if name not in config[section]:
       config[section][name] = base[section][name]
@@ -613,9 +629,7 @@ def _check(
   predicate: Callable[[Any], bool],
   allowed: str,
 ) -> None:
-  value = config
-  for part in key.split('.'):
-    value = value[part]
+  value = _value(config, key)
   ok = False
   try:
     ok = bool(predicate(value))
@@ -623,6 +637,14 @@ def _check(
     ok = False
   if not ok:
     raise ConfigError(f'config.{key}={value!r} is invalid: allowed {allowed}.')
+
+
+def _value(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value of a dotted key."""
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  return value
 
 
 def _non_negative_number(v: Any) -> bool:
@@ -716,16 +738,63 @@ def validate(
   _validate_sample(config)
 
 
+def _required_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Keys without a default for this config → an example and what it is.
+
+  A webdataset's shard folder and CLIP's tokenizer files: the user's data
+  and their Stable Diffusion download.
+  """
+  required = {}
+  if config.data.name == 'webdataset':
+    required['data.data_dir'] = (
+      '/data/laion/shards  (the folder of 00000.tar, 00001.tar, …)'
+    )
+  if config.data.name in CAPTION_DATASETS and config.text.tokenizer == 'clip':
+    tokenizer = '/models/stable-diffusion-v1-5/tokenizer'
+    required['text.vocab_file'] = f'{tokenizer}/vocab.json'
+    required['text.merges_file'] = f'{tokenizer}/merges.txt'
+  return required
+
+
+def _check_required(config: ml_collections.ConfigDict) -> None:
+  """One ConfigError naming every required key left unset, each with an
+  example, so that a user fixes them all at once."""
+  missing = [
+    (key, example)
+    for key, example in _required_keys(config).items()
+    if not _value(config, key)
+  ]
+  if missing:
+    keys = [f'config.{key}' for key, _ in missing]
+    names = ', '.join(keys[:-1]) + ' and ' * (len(keys) > 1) + keys[-1]
+    examples = '\n'.join(f'  --config.{k}={e}' for k, e in missing)
+    raise ConfigError(
+      f'{names} must be set for this config (data.name='
+      f'{config.data.name!r}, text.tokenizer={config.text.tokenizer!r}), '
+      f'e.g.\n{examples}'
+    )
+
+
 def _validate_network(
   config: ml_collections.ConfigDict, training: Iterable[str]
 ) -> None:
   """The data, model and diffusion sections."""
   _check(config, 'data.name', _one_of(DATASETS), f'one of {DATASETS}')
+  if config.data.name in CAPTION_DATASETS:
+    _check_tokenizer(config)
+  _check_required(config)
   _check(
     config,
     'data.random_flip',
     lambda v: not (v and config.data.name == 'digits'),
     'False for digits (digits are not mirror-symmetric)',
+  )
+  _check(
+    config,
+    'data.held_out_dir',
+    lambda v: v is None or config.data.name == 'webdataset',
+    "unset: only 'webdataset' reads it (the other data sets hold out their "
+    'own split)',
   )
   _check(config, 'data.shuffle_buffer', checks.is_int, 'a positive int')
   _check(config, 'data.image_size', checks.is_int, 'a positive int')
@@ -811,15 +880,13 @@ def _validate_sd_unet(config: ml_collections.ConfigDict) -> None:
 
 def _validate_text(config: ml_collections.ConfigDict) -> None:
   """The tokenizer and text encoder of a caption data set."""
-  _check(config, 'text.tokenizer', _one_of(TOKENIZERS), f'one of {TOKENIZERS}')
-  if config.text.tokenizer == 'clip':
-    for key in ('vocab_file', 'merges_file'):
-      _check(
-        config,
-        f'text.{key}',
-        lambda v: isinstance(v, str) and v,
-        'a path (the tokenizer/ folder of Stable Diffusion weights)',
-      )
+  for key in ('vocab_file', 'merges_file'):
+    _check(
+      config,
+      f'text.{key}',
+      lambda v: isinstance(v, str),
+      'a path (the tokenizer/ folder of Stable Diffusion weights)',
+    )
   _check(
     config, 'text.max_length', lambda v: checks.is_int(v, 3), 'an int >= 3'
   )
@@ -837,6 +904,18 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
     'True or False',
   )
   _check(config, 'text.num_held_out_captions', checks.is_int, 'a positive int')
+
+
+def _check_tokenizer(config: ml_collections.ConfigDict) -> None:
+  """A tokenizer that can read the data set's captions."""
+  _check(config, 'text.tokenizer', _one_of(TOKENIZERS), f'one of {TOKENIZERS}')
+  _check(
+    config,
+    'text.tokenizer',
+    lambda v: v == 'clip' or config.data.name in WORD_DATASETS,
+    f"'clip' for {config.data.name!r}, whose captions are free text ('word' "
+    f'takes the closed vocabularies of {WORD_DATASETS} only)',
+  )
 
 
 def _validate_autoencoder(

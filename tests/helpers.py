@@ -1,10 +1,15 @@
 """Shared test fixtures: tiny configs that compile and run in seconds."""
 
 import contextlib
+import io
+import json
 import os
+import tarfile
+from collections.abc import Callable
 
 import ml_collections
 import pytest
+from PIL import Image
 
 from gdd import config_lib, errors, workdir_lib
 
@@ -79,8 +84,17 @@ def quick_latent_config(
   name: str = 'shapes', num_train_steps: int = 4
 ) -> ml_collections.ConfigDict:
   """A latent config's `:quick` variant with a few steps per stage and one
-  small grid: the autoencoder → … chain in minutes."""
-  config = load_config(name, 'quick')
+  small grid, validated: the autoencoder → … chain in minutes."""
+  config = shrink_latent_chain(load_config(name, 'quick'), num_train_steps)
+  config_lib.validate(config)
+  return config
+
+
+def shrink_latent_chain(
+  config: ml_collections.ConfigDict, num_train_steps: int = 4
+) -> ml_collections.ConfigDict:
+  """A latent `:quick` config shrunk further, in place: a few steps per
+  stage (autoencoder too), batches of 8, one small grid, tiny samples."""
   for stage in ('autoencoder', 'teacher', 'guided', 'distill'):
     config[stage].update(
       num_train_steps=num_train_steps,
@@ -92,7 +106,6 @@ def quick_latent_config(
     config[stage].optimizer.warmup_steps = 1
   config.grids.update(sample_ws=(1.0,), teacher_num_steps=2)
   config.sample.update(num_steps=2, num_samples=6, batch_size=4)
-  config_lib.validate(config)
   return config
 
 
@@ -115,6 +128,21 @@ def noisy_params(model, seed: int = 0):
       x + 0.05 * jax.random.normal(k, x.shape)
       for x, k in zip(leaves, keys, strict=True)
     ],
+  )
+
+
+def exported_params(workdir, name: str):
+  """The params export of the workdir's stage `name` (e.g. 'distill/1steps'),
+  on the host."""
+  # Imported here: gdd must load after conftest's XLA flags.
+  import jax
+
+  from gdd.train import checkpointing
+
+  return jax.device_get(
+    checkpointing.load_params(
+      workdir_lib.params_dir(workdir_lib.stage_dir(workdir, name))
+    )
   )
 
 
@@ -160,3 +188,88 @@ def train_steps(
       state, frozen, sharding.global_batch(next(batches), mesh)
     )
   return jax.device_get(state), jax.device_get(metrics)
+
+
+# ------------------------------------------------- webdataset shards ---
+
+
+def encode_image(image: Image.Image, file_format: str = 'PNG', **options):
+  """The bytes of `image` saved in `file_format` (Pillow's options)."""
+  buffer = io.BytesIO()
+  image.save(buffer, file_format, **options)
+  return buffer.getvalue()
+
+
+def write_shard(path, members) -> None:
+  """A tar of (name, bytes) members, in the order given."""
+  with tarfile.open(path, 'w') as tar:
+    for name, content in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(content)
+      tar.addfile(info, io.BytesIO(content))
+
+
+def write_shards(
+  folder,
+  num_shards: int,
+  per_shard: int,
+  caption: Callable[[int, int], str] = lambda s, k: f'pair {s} {k}',
+) -> list[str]:
+  """Shards `00000.tar`, … of JPEG–caption pairs, as img2dataset writes.
+
+  Pair K of shard S is a 20×30 picture of colour (K, S, 9) captioned
+  `caption(S, K)`; each shard lists its pairs in reverse key order, each
+  with a KEY.json to ignore. Returns the captions in index order (shard,
+  then key).
+  """
+  folder.mkdir(exist_ok=True)
+  captions = []
+  for s in range(num_shards):
+    members = []
+    for k in reversed(range(per_shard)):
+      key = f'{s:05d}{k:04d}'
+      picture = Image.new('RGB', (20, 30), (k, s, 9))
+      members += [
+        (f'{key}.json', b'{}'),
+        (f'{key}.txt', f'{caption(s, k)}\n'.encode()),
+        (f'{key}.jpg', encode_image(picture, 'JPEG')),
+      ]
+    write_shard(folder / f'{s:05d}.tar', members)
+    captions += [caption(s, k) for k in range(per_shard)]
+  return captions
+
+
+# ------------------------------------------------- CLIP tokenizer files ---
+
+# A tiny CLIP-format vocabulary. Byte-level BPE maps ASCII letters and '!'
+# to themselves; '</w>' marks a word's last symbol.
+CLIP_VOCAB = {
+  '!': 0,
+  'a': 1,
+  'c': 2,
+  's': 3,
+  't': 4,
+  '!</w>': 5,
+  'a</w>': 6,
+  'c</w>': 7,
+  's</w>': 8,
+  't</w>': 9,
+  'ca': 10,
+  'cat</w>': 11,
+  'at</w>': 12,
+  '<|startoftext|>': 13,
+  '<|endoftext|>': 14,
+}
+# In priority order: 'c a' before 'a t</w>', so 'cat' merges to 'ca' +
+# 't</w>' and then 'cat</w>' (the other order would leave 'c' + 'at</w>').
+CLIP_MERGES = '#version: 0.2\nc a\na t</w>\nca t</w>\n'
+
+
+def write_clip_files(folder) -> tuple:
+  """`folder`/vocab.json and merges.txt of the tiny CLIP vocabulary, as a
+  Stable Diffusion download's tokenizer/ folder holds them."""
+  vocab_json = folder / 'vocab.json'
+  merges_txt = folder / 'merges.txt'
+  vocab_json.write_text(json.dumps(CLIP_VOCAB))
+  merges_txt.write_text(CLIP_MERGES)
+  return vocab_json, merges_txt

@@ -58,6 +58,7 @@ def test_unknown_variant_is_rejected():
   [
     ('data.name', 'mnist', "config.data.name='mnist' is invalid"),
     ('data.random_flip', True, 'not mirror-symmetric'),
+    ('data.held_out_dir', '/data/coco', "only 'webdataset' reads it"),
     ('model.mean_type', 'noise', 'one of'),
     ('model.ch_mult', (), 'non-empty tuple'),
     ('model.dropout', 1.5, 'in \\[0, 1\\)'),
@@ -311,12 +312,14 @@ def test_load_file_reads_variants_and_names_missing_files(tmp_path):
 
 
 def test_a_record_from_before_latent_keys_builds_its_network():
-  # Recorded before config.space, model.kind, data.image_size, text and
-  # autoencoder existed: read back as the pixel digits config it was.
+  # Recorded before config.space, model.kind, data.image_size,
+  # data.held_out_dir, text and autoencoder existed: read back as the pixel
+  # digits config it was.
   stored = json.loads(config_lib.base_config().to_json())
   for section in ('space', 'text', 'autoencoder'):
     del stored[section]
   del stored['model']['kind'], stored['data']['image_size']
+  del stored['data']['held_out_dir']
   del stored['sample']['prompts']
   config = config_lib.from_record(stored)
   assert config.space == 'pixel' and config.model.kind == 'unet'

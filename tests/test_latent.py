@@ -248,14 +248,6 @@ def shapes_workdir(tmp_path_factory):
   return workdir
 
 
-def _params(workdir, name):
-  return jax.device_get(
-    checkpointing.load_params(
-      workdir_lib.params_dir(workdir_lib.stage_dir(workdir, name))
-    )
-  )
-
-
 def test_chain_runs_every_stage_in_latent_space(shapes_workdir):
   assert workdir_lib.finished_rounds(shapes_workdir) == [2, 1]
   ae_dir = workdir_lib.stage_dir(shapes_workdir, 'autoencoder')
@@ -267,13 +259,13 @@ def test_chain_runs_every_stage_in_latent_space(shapes_workdir):
 
 
 def test_students_keep_the_teachers_text_encoder(shapes_workdir):
-  teacher = _params(shapes_workdir, 'teacher')['text_encoder']
+  teacher = helpers.exported_params(shapes_workdir, 'teacher')['text_encoder']
   fresh = common.init_params(
     common.build_model(_quick(), data.get_info(_quick().data)),
     jax.random.PRNGKey(0),
   )
   for name in ('guided', 'distill/2steps', 'distill/1steps'):
-    student = _params(shapes_workdir, name)['text_encoder']
+    student = helpers.exported_params(shapes_workdir, name)['text_encoder']
     jax.tree.map(np.testing.assert_array_equal, student, teacher)
   # The teacher trained it (not only the U-Net).
   changed = jax.tree.map(

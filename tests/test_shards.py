@@ -1,6 +1,5 @@
 """Tests of the webdataset reader on small shards written here."""
 
-import io
 import itertools
 import tarfile
 
@@ -11,6 +10,7 @@ from PIL import Image
 
 from gdd import data, errors
 from gdd.data import shards
+from tests import helpers
 
 SIZE = 16
 PER_SHARD = 5
@@ -27,43 +27,14 @@ def _config(data_dir, **overrides):
   return ml_collections.ConfigDict(fields)
 
 
-def _encode(image, file_format='PNG', **options):
-  buffer = io.BytesIO()
-  image.save(buffer, file_format, **options)
-  return buffer.getvalue()
-
-
 def _picture(i=0, size=(24, 20)):
-  return _encode(Image.new('RGB', size, (i % 256, 40, 200)))
-
-
-def _write_shard(path, members):
-  """A tar of (name, bytes) members, in the order given."""
-  with tarfile.open(path, 'w') as tar:
-    for name, content in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(content)
-      tar.addfile(info, io.BytesIO(content))
+  return helpers.encode_image(Image.new('RGB', size, (i % 256, 40, 200)))
 
 
 def _write_dataset(folder, num_shards, per_shard=PER_SHARD):
-  """Shards of pairs captioned 'pair S K' (shard S, key K), written in
-  reverse key order, each with a KEY.json to ignore; the captions in index
-  order."""
-  folder.mkdir(exist_ok=True)
-  captions = []
-  for s in range(num_shards):
-    members = []
-    for k in reversed(range(per_shard)):
-      key = f'{s:05d}{k:04d}'
-      members += [
-        (f'{key}.json', b'{}'),
-        (f'{key}.txt', f'pair {s} {k}\n'.encode()),
-        (f'{key}.jpg', _encode(Image.new('RGB', (20, 30), (k, s, 9)), 'JPEG')),
-      ]
-    _write_shard(folder / f'{s:05d}.tar', members)
-    captions += [f'pair {s} {k}' for k in range(per_shard)]
-  return captions
+  """Shards of pairs captioned 'pair S K' (shard S, key K); the captions
+  in index order (`helpers.write_shards`)."""
+  return helpers.write_shards(folder, num_shards, per_shard)
 
 
 def _take(iterator, n):
@@ -94,7 +65,7 @@ def test_info_counts_the_pairs_of_every_shard(tmp_path):
     has_captions=True,
   )
   assert data.split_size(config, 'train') == 3 * PER_SHARD
-  with pytest.raises(ValueError, match="split must be one of \\('train',\\)"):
+  with pytest.raises(ValueError, match="'test' does not exist.*held_out_dir"):
     data.split_size(config, 'test')
 
 
@@ -124,20 +95,20 @@ def test_images_are_resized_on_the_shorter_side_and_centre_cropped(tmp_path):
   tall[SIZE : 2 * SIZE, :, 1] = 255
   grey = Image.new('L', (SIZE // 2, SIZE // 2), 77)
   translucent = Image.new('RGBA', (SIZE, SIZE), (10, 20, 30, 128))
-  _write_shard(
+  helpers.write_shard(
     tmp_path / '00000.tar',
     [
-      ('a.png', _encode(Image.fromarray(wide))),
+      ('a.png', helpers.encode_image(Image.fromarray(wide))),
       ('a.txt', b'wide'),
-      ('b.png', _encode(Image.fromarray(tall))),
+      ('b.png', helpers.encode_image(Image.fromarray(tall))),
       ('b.txt', b'tall'),
-      ('c.jpeg', _encode(grey, 'JPEG')),
+      ('c.jpeg', helpers.encode_image(grey, 'JPEG')),
       ('c.txt', b'grey'),
-      ('d.webp', _encode(translucent, 'WEBP', lossless=True)),
+      ('d.webp', helpers.encode_image(translucent, 'WEBP', lossless=True)),
       ('d.txt', 'caf\u00e9 \u2603'.encode()),
     ],
   )
-  raw = shards.eval_arrays(str(tmp_path), image_size=SIZE, split='train')
+  raw = shards.eval_arrays(str(tmp_path), image_size=SIZE)
   assert raw['caption'].tolist() == ['wide', 'tall', 'grey', 'café ☃']
   assert raw['image'].shape == (4, SIZE, SIZE, 3)
   assert raw['image'].dtype == np.uint8
@@ -239,6 +210,71 @@ def test_each_shard_is_indexed_once_and_read_by_offset(tmp_path, monkeypatch):
   ]
 
 
+# ------------------------------------------------------------- held out ---
+
+
+def test_held_out_dir_is_the_test_split_and_never_trained_on(tmp_path):
+  captions = _write_dataset(tmp_path / 'train', 2)
+  held_out = helpers.write_shards(
+    tmp_path / 'held_out', 2, 3, caption=lambda s, k: f'held {s} {k}'
+  )
+  config = _config(tmp_path / 'train', held_out_dir=str(tmp_path / 'held_out'))
+  data.check_available(config)
+  assert data.held_out_split(config) == 'test'
+  assert data.get_info(config).num_train_examples == 2 * PER_SHARD
+  assert data.split_size(config, 'test') == 6
+  test = data.eval_arrays(config, split='test')
+  assert test['caption'].tolist() == held_out
+  assert test['image'].shape == (6, SIZE, SIZE, 3)
+  # Captions span shards, and a count beyond the split gives all of them.
+  assert data.held_out_captions(config, 4) == tuple(held_out[:4])
+  assert data.held_out_captions(config, 100) == tuple(held_out)
+  # One epoch: the 10 training pairs, none held out.
+  _, stream = _stream(
+    config, num_steps=2, batch_size=5, seed=0, process_index=0, process_count=1
+  )
+  assert sorted(stream) == sorted(captions)
+  # Without a held-out folder the first training pairs stand in.
+  config.held_out_dir = None
+  assert data.held_out_split(config) == 'train'
+  assert data.held_out_captions(config, 3) == tuple(captions[:3])
+
+
+def test_held_out_captions_are_read_without_their_images(tmp_path):
+  _write_dataset(tmp_path / 'train', 1)
+  (tmp_path / 'held_out').mkdir()
+  helpers.write_shard(
+    tmp_path / 'held_out' / '00000.tar',
+    _pair('a', image=b'not a picture', caption=b'held out a')
+    + _pair('b', image=b'not a picture', caption=b'held out b'),
+  )
+  config = _config(tmp_path / 'train', held_out_dir=str(tmp_path / 'held_out'))
+  assert data.held_out_captions(config, 2) == ('held out a', 'held out b')
+  with pytest.raises(shards.ShardError, match='cannot decode the image'):
+    data.eval_arrays(config, split='test')
+
+
+@pytest.mark.parametrize(
+  'layout, error, match',
+  [
+    ('missing', data.DatasetNotFoundError, 'config.data.held_out_dir='),
+    ('unpaired', shards.ShardError, 'has no caption'),
+  ],
+)
+def test_a_bad_held_out_folder_fails_the_availability_check(
+  tmp_path, layout, error, match
+):
+  _write_dataset(tmp_path / 'train', 1)
+  folder = tmp_path / 'held_out'
+  if layout == 'unpaired':
+    folder.mkdir()
+    helpers.write_shard(folder / '00000.tar', _pair('x')[:1])
+  config = _config(tmp_path / 'train', held_out_dir=str(folder))
+  with helpers.raises_user_error(error, match) as info:
+    data.check_available(config)
+  assert str(folder) in str(info.value)
+
+
 # --------------------------------------------------------------- errors ---
 
 
@@ -259,7 +295,7 @@ def test_unpaired_or_empty_members_fail_the_index(
   tmp_path, members, member, match
 ):
   _write_dataset(tmp_path, 1)
-  _write_shard(tmp_path / '00001.tar', _pair('a') + members)
+  helpers.write_shard(tmp_path / '00001.tar', _pair('a') + members)
   with pytest.raises(shards.ShardError, match=match) as error:
     data.check_available(_config(tmp_path))
   assert isinstance(error.value, errors.UserError)
@@ -279,7 +315,7 @@ def test_a_shard_without_pairs_fails_the_index(tmp_path, members, match):
   if members is None:
     (tmp_path / '00001.tar').write_bytes(b'not a tar at all' * 100)
   else:
-    _write_shard(tmp_path / '00001.tar', members)
+    helpers.write_shard(tmp_path / '00001.tar', members)
   with pytest.raises(shards.ShardError, match=match) as error:
     data.get_info(_config(tmp_path))
   assert '00001.tar' in str(error.value)
@@ -299,8 +335,8 @@ _GOOD = _picture()
 )
 def test_undecodable_members_fail_when_read(tmp_path, pair, member, match):
   # Shard 0 holds the good pairs 'a' and 'b', shard 1 the bad 'x'.
-  _write_shard(tmp_path / '00000.tar', _pair('a') + _pair('b'))
-  _write_shard(tmp_path / '00001.tar', pair)
+  helpers.write_shard(tmp_path / '00000.tar', _pair('a') + _pair('b'))
+  helpers.write_shard(tmp_path / '00001.tar', pair)
   config = _config(tmp_path)
   data.check_available(config)
   data.eval_arrays(config, split='train', num_examples=2)

@@ -1,11 +1,10 @@
 """Tests of gdd.tokenization: id layout, padding, truncation, BPE, errors."""
 
-import json
-
 import numpy as np
 import pytest
 
 from gdd import errors, tokenization
+from tests import helpers
 
 WORDS = ('a', 'red', 'blue', 'circle', 'square', 'left', 'of')
 # WordTokenizer ids: 0 pad, 1 BOS, 2 EOS, then WORDS from 3.
@@ -64,38 +63,13 @@ def test_encode_refuses_a_lone_string():
     tokenizer.encode('a red circle')
 
 
-# A tiny CLIP-format vocabulary. Byte-level BPE maps ASCII letters and '!'
-# to themselves; '</w>' marks a word's last symbol.
-VOCAB = {
-  '!': 0,
-  'a': 1,
-  'c': 2,
-  's': 3,
-  't': 4,
-  '!</w>': 5,
-  'a</w>': 6,
-  'c</w>': 7,
-  's</w>': 8,
-  't</w>': 9,
-  'ca': 10,
-  'cat</w>': 11,
-  'at</w>': 12,
-  '<|startoftext|>': 13,
-  '<|endoftext|>': 14,
-}
-# In priority order: 'c a' before 'a t</w>', so 'cat' merges to 'ca' +
-# 't</w>' and then 'cat</w>' (the other order would leave 'c' + 'at</w>').
-MERGES = '#version: 0.2\nc a\na t</w>\nca t</w>\n'
-BOS, EOS = 13, 14
+BOS = helpers.CLIP_VOCAB['<|startoftext|>']
+EOS = helpers.CLIP_VOCAB['<|endoftext|>']
 
 
 @pytest.fixture
 def clip_files(tmp_path):
-  vocab_json = tmp_path / 'vocab.json'
-  merges_txt = tmp_path / 'merges.txt'
-  vocab_json.write_text(json.dumps(VOCAB))
-  merges_txt.write_text(MERGES)
-  return vocab_json, merges_txt
+  return helpers.write_clip_files(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -163,8 +137,10 @@ def test_clip_tokenizer_malformed_files(clip_files):
 def test_clip_tokenizer_pad_token_must_be_in_vocabulary():
   merges = [('c', 'a')]
   with pytest.raises(ValueError, match="pad_token='<pad>'"):
-    tokenization.ClipTokenizer(VOCAB, merges, pad_token='<pad>')
-  vocab = {k: v for k, v in VOCAB.items() if k != '<|startoftext|>'}
+    tokenization.ClipTokenizer(helpers.CLIP_VOCAB, merges, pad_token='<pad>')
+  vocab = {
+    k: v for k, v in helpers.CLIP_VOCAB.items() if k != '<|startoftext|>'
+  }
   with pytest.raises(ValueError, match='BOS'):
     tokenization.ClipTokenizer(vocab, merges)
 

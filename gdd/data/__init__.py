@@ -2,15 +2,16 @@
 
 `data_config.name` picks the backend: 'digits' (scikit-learn's digits, ships
 with the package), 'shapes' (captioned coloured shapes, generated here),
-'webdataset' (image–caption pairs in tar shards under data_dir) or a TFDS
-data set ('cifar10', 'imagenet64', 'imagenet256': ImageNet centre-cropped to
-256×256). Images are shaped (B, H, W, C). Class data sets label them (int32
-'label'); caption data sets (`DatasetInfo.has_captions`) describe them (str
-'caption') and have no classes. Training batches carry the raw pixels as
-uint8 in [0, DatasetInfo.max_pixel_value], a quarter of the bytes of float32
-to send to the devices; the jitted train step maps them onto the model's [−1, 1]
-with `to_model_range`. Evaluation arrays come already in [−1, 1] as float32,
-scaled on the host by the same function.
+'webdataset' (image–caption pairs in tar shards under data_dir, held-out pairs
+under held_out_dir) or a TFDS data set ('cifar10', 'imagenet64',
+'imagenet256': ImageNet centre-cropped to 256×256). Images are shaped
+(B, H, W, C). Class data sets label them (int32 'label'); caption data sets
+(`DatasetInfo.has_captions`) describe them (str 'caption') and have no
+classes. Training batches carry the raw pixels as uint8 in [0,
+DatasetInfo.max_pixel_value], a quarter of the bytes of float32 to send to the
+devices; the jitted train step maps them onto the model's [−1, 1] with
+`to_model_range`. Evaluation arrays come already in [−1, 1] as float32, scaled
+on the host by the same function.
 
 Training batches are a pure function of (seed, step, process_index,
 process_count): no iterator state is ever saved, and a run resumed at step k
@@ -39,16 +40,17 @@ SHAPES = 'shapes'
 WEBDATASET = 'webdataset'
 TFDS_NAMES = ('cifar10', 'imagenet64', 'imagenet256')
 NAMES = (DIGITS, SHAPES, WEBDATASET, *TFDS_NAMES)
-# The split each data set holds out from training. A shard folder has only
-# 'train': its first pairs stand in (they are trained on too).
+# The split each data set holds out from training (webdataset's depends on
+# its config: `held_out_split`).
 _HELD_OUT_SPLITS = {
   DIGITS: 'test',
   SHAPES: 'test',
-  WEBDATASET: 'train',
   'cifar10': 'test',
   'imagenet64': 'validation',
   'imagenet256': 'validation',
 }
+# A webdataset split → the config.data key of its folder.
+_SHARD_FOLDER_KEYS = {'train': 'data_dir', 'test': 'held_out_dir'}
 # config.data.image_size when unset; read by shapes and webdataset only.
 DEFAULT_IMAGE_SIZE = 32
 
@@ -186,7 +188,8 @@ def check_available(data_config: ml_collections.ConfigDict) -> None:
   if data_config.name in (DIGITS, SHAPES):
     return
   if data_config.name == WEBDATASET:
-    shards.num_pairs(data_config.get('data_dir'))
+    for split in _shard_splits(data_config):
+      shards.num_pairs(*_shard_folder(data_config, split))
     return
   message = _tfds().missing_message(
     data_config.name, data_config.get('data_dir')
@@ -354,9 +357,10 @@ def eval_arrays(
   {'image': float32 [N, H, W, C] in [−1, 1], 'label': int32 [N]}; caption
   data sets give 'caption' (str [N]) instead of 'label', and shapes its
   attribute arrays too (`shapes.ATTRIBUTES`). Digits and shapes have splits
-  'train' and 'test'; webdataset has 'train' only (its first pairs in index
-  order: shard by shard, key by key); TFDS data sets have their TFDS
-  splits. The images are the training pixels through `to_model_range`.
+  'train' and 'test'; webdataset has 'train' (data_dir) and, with
+  held_out_dir set, 'test' (its first pairs in index order: shard by shard,
+  key by key); TFDS data sets have their TFDS splits. The images are the
+  training pixels through `to_model_range`.
   """
   info = get_info(data_config)
   if info.name == DIGITS:
@@ -366,11 +370,9 @@ def eval_arrays(
       image_size=info.image_shape[0], split=split, num_examples=num_examples
     )
   elif info.name == WEBDATASET:
+    folder, key = _shard_folder(data_config, split)
     raw = shards.eval_arrays(
-      data_config.get('data_dir'),
-      image_size=info.image_shape[0],
-      split=split,
-      num_examples=num_examples,
+      folder, image_size=info.image_shape[0], num_examples=num_examples, key=key
     )
   else:
     raw = _tfds().eval_arrays(
@@ -391,15 +393,46 @@ def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
   if data_config.name == SHAPES:
     return shapes.split_size(split)
   if data_config.name == WEBDATASET:
-    return shards.split_size(data_config.get('data_dir'), split)
+    return shards.num_pairs(*_shard_folder(data_config, split))
   return _tfds().split_size(
     data_config.name, data_config.get('data_dir'), split
   )
 
 
+def _shard_splits(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """A webdataset's splits: 'train', and 'test' if held_out_dir is set."""
+  if data_config.get('held_out_dir'):
+    return ('train', 'test')
+  return ('train',)
+
+
+def _shard_folder(
+  data_config: ml_collections.ConfigDict, split: str
+) -> tuple[str | None, str]:
+  """The folder of a webdataset split, and the config.data key naming it.
+
+  Raises:
+    ValueError: the split does not exist for this config.
+  """
+  if split not in _shard_splits(data_config):
+    raise ValueError(
+      f'webdataset split {split!r} does not exist: allowed '
+      f"{_shard_splits(data_config)} ('test' is config.data.held_out_dir's "
+      'shards, when it is set).'
+    )
+  key = _SHARD_FOLDER_KEYS[split]
+  return data_config.get(key), key
+
+
 def held_out_split(data_config: ml_collections.ConfigDict) -> str:
-  """The split held out from training (`_HELD_OUT_SPLITS`)."""
+  """The split held out from training (`_HELD_OUT_SPLITS`).
+
+  A webdataset without config.data.held_out_dir holds nothing out: its
+  'train' split stands in.
+  """
   _validate(data_config)
+  if data_config.name == WEBDATASET:
+    return _shard_splits(data_config)[-1]
   return _HELD_OUT_SPLITS[data_config.name]
 
 
@@ -409,9 +442,13 @@ def held_out_captions(
   """The first `num` captions of the held-out split (fewer if it is small).
 
   What text models' sample grids, `--mode=sample` and evaluation cycle
-  through, as the class-conditional ones cycle the classes.
+  through, as the class-conditional ones cycle the classes. A webdataset's
+  are read without decoding its images.
   """
   split = held_out_split(data_config)
+  if data_config.name == WEBDATASET:
+    folder, key = _shard_folder(data_config, split)
+    return tuple(shards.captions(folder, num, key=key))
   num = min(num, split_size(data_config, split))
   arrays = eval_arrays(data_config, split=split, num_examples=num)
   return tuple(str(c) for c in arrays['caption'])

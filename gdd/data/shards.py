@@ -24,9 +24,11 @@ shorter side is image_size and centre-cropped to a square, as uint8. A JPEG
 is decoded at the smallest DCT scale that keeps the shorter side at least
 image_size, several times faster for large pictures.
 
-The only split is 'train' (a webdataset folder holds no held-out split); its
-fixed evaluation arrays are its first pairs in index order: shard 0's by key,
-then shard 1's, …. The index keeps about 150 bytes per pair in memory.
+A folder's fixed evaluation arrays are its first pairs in index order:
+shard 0's by key, then shard 1's, …. `gdd.data` reads the training split
+from config.data.data_dir and a held-out split, if any, from its own folder
+(config.data.held_out_dir). The index keeps about 150 bytes per pair in
+memory.
 """
 
 import concurrent.futures
@@ -48,7 +50,6 @@ from gdd.data import common
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 CAPTION_EXTENSION = 'txt'
 MAX_PIXEL_VALUE = 255
-SPLITS = ('train',)
 
 
 class ShardError(errors.UserError, ValueError):
@@ -67,31 +68,31 @@ class _Shard:
   offsets: np.ndarray
 
 
-def shard_paths(data_dir: str | None) -> list[epath.Path]:
-  """The `*.tar` files of data_dir, sorted by name.
+def shard_paths(folder: str | None, key: str = 'data_dir') -> list[epath.Path]:
+  """The `*.tar` files of `folder` (config.data.`key`), sorted by name.
 
   Raises:
-    common.DatasetNotFoundError: data_dir is unset, not a folder, or holds
-      no .tar file.
+    common.DatasetNotFoundError: the folder is unset, not a folder, or holds
+      no .tar file; the message names config.data.`key`.
   """
-  if data_dir is None:
+  setting = f'config.data.{key}'
+  if folder is None:
     raise common.DatasetNotFoundError(
-      "config.data.data_dir must be the folder of .tar shards for 'webdataset'"
-      ' (00000.tar, 00001.tar, … as img2dataset writes them); it is unset.'
+      f"{setting} must be the folder of .tar shards for 'webdataset' "
+      '(00000.tar, 00001.tar, … as img2dataset writes them); it is unset.'
     )
-  folder = paths.resolve(data_dir)
-  if not folder.is_dir():
+  path = paths.resolve(folder)
+  if not path.is_dir():
     raise common.DatasetNotFoundError(
-      f'webdataset data_dir {os.fspath(folder)!r} does not exist or is not '
-      'a folder. Set config.data.data_dir to the folder that holds the .tar '
-      'shards.'
+      f'webdataset {setting}={os.fspath(path)!r} does not exist or is not '
+      f'a folder. Set {setting} to the folder that holds the .tar shards.'
     )
-  shards = sorted(folder.glob('*.tar'))
+  shards = sorted(path.glob('*.tar'))
   if not shards:
     raise common.DatasetNotFoundError(
-      f'webdataset data_dir {os.fspath(folder)!r} holds no .tar shard. Set '
-      'config.data.data_dir to the folder of the shards (00000.tar, …), '
-      'e.g. the output folder of img2dataset --output_format webdataset.'
+      f'webdataset {setting}={os.fspath(path)!r} holds no .tar shard. Set '
+      f'{setting} to the folder of the shards (00000.tar, …), e.g. the '
+      'output folder of img2dataset --output_format webdataset.'
     )
   return shards
 
@@ -212,14 +213,14 @@ def _index(path: epath.Path) -> _Shard:
   return _cached_index(os.fspath(path), stat.length, stat.mtime)
 
 
-def num_pairs(data_dir: str | None) -> int:
-  """Pairs in all shards; indexes (so checks) every shard.
+def num_pairs(folder: str | None, key: str = 'data_dir') -> int:
+  """Pairs in all shards of `folder`; indexes (so checks) every shard.
 
   Raises:
-    common.DatasetNotFoundError: no shard in data_dir.
+    common.DatasetNotFoundError: no shard in the folder (config.data.`key`).
     ShardError: a shard's members do not pair up.
   """
-  return sum(len(_index(path).offsets) for path in shard_paths(data_dir))
+  return sum(len(_index(path).offsets) for path in shard_paths(folder, key))
 
 
 def _read(path: epath.Path, offset: int, size: int) -> bytes:
@@ -387,28 +388,34 @@ def _batches(
       yield _read_examples(shards, indices, image_size, pool)
 
 
-def split_size(data_dir: str | None, split: str) -> int:
-  """Pairs in `split` ('train' only: all pairs of all shards)."""
-  if split not in SPLITS:
-    raise ValueError(
-      f'webdataset split must be one of {SPLITS}, got {split!r}.'
-    )
-  return num_pairs(data_dir)
-
-
 def eval_arrays(
-  data_dir: str | None,
+  folder: str | None,
   *,
   image_size: int,
-  split: str,
   num_examples: int | None = None,
+  key: str = 'data_dir',
 ) -> dict[str, np.ndarray]:
-  """The first `num_examples` (all if None) pairs of all shards in index
-  order (shard, then key), as raw pixels and captions."""
-  size = split_size(data_dir, split)
+  """The first `num_examples` (all if None) pairs of all shards of `folder`
+  (config.data.`key`) in index order (shard, then key), as raw pixels and
+  captions."""
   num_examples = common.num_examples_or_all(
-    num_examples, size, f'webdataset split {split!r}'
+    num_examples, num_pairs(folder, key), f'webdataset config.data.{key}'
   )
-  shards = [_index(path) for path in shard_paths(data_dir)]
+  shards = [_index(path) for path in shard_paths(folder, key)]
   with _pool() as pool:
     return _read_examples(shards, np.arange(num_examples), image_size, pool)
+
+
+def captions(folder: str | None, num: int, key: str = 'data_dir') -> list[str]:
+  """The first `num` captions of `folder`'s shards (fewer if it has fewer
+  pairs), in index order; reads no image."""
+  found = []
+  for path in shard_paths(folder, key):
+    shard = _index(path)
+    for row in range(min(num - len(found), len(shard.offsets))):
+      _, _, offset, size = shard.offsets[row].tolist()
+      where = _where(shard.path, shard.caption_names[row])
+      found.append(_decode_caption(_read(shard.path, offset, size), where))
+    if len(found) == num:
+      break
+  return found

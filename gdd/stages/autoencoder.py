@@ -94,6 +94,12 @@ def _batches(array: np.ndarray):
   return [array[i : i + _EVAL_BATCH] for i in range(0, len(array), _EVAL_BATCH)]
 
 
+def _first_images(data_config, split: str, num: int) -> np.ndarray:
+  """The first `num` images of `split`, or all if it has fewer."""
+  num = min(num, data.split_size(data_config, split))
+  return data.eval_arrays(data_config, split=split, num_examples=num)['image']
+
+
 def measure(config, info, params) -> dict:
   """The latent scaling factor and held-out PSNR of trained params.
 
@@ -101,18 +107,15 @@ def measure(config, info, params) -> dict:
   `autoencoder.scaling_examples` training images (their posterior means),
   so the diffusion model sees unit-scale data; PSNR (dB, images in [−1, 1])
   of the first `autoencoder.eval_examples` held-out images, reconstructed
-  from their posterior means as the latent space uses them.
+  from their posterior means as the latent space uses them. A split with
+  fewer images (a small shard folder) gives all of them.
   """
   model = common.build_autoencoder(config, info)
   ae = config.autoencoder
-  train = data.eval_arrays(
-    config.data, split='train', num_examples=ae.scaling_examples
-  )['image']
-  held_out = data.eval_arrays(
-    config.data,
-    split=data.held_out_split(config.data),
-    num_examples=ae.eval_examples,
-  )['image']
+  train = _first_images(config.data, 'train', ae.scaling_examples)
+  held_out = _first_images(
+    config.data, data.held_out_split(config.data), ae.eval_examples
+  )
   means, _ = _encoded(model, params, _batches(train))
   _, reconstructions = _encoded(model, params, _batches(held_out))
   psnr = autoencoder_lib.psnr(jnp.asarray(held_out), reconstructions)
