@@ -33,15 +33,30 @@ def raises_user_error(builtin: type[Exception], match: str):
   assert isinstance(info.value, errors.UserError), repr(info.value)
 
 
-def write_tfds_metadata(tfds_name: str, data_dir: str) -> None:
+def write_tfds_metadata(
+  tfds_name: str, data_dir: str, num_examples: int = 16
+) -> None:
   """Makes `tfds_name` count as prepared in data_dir, for `check_available`.
 
   `tfds.testing.mock_data(data_dir=data_dir)` serves random examples; the
   builder's metadata in data_dir is what a prepared data set has there.
+  Builders of manually downloaded data (imagenet2012) ship no split sizes:
+  theirs are set to `num_examples` per split, as the mock serves.
   """
   import tensorflow_datasets as tfds
 
   builder = tfds.builder(tfds_name)
+  if not builder.info.splits:
+    builder.info.set_splits(
+      tfds.core.SplitDict(
+        [
+          tfds.core.SplitInfo(
+            name=split, shard_lengths=[num_examples], num_bytes=0
+          )
+          for split in ('train', 'validation')
+        ]
+      )
+    )
   metadata_dir = os.path.join(data_dir, builder.info.full_name)
   os.makedirs(metadata_dir)
   builder.info.write_to_directory(metadata_dir)
