@@ -61,6 +61,25 @@ def quick_config(
   return config
 
 
+def quick_shapes_config(num_train_steps: int = 4) -> ml_collections.ConfigDict:
+  """`shapes:quick` (autoencoder → teacher → stage one → 2 → 1 steps) with a
+  few steps per stage and one small grid; what `shapes_workdir` trains."""
+  config = load_config('shapes', 'quick')
+  for stage in ('autoencoder', 'teacher', 'guided', 'distill'):
+    config[stage].update(
+      num_train_steps=num_train_steps,
+      batch_size=8,
+      log_every=2,
+      grids_every=1000,
+      checkpoint_every=1000,
+    )
+    config[stage].optimizer.warmup_steps = 1
+  config.grids.update(sample_ws=(1.0,), teacher_num_steps=2)
+  config.sample.update(num_steps=2, num_samples=6, batch_size=4)
+  config_lib.validate(config)
+  return config
+
+
 def train_steps(
   stage,
   mesh,
