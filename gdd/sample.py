@@ -6,9 +6,11 @@ the stage's recorded config, loads its params export and returns a
 → images, jitted with its batch split over all devices.
 """
 
+import dataclasses
 import functools
 import math
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -19,6 +21,7 @@ from gdd import (
   conditioning,
   config_lib,
   data,
+  denoisers,
   errors,
   images,
   paths,
@@ -71,6 +74,63 @@ def _resolve(
   return kind.sampler_folder(workdir, num_steps, sampler, w)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadedStage:
+  """A finished stage folder's network and params, as sampling uses them.
+
+  What `load_sampler` wraps into a `sampling.Sampler`; for code that runs
+  the pieces itself (e.g. timing the text encoder, the U-Net steps and the
+  decoder apart: benchmarks/sampling_speed.py).
+
+  Attributes:
+    config: the config the folder was trained with.
+    model: its network (`common.build_model`'s kind, a student's with its
+      w-embedding).
+    make_denoiser: (params, cond, w) -> (z, λ) -> x̂ of the stage (the CFG
+      pair for the teacher: `StageKind.nfe_per_step` network evaluations).
+    params: the folder's exported params, on the devices.
+    cond_kind: its conditioning (`conditioning.ClassConditioning` or
+      `TextConditioning`).
+    space: where it diffuses (`spaces.PixelSpace` or `LatentSpace`).
+    space_params: the frozen autoencoder's params in a latent space, else
+      None.
+  """
+
+  config: ml_collections.ConfigDict
+  model: Any
+  make_denoiser: denoisers.DenoiserFactory
+  params: Any
+  cond_kind: Any
+  space: Any
+  space_params: Any
+
+
+def load_stage(
+  workdir: epath.PathLike,
+  stage: str,
+  *,
+  num_steps: int,
+  sampler: str = 'ddim',
+  w: float | None = None,
+) -> LoadedStage:
+  """The folder that serves `load_sampler`'s request, loaded; same args."""
+  folder = _resolve(workdir, stage, num_steps, sampler, w)
+  config = load_stage_config(workdir, folder)
+  info = data.get_info(config.data)
+  model, make_denoiser = registry.get(stage).sampler_model(config, info)
+  return LoadedStage(
+    config=config,
+    model=model,
+    make_denoiser=make_denoiser,
+    params=loop.load_exported_params(
+      workdir_lib.stage_dir(workdir, folder), common.abstract_params(model)
+    ),
+    cond_kind=common.build_conditioning(config, info),
+    space=common.build_space(config, info),
+    space_params=autoencoder.load_space_params(config, workdir),
+  )
+
+
 def load_sampler(
   workdir: epath.PathLike,
   stage: str,
@@ -102,28 +162,24 @@ def load_sampler(
     Each batch size compiles once, on its first call or ahead of time with
     `sampler.compile(B)`.
   """
-  folder = _resolve(workdir, stage, num_steps, sampler, w)
-  config = load_stage_config(workdir, folder)
-  info = data.get_info(config.data)
-  cond_kind = common.build_conditioning(config, info)
-  space = common.build_space(config, info)
-  kind = registry.get(stage)
-  model, make_denoiser = kind.sampler_model(config, info)
-  sample_fn = sampling.make_sample_fn(
-    config, space, make_denoiser, num_steps=num_steps, sampler=sampler
-  )
-  params = loop.load_exported_params(
-    workdir_lib.stage_dir(workdir, folder), common.abstract_params(model)
-  )
+  loaded = load_stage(workdir, stage, num_steps=num_steps, sampler=sampler, w=w)
   return sampling.Sampler(
-    sample_fn,
-    params,
-    cond_kind,
-    space,
-    check_w=functools.partial(
-      _check_w, stage=stage, w_range=kind.w_range(config, w)
+    sampling.make_sample_fn(
+      loaded.config,
+      loaded.space,
+      loaded.make_denoiser,
+      num_steps=num_steps,
+      sampler=sampler,
     ),
-    space_params=autoencoder.load_space_params(config, workdir),
+    loaded.params,
+    loaded.cond_kind,
+    loaded.space,
+    check_w=functools.partial(
+      _check_w,
+      stage=stage,
+      w_range=registry.get(stage).w_range(loaded.config, w),
+    ),
+    space_params=loaded.space_params,
   )
 
 

@@ -31,8 +31,22 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-# Modules that share the session-scoped `chain_workdir`.
-_CHAIN_MODULES = ('test_chain', 'test_evaluation', 'test_notebook')
+# The session's trained chains (fixtures below), each with the modules that
+# test it: all of a module's tests run on its chain's worker (module-scoped
+# fixtures are built once), and so does any other test that uses the chain.
+_CHAIN_GROUPS = {
+  'chain_workdir': ('test_chain', 'test_evaluation'),
+  'shapes_workdir': ('test_latent',),
+}
+
+
+def _group(item) -> str:
+  """The pytest-xdist group of a test: its chain's, else its module's."""
+  module = item.module.__name__.rsplit('.', 1)[-1]
+  for fixture, modules in _CHAIN_GROUPS.items():
+    if module in modules or fixture in item.fixturenames:
+      return fixture
+  return module
 
 
 # First: pytest-xdist reads the groups in its own collection hook, and a
@@ -40,24 +54,22 @@ _CHAIN_MODULES = ('test_chain', 'test_evaluation', 'test_notebook')
 # were then built on both workers, the chain trained twice).
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-  """Under pytest-xdist (`-n 2 --dist loadgroup`), one worker per module.
+  """Under pytest-xdist (`-n 2 --dist loadgroup`), one worker per group.
 
-  Module-scoped fixtures are then built once, and the modules that use the
-  session's chain workdir share one worker, so it is trained once too.
+  Module-scoped fixtures are then built once, and the tests that use one of
+  the session's trained chains share one worker, so it is trained once too.
   """
   for item in items:
-    module = item.module.__name__.rsplit('.', 1)[-1]
-    group = 'chain' if module in _CHAIN_MODULES else module
-    item.add_marker(pytest.mark.xdist_group(group))
+    item.add_marker(pytest.mark.xdist_group(_group(item)))
 
 
 @pytest.fixture(scope='session')
 def chain_workdir(tmp_path_factory):
   """teacher → guided → 4 → 2 → 1 steps on digits, 2 updates per stage.
 
-  Shared by the chain, evaluation and notebook tests (the notebook's tiny
-  setting trains exactly this); tests may add to it but must not change
-  what is there.
+  Shared by the chain, evaluation and quickstart notebook tests (the
+  notebook's tiny setting trains exactly this); tests may add to it but
+  must not change what is there.
   """
   # Imported here: gdd must load after the XLA flags above.
   from gdd import pipeline
@@ -65,4 +77,21 @@ def chain_workdir(tmp_path_factory):
 
   workdir = str(tmp_path_factory.mktemp('chain'))
   pipeline.run(helpers.quick_config(num_train_steps=2), workdir, 'all')
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def shapes_workdir(tmp_path_factory):
+  """autoencoder → teacher → guided → 2 → 1 steps on 16×16 `shapes`
+  (`helpers.quick_latent_config`, 4 updates per stage).
+
+  Shared by the latent chain's tests, the text-to-image notebook test (its
+  tiny setting trains exactly this) and the sampling-speed benchmark's; tests
+  may add to it but must not change what is there.
+  """
+  from gdd import pipeline
+  from tests import helpers
+
+  workdir = str(tmp_path_factory.mktemp('shapes'))
+  pipeline.run(helpers.quick_latent_config(), workdir, 'all')
   return workdir

@@ -1,7 +1,8 @@
 """The latent, text-conditional chain: conditioning, space, stages, CLI.
 
-Unit tests of the pieces, then one `shapes:quick` chain (autoencoder →
-teacher → stage one → 2 → 1 steps) that the end-to-end tests share.
+Unit tests of the pieces, then end-to-end tests on the session's tiny
+`shapes:quick` chain (`conftest.shapes_workdir`: autoencoder → teacher →
+stage one → 2 → 1 steps).
 """
 
 import functools
@@ -9,7 +10,6 @@ import functools
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -28,19 +28,14 @@ from gdd.train import checkpointing, optim, sharding
 from tests import helpers
 
 
-def _quick(num_train_steps: int = 4) -> ml_collections.ConfigDict:
-  """`shapes:quick` with a few steps per stage and one small grid."""
-  return helpers.quick_latent_config('shapes', num_train_steps)
-
-
 @pytest.fixture(scope='module')
 def info():
-  return data.get_info(_quick().data)
+  return data.get_info(helpers.quick_latent_config().data)
 
 
 @pytest.fixture(scope='module')
 def text_kind(info):
-  return common.build_conditioning(_quick(), info)
+  return common.build_conditioning(helpers.quick_latent_config(), info)
 
 
 def test_text_condition_null_is_the_empty_caption(text_kind):
@@ -81,7 +76,7 @@ def test_text_grids_show_a_held_out_caption_per_row(text_kind):
 
 
 def test_held_out_captions_come_from_the_test_split():
-  config = _quick()
+  config = helpers.quick_latent_config()
   held_out = data.held_out_captions(config.data, 3)
   test = data.eval_arrays(config.data, split='test', num_examples=3)
   assert list(held_out) == [str(c) for c in test['caption']]
@@ -89,7 +84,7 @@ def test_held_out_captions_come_from_the_test_split():
 
 
 def test_the_text_network_reads_the_caption(info, text_kind):
-  config = _quick()
+  config = helpers.quick_latent_config()
   model = common.build_model(config, info)
   params = helpers.noisy_params(model)
   z = jax.random.normal(
@@ -110,7 +105,7 @@ def test_the_text_network_reads_the_caption(info, text_kind):
 
 
 def test_the_text_student_starts_as_its_teacher_at_every_w(info, text_kind):
-  config = _quick()
+  config = helpers.quick_latent_config()
   teacher = common.build_model(config, info)
   student = guided.build_student(config, info)
   teacher_params = helpers.noisy_params(teacher)
@@ -149,7 +144,7 @@ def test_frozen_subtrees_never_change():
 
 
 def test_only_a_training_teacher_updates_the_text_encoder():
-  config = _quick()
+  config = helpers.quick_latent_config()
   assert common.frozen_subtrees(config, teacher=True) == ()
   assert common.frozen_subtrees(config) == ('text_encoder',)
   config.text.train_encoder = False
@@ -182,7 +177,7 @@ def _random_params_of(params):
 
 
 def test_latent_space_scales_posterior_means(info):
-  config = _quick()
+  config = helpers.quick_latent_config()
   space = common.build_space(config, info)
   space_params = _autoencoder_params(config, info)
   model = space.autoencoder
@@ -201,7 +196,7 @@ def test_latent_space_scales_posterior_means(info):
 
 
 def test_in_space_encodes_the_batch_for_the_loss(info):
-  config = _quick()
+  config = helpers.quick_latent_config()
   space = common.build_space(config, info)
   space_params = _autoencoder_params(config, info)
   seen = {}
@@ -236,16 +231,9 @@ def test_autoencoder_mode_is_refused_for_pixel_configs(tmp_path):
 
 
 def test_a_latent_stage_needs_its_autoencoder(tmp_path):
-  config = _quick()
+  config = helpers.quick_latent_config()
   with pytest.raises(checkpointing.MissingExportError, match='autoencoder'):
     pipeline.run(config, str(tmp_path), 'teacher')
-
-
-@pytest.fixture(scope='module')
-def shapes_workdir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('shapes'))
-  pipeline.run(_quick(), workdir, 'all')
-  return workdir
 
 
 def test_chain_runs_every_stage_in_latent_space(shapes_workdir):
@@ -258,10 +246,10 @@ def test_chain_runs_every_stage_in_latent_space(shapes_workdir):
   assert sorted(p.name for p in grids.iterdir()) == ['step4_w1.png']
 
 
-def test_students_keep_the_teachers_text_encoder(shapes_workdir):
+def test_students_keep_the_teachers_text_encoder(shapes_workdir, info):
   teacher = helpers.exported_params(shapes_workdir, 'teacher')['text_encoder']
   fresh = common.init_params(
-    common.build_model(_quick(), data.get_info(_quick().data)),
+    common.build_model(helpers.quick_latent_config(), info),
     jax.random.PRNGKey(0),
   )
   for name in ('guided', 'distill/2steps', 'distill/1steps'):
@@ -287,7 +275,7 @@ def test_distilled_sampler_takes_prompts(shapes_workdir, info):
 def test_sample_cli_writes_captions(shapes_workdir, tmp_path):
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('a red circle\n\na small white cross\n')
-  config = _quick()
+  config = helpers.quick_latent_config()
   config.sample.update(stage='distill', num_steps=1, prompts=str(prompts))
   path = sample.sample_to_files(config, shapes_workdir)
   with np.load(path) as saved:
@@ -302,7 +290,7 @@ def test_sample_cli_writes_captions(shapes_workdir, tmp_path):
 
 
 def test_sample_cli_cycles_held_out_captions(shapes_workdir):
-  config = _quick()
+  config = helpers.quick_latent_config()
   config.sample.update(stage='guided', num_steps=2)
   path = sample.sample_to_files(config, shapes_workdir)
   held_out = common.build_conditioning(
@@ -315,7 +303,7 @@ def test_sample_cli_cycles_held_out_captions(shapes_workdir):
 def test_fsdp_rules_split_the_latent_models_large_kernels(info):
   # Stable Diffusion's sizes: the default threshold (2**20 elements) then
   # splits the U-Net's, text encoder's and autoencoder's big kernels.
-  config = _quick()
+  config = helpers.quick_latent_config()
   config.model.update(block_out_channels=(320, 640), attention_head_dim=8)
   config.text.encoder.update(hidden_size=768, intermediate_size=3072)
   config.autoencoder.model.update(

@@ -246,34 +246,39 @@ def _evaluate_real(config, extractor, reference) -> dict:
   return record
 
 
-def _time_call(fn: Callable[[], object], min_seconds: float = 5.0) -> float:
-  """Seconds per call of a compiled sampler, after compilation.
+def time_call(fn: Callable[[], object], min_seconds: float = 5.0) -> float:
+  """Seconds per call of a compiled function, after compilation.
 
-  A call shorter than `min_seconds` counts as warm-up (first-call effects
-  such as allocation and thread start-up are not negligible on it) and the
-  median of repeated calls filling `min_seconds` (at least 3) is returned;
-  a longer call is timed once.
+  Each call is timed until its outputs are ready on the device
+  (`jax.block_until_ready`). A call shorter than `min_seconds` counts as
+  warm-up (first-call effects such as allocation and thread start-up are not
+  negligible on it) and the median of repeated calls filling `min_seconds`
+  (at least 3) is returned; a longer call is timed once.
   """
   start = time.perf_counter()
-  np.asarray(fn())
+  jax.block_until_ready(fn())
   elapsed = time.perf_counter() - start
   if elapsed >= min_seconds:
     return elapsed
   times = []
   for _ in range(max(3, int(np.ceil(min_seconds / max(elapsed, 1e-4))))):
     start = time.perf_counter()
-    np.asarray(fn())
+    jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return float(np.median(times))
 
 
 def measure_speed(
-  config: ml_collections.ConfigDict, workdir: epath.PathLike
+  config: ml_collections.ConfigDict,
+  workdir: epath.PathLike,
+  *,
+  min_seconds: float = 5.0,
 ) -> dict | None:
   """Wall time of the CFG teacher at many steps against the N-step student.
 
-  One process, one device set, one batch size, compiled before timing. The
-  ideal ratio is the ratio of network evaluations.
+  One process, one device set, one batch size, compiled before timing
+  (`time_call` with `min_seconds`). The ideal ratio is the ratio of network
+  evaluations.
   """
   ev = config.evaluate
   student_steps = ev.speed_student_num_steps
@@ -289,7 +294,7 @@ def measure_speed(
   def seconds(model: str, num_steps: int) -> float:
     sampler = sample.load_sampler(workdir, model, num_steps=num_steps)
     sampler.compile(ev.speed_batch_size)
-    return _time_call(lambda: sampler(rng, cond, 1.0))
+    return time_call(lambda: sampler(rng, cond, 1.0), min_seconds)
 
   student_seconds = seconds('distill', student_steps)
   rows = []
