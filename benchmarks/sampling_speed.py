@@ -107,7 +107,9 @@ def _timed(fn: Callable, args: tuple, shardings: tuple, out):
     .compile()
   )
   seconds = evaluate.time_call(lambda: compiled(*args), _MIN_SECONDS.value)
-  return seconds, compiled(*args)
+  # Ready before it is returned: a pending output would be waited for in
+  # the next part's first timed call (JAX dispatches asynchronously).
+  return seconds, jax.block_until_ready(compiled(*args))
 
 
 def _unet_steps(loaded: sample.LoadedStage, num_steps: int, size: int):
