@@ -40,6 +40,21 @@ _CHAIN_GROUPS = {
 }
 
 
+# The longest groups (minutes of one worker each in a CI run), started first
+# so that the run does not end on one of them while the other worker idles.
+# pytest-xdist would otherwise order groups by their number of tests
+# (`--no-loadscope-reorder` in pyproject.toml keeps this order).
+_LONG_GROUPS = (
+  'shapes_workdir',
+  'chain_workdir',
+  'test_multihost',
+  'test_shapes_evaluator',
+  'test_imagenet256_latent',
+  'test_faults',
+  'test_end_to_end',
+)
+
+
 def _group(item) -> str:
   """The pytest-xdist group of a test: its chain's, else its module's."""
   module = item.module.__name__.rsplit('.', 1)[-1]
@@ -58,9 +73,19 @@ def pytest_collection_modifyitems(items):
 
   Module-scoped fixtures are then built once, and the tests that use one of
   the session's trained chains share one worker, so it is trained once too.
+  The long groups go first (`_LONG_GROUPS`).
   """
-  for item in items:
-    item.add_marker(pytest.mark.xdist_group(_group(item)))
+  groups = {item: _group(item) for item in items}
+  for item, group in groups.items():
+    item.add_marker(pytest.mark.xdist_group(group))
+  items.sort(key=lambda item: _rank(groups[item]))
+
+
+def _rank(group: str) -> int:
+  """Where a group starts: the long ones first, in `_LONG_GROUPS` order."""
+  if group in _LONG_GROUPS:
+    return _LONG_GROUPS.index(group)
+  return len(_LONG_GROUPS)
 
 
 @pytest.fixture(scope='session')
