@@ -51,18 +51,8 @@ def held_out(classifier):
 def _quick() -> ml_collections.ConfigDict:
   """`shapes:quick` at 32×32 (the size of the module's classifier), a few
   steps per stage, tiny evaluation settings."""
-  config = helpers.load_config('shapes', 'quick')
+  config = helpers.shrink_latent_chain(helpers.load_config('shapes', 'quick'))
   config.data.image_size = 32
-  for stage in ('autoencoder', 'teacher', 'guided', 'distill'):
-    config[stage].update(
-      num_train_steps=4,
-      batch_size=8,
-      log_every=2,
-      grids_every=1000,
-      checkpoint_every=1000,
-    )
-    config[stage].optimizer.warmup_steps = 1
-  config.grids.update(sample_ws=(1.0,), teacher_num_steps=2)
   config.evaluate.update(
     num_samples=16,
     batch_size=8,

@@ -19,11 +19,11 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gdd.models import sd_unet
+from gdd.models import layers, sd_unet
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassSDUNetConfig:
+class ClassSDUNetConfig(sd_unet.WrapsSDUNet):
   """An SD U-Net with classes and without text."""
 
   unet: sd_unet.SDUNetConfig
@@ -39,16 +39,6 @@ class ClassSDUNetConfig:
         'A class-conditional SD U-Net has no text to cross-attend to: build '
         'it with cross_attention_dim=None (self-attention transformers).'
       )
-
-  @property
-  def mean_type(self) -> str:
-    """What the network predicts (`parameterization.MEAN_TYPES`)."""
-    return self.unet.mean_type
-
-  @property
-  def use_w_embedding(self) -> bool:
-    """Whether w is an input (a w-conditioned student)."""
-    return self.unet.use_w_embedding
 
 
 class ClassSDUNet(nn.Module):
@@ -67,12 +57,7 @@ class ClassSDUNet(nn.Module):
     train: bool,
   ) -> jnp.ndarray:
     """Raw network output; cond = {'label': int [B] in [0, K]}."""
-    if not isinstance(cond, dict) or set(cond) != {'label'}:
-      raise ValueError(
-        "cond must be {'label': int [B]} for this class-conditional "
-        f'network; got {type(cond).__name__} '
-        f'{sorted(cond) if isinstance(cond, dict) else ""}.'
-      )
+    layers.check_cond(cond, 'label', 'int [B]', 'class-conditional network')
     return sd_unet.SDUNet(self.config.unet, name='unet')(
       z, logsnr, None, cond['label'], w, train=train
     )

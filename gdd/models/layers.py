@@ -57,6 +57,20 @@ class CheckedConfig:
     )
 
 
+def check_cond(cond, key: str, expected: str, network: str) -> None:
+  """Raises ValueError unless cond is a dict of exactly `key`.
+
+  `expected` describes the value (e.g. 'int [B]'), `network` the network
+  (e.g. 'class-conditional UNet'), for the message.
+  """
+  if not isinstance(cond, dict) or set(cond) != {key}:
+    got = sorted(cond) if isinstance(cond, dict) else ''
+    raise ValueError(
+      f'cond must be {{{key!r}: {expected}}} for this {network}; got '
+      f'{type(cond).__name__} {got}.'
+    )
+
+
 def sinusoidal_embedding(
   x: jnp.ndarray,
   dim: int,

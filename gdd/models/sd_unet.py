@@ -315,6 +315,23 @@ class SDUNetConfig(layers.CheckedConfig):
     return (value,) * len(self.block_out_channels)
 
 
+class WrapsSDUNet:
+  """Base of the configs of networks built around an SDUNet (field `unet`):
+  what they predict and whether they take w are the U-Net's."""
+
+  unet: SDUNetConfig
+
+  @property
+  def mean_type(self) -> str:
+    """What the network predicts (`parameterization.MEAN_TYPES`)."""
+    return self.unet.mean_type
+
+  @property
+  def use_w_embedding(self) -> bool:
+    """Whether w is an input (a w-conditioned student)."""
+    return self.unet.use_w_embedding
+
+
 def _dtype(config: SDUNetConfig) -> jnp.dtype:
   return jnp.dtype(config.dtype)
 

@@ -18,11 +18,11 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gdd.models import sd_unet, text_encoder
+from gdd.models import layers, sd_unet, text_encoder
 
 
 @dataclasses.dataclass(frozen=True)
-class TextUNetConfig:
+class TextUNetConfig(sd_unet.WrapsSDUNet):
   """The two halves; the U-Net cross-attends to the encoder's width."""
 
   unet: sd_unet.SDUNetConfig
@@ -42,16 +42,6 @@ class TextUNetConfig:
         f"encoder's {self.text.max_position_embeddings} positions."
       )
 
-  @property
-  def mean_type(self) -> str:
-    """What the network predicts (`parameterization.MEAN_TYPES`)."""
-    return self.unet.mean_type
-
-  @property
-  def use_w_embedding(self) -> bool:
-    """Whether w is an input (a w-conditioned student)."""
-    return self.unet.use_w_embedding
-
 
 class TextUNet(nn.Module):
   """Captions' tokens → text states → SD U-Net output on latents z."""
@@ -69,12 +59,7 @@ class TextUNet(nn.Module):
     train: bool,
   ) -> jnp.ndarray:
     """Raw network output; cond = {'tokens': int32 [B, L]}."""
-    if not isinstance(cond, dict) or set(cond) != {'tokens'}:
-      raise ValueError(
-        "cond must be {'tokens': int [B, L]} for this text-conditional "
-        f'network; got {type(cond).__name__} '
-        f'{sorted(cond) if isinstance(cond, dict) else ""}.'
-      )
+    layers.check_cond(cond, 'tokens', 'int [B, L]', 'text-conditional network')
     states = text_encoder.TextEncoder(self.config.text, name='text_encoder')(
       cond['tokens']
     ).last_hidden_state

@@ -271,12 +271,7 @@ class UNet(nn.Module):
         f'z must have shape [B, {size}, {size}, {channels}]; got {z.shape}.'
       )
     batch = z.shape[0]
-    if not isinstance(cond, dict) or set(cond) != {'label'}:
-      raise ValueError(
-        "cond must be {'label': int [B]} for this class-conditional UNet; "
-        f'got {type(cond).__name__} '
-        f'{sorted(cond) if isinstance(cond, dict) else ""}.'
-      )
+    layers.check_cond(cond, 'label', 'int [B]', 'class-conditional UNet')
     named = (('logsnr', logsnr), ("cond['label']", cond['label']), ('w', w))
     for name, value in named:
       if value is not None and jnp.shape(value) != (batch,):
