@@ -363,6 +363,7 @@ def _add_mode_sections(config: ml_collections.ConfigDict) -> None:
       'prompts': '',
     }
   )
+  config.edit = _edit_config()
   config.evaluate = _evaluate_config()
   # `--mode=plan`: memory and FLOPs per device for a target accelerator.
   config.plan = ml_collections.ConfigDict(
@@ -371,6 +372,36 @@ def _add_mode_sections(config: ml_collections.ConfigDict) -> None:
       'target': '',
       # The model FLOP utilisation the time-per-step estimate assumes.
       'assumed_mfu': 0.4,
+    }
+  )
+
+
+def _edit_config() -> ml_collections.ConfigDict:
+  """The `--mode=edit` and `--mode=inpaint` section (`gdd.edit`)."""
+  return ml_collections.ConfigDict(
+    {
+      # An .npz (images uint8 [B, H, W, C]), a .png or a folder of .png
+      # files at the model's size; '': the first num_inputs held-out images.
+      'input': '',
+      'num_inputs': 10,
+      # Class models: class indices, comma-separated ('8', '3,8'); text
+      # models: captions separated by '|'; cycled over the inputs. '': each
+      # held-out input's own class or caption.
+      'targets': '',
+      'stage': 'distill',
+      'num_steps': 4,
+      'sampler': 'ddim',
+      'w': 1.0,
+      # --mode=edit: the time the input is noised to (SDEdit's strength).
+      't_start': 0.6,
+      # --mode=inpaint: replacement from this time (1: the fill from noise).
+      'inpaint_t_start': 1.0,
+      # --mode=inpaint: the region filled in, one of masks.KINDS, or a mask
+      # file (.npz with masks, or .png: white is filled in).
+      'mask': 'right',
+      'batch_size': 100,
+      'seed': 0,
+      'output': '',
     }
   )
 
@@ -521,6 +552,7 @@ NOT_TRAINING_KEYS = {
   ),
   'grids': 'the sample grids written during training',
   'sample': 'read by --mode=sample only',
+  'edit': 'read by --mode=edit and --mode=inpaint only',
   'evaluate': 'read by --mode=evaluate only',
   'distributed': 'how processes connect, not what they compute',
   'memory': (
@@ -736,6 +768,7 @@ def validate(
   _check(config, 'plan.assumed_mfu', lambda v: 0 < v <= 1, 'in (0, 1]')
   _check(config, 'profile_steps', lambda v: checks.is_int(v, 0), 'an int >= 0')
   _validate_sample(config)
+  _validate_edit(config)
 
 
 def _required_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -991,6 +1024,23 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
   for key in ('num_steps', 'num_samples', 'batch_size'):
     _check(config, f'sample.{key}', checks.is_int, 'a positive int')
   _check(config, 'sample.w', _non_negative_number, 'a number >= 0')
+
+
+def _validate_edit(config: ml_collections.ConfigDict) -> None:
+  _check(config, 'edit.stage', _one_of(STAGES[1:]), f'one of {STAGES[1:]}')
+  _check(config, 'edit.sampler', _one_of(SAMPLERS), f'one of {SAMPLERS}')
+  for key in ('num_steps', 'num_inputs', 'batch_size'):
+    _check(config, f'edit.{key}', checks.is_int, 'a positive int')
+  _check(config, 'edit.w', _non_negative_number, 'a number >= 0')
+  for key in ('t_start', 'inpaint_t_start'):
+    _check(
+      config,
+      f'edit.{key}',
+      lambda v: _non_negative_number(v) and 0 < v <= 1,
+      'a number in (0, 1]',
+    )
+  for key in ('input', 'targets', 'mask', 'output'):
+    _check(config, f'edit.{key}', lambda v: isinstance(v, str), 'a string')
 
 
 def _check_student_mean_type(

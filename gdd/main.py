@@ -1,10 +1,12 @@
-r"""Command line: train the stage chain, sample from it or evaluate it.
+r"""Command line: train the stage chain, sample, edit or evaluate it.
 
   python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits
   python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits \
       --mode=sample --config.sample.num_steps=64 --config.sample.w=1
   python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits \
       --mode=evaluate
+  python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits \
+      --mode=edit --config.edit.targets=8 --config.edit.t_start=0.6
 
 Errors the user can fix (a bad config value, a config that differs from the
 workdir's, a missing data set, a stage folder another run holds, a full disk,
@@ -38,7 +40,7 @@ _MODE = flags.DEFINE_enum(
   'mode',
   'all',
   pipeline.MODES,
-  'Which stages to run, or sample / evaluate / plan.',
+  'Which stages to run, or sample / edit / inpaint / evaluate / plan.',
 )
 _VERBOSE = flags.DEFINE_bool(
   'verbose', False, 'Show tracebacks of user errors too (or GDD_VERBOSE=1).'

@@ -17,12 +17,27 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from gdd import config_lib, data, errors, paths, plan, sample, workdir_lib
+from gdd import (
+  config_lib,
+  data,
+  edit,
+  errors,
+  paths,
+  plan,
+  sample,
+  workdir_lib,
+)
 from gdd.evaluation import evaluate
 from gdd.stages import Stage, StageKind, autoencoder, common, registry
 from gdd.train import checkpointing, lock, loop, preemption, sharding
 
-MODES = (*registry.training_modes(), 'sample', 'evaluate', 'plan')
+MODES = (
+  *registry.training_modes(),
+  'sample',
+  *edit.MODES,
+  'evaluate',
+  'plan',
+)
 
 
 class ConfigMismatchError(config_lib.ConfigError):
@@ -277,6 +292,9 @@ def run(
   workdir = paths.resolve(workdir)  # A local path, or a URL such as gs://.
   if mode == 'sample':
     print(sample.sample_to_files(config, workdir))
+    return
+  if mode in edit.MODES:
+    print(edit.edit_to_files(config, workdir, mode))
     return
   _check_batch_sizes(config, mode)
   data.check_available(config.data)

@@ -158,22 +158,31 @@ def load_sampler(
     [−1, 1], with cond {'label': int [B]} or the labels themselves (class
     models), or the captions (a list of strings; text models), w GD's
     guidance strength (diffusers' guidance_scale is 1 + w); `init`,
-    `t_start` and `mask` start from an image (see `Sampler.__call__`).
+    `t_start` and `mask` start from an image (see `Sampler.__call__`; a
+    distilled round starts at its grid point at or below t_start:
+    `sampler.start(t_start)` says where and with how many steps).
     Each batch size compiles once, on its first call or ahead of time with
     `sampler.compile(B)`.
   """
   loaded = load_stage(workdir, stage, num_steps=num_steps, sampler=sampler, w=w)
   return sampling.Sampler(
-    sampling.make_sample_fn(
+    functools.partial(
+      sampling.make_sample_fn,
       loaded.config,
       loaded.space,
       loaded.make_denoiser,
-      num_steps=num_steps,
       sampler=sampler,
     ),
     loaded.params,
     loaded.cond_kind,
     loaded.space,
+    num_steps=num_steps,
+    start_rule=functools.partial(
+      sampling.start_steps,
+      num_steps=num_steps,
+      on_grid=registry.get(stage).on_grid,
+      sampler=sampler,
+    ),
     check_w=functools.partial(
       _check_w,
       stage=stage,

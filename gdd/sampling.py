@@ -6,6 +6,7 @@ grids jit. `Sampler` wraps it for users: jitted over all devices,
 compiled once per batch size and kind of request (ahead of time with
 `compile`), called as `sampler(rng, cond, w, *, init=None, t_start=1.0,
 mask=None)`. Every request is checked on the host before anything compiles.
+`start_steps` is the rule for where a sampler started at t_start < 1 begins.
 """
 
 import functools
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gdd import conditioning, config_lib, denoisers, errors
+from gdd import conditioning, config_lib, denoisers, errors, masks
 from gdd.diffusion import samplers, schedules
 from gdd.stages import common
 from gdd.train import sharding
@@ -28,8 +29,46 @@ from gdd.train import sharding
 SampleFn = Callable[..., jnp.ndarray]
 
 
+# The fewest steps each sampler kind takes (the stochastic one jumps two grid
+# steps from its first time).
+MIN_STEPS = {'ddim': 1, 'ancestral': 1, 'stochastic': 2}
+# Slack for t_start·N landing a rounding error below a grid index.
+_GRID_TOLERANCE = 1e-6
+
+
 class SampleRequestError(errors.UserError, ValueError):
   """A sampling request the model cannot serve; says what it can."""
+
+
+def start_steps(
+  t_start: float, num_steps: int, *, on_grid: bool, sampler: str = 'ddim'
+) -> tuple[float, int]:
+  """(the time an N-step sampler starts at, the steps it takes) for t_start.
+
+  A continuous-time model (the teacher, the stage-one student) spaces its N
+  steps evenly from t_start to 0. A distilled round learned the grid
+  t = i/N only (method.md §6), so from t_start it starts at the grid point
+  at or below it, k/N with k = ⌊t_start·N⌋, and takes the k grid steps
+  down from there (method.md §9, a choice: the noise level it starts from
+  is one it was trained at, and the edit is never stronger than asked).
+  From t_start = 1 both rules give (1, N).
+
+  Raises:
+    SampleRequestError: t_start is below the first grid point the sampler
+      can start from (1/N; 2/N for the stochastic sampler).
+  """
+  if not on_grid:
+    return t_start, num_steps
+  k = int(np.floor(t_start * num_steps + _GRID_TOLERANCE))
+  fewest = MIN_STEPS[sampler]
+  if k < fewest:
+    raise SampleRequestError(
+      f't_start={t_start!r} is below {fewest}/{num_steps}, the first time '
+      f'the {num_steps}-step {sampler} sampler of a distilled round can start '
+      f'from (its grid is t = i/{num_steps}); use t_start >= '
+      f'{fewest / num_steps:g}, or a round with more steps.'
+    )
+  return k / num_steps, k
 
 
 def _start_z(config, space, start, noise, space_params, known_rng):
@@ -120,24 +159,42 @@ class Sampler:
 
   Built once per (model, step count, sampler kind); compiled once per
   (device-padded) batch size and request kind (from noise, from `init`,
-  with a `mask`). Params are replicated; samples come back replicated, so
-  on a multi-host mesh every process can read (save, score, show) them.
+  with a `mask`, and the steps a `t_start` leaves: `start_steps`). Params
+  are replicated; samples come back replicated, so on a multi-host mesh
+  every process can read (save, score, show) them.
   """
 
   def __init__(
     self,
-    sample_fn: SampleFn,
+    make_sample_fn: Callable[[int], SampleFn],
     params,
     cond_kind,
     space,
     *,
+    num_steps: int,
+    start_rule: Callable[[float], tuple[float, int]],
     check_w: Callable[[float], None],
     space_params: Any = None,
   ):
-    self._sample_fn = sample_fn
+    """See the class docstring.
+
+    Args:
+      make_sample_fn: step count ↦ the traced `SampleFn` of that many steps.
+      params: the network's params.
+      cond_kind: its conditioning (`conditioning.ClassConditioning`, …).
+      space: where it diffuses (`spaces.PixelSpace`, `LatentSpace`).
+      num_steps: N, the steps from t_start = 1.
+      start_rule: t_start ↦ (start time, steps), `start_steps` for this
+        sampler; raises `SampleRequestError` for a t_start it cannot serve.
+      check_w: raises `SampleRequestError` for a w the model cannot serve.
+      space_params: the frozen autoencoder's params in a latent space.
+    """
+    self._make_sample_fn = make_sample_fn
     self._params = params
     self._cond_kind = cond_kind
     self._space = space
+    self.num_steps = num_steps
+    self._start_rule = start_rule
     self._check_w = check_w
     self._space_params = space_params
     mesh = sharding.make_mesh()
@@ -145,6 +202,15 @@ class Sampler:
     self._rep = sharding.replicated(mesh)
     self._batch = sharding.batch_sharded(mesh)
     self._executables = {}
+
+  def start(self, t_start: float) -> tuple[float, int]:
+    """(the time sampling starts at, the steps it takes) for `t_start`.
+
+    t_start itself and N for the teacher and the stage-one student; the
+    grid point at or below it for a distilled round (`start_steps`).
+    """
+    _check_t_start(t_start)
+    return self._start_rule(t_start)
 
   def __call__(
     self,
@@ -166,11 +232,14 @@ class Sampler:
       init: optional [B, H, W, C] images in [−1, 1] to start from: they are
         encoded, noised to `t_start` with q(z_t | x), and sampled from
         there (SDEdit). Without `init`, sampling starts from pure noise.
-      t_start: start time in (0, 1]; below 1 only with `init`. The N steps
-        are spaced evenly from t_start to 0.
-      mask: optional [B, h, w, 1] in [0, 1] at the diffusion space's
-        spatial size (the images' in pixel space), 1 where `init` is kept
-        (replacement inpainting). Needs `init`.
+      t_start: start time in (0, 1]; below 1 only with `init`. The
+        teacher's and the stage-one student's N steps are spaced evenly from
+        t_start to 0; a distilled round starts at its grid point at or below
+        t_start (`start`, `start_steps`).
+      mask: optional [B, H, W, 1] in [0, 1] at the images' size (or
+        [B, h, w, 1] at a latent space's), 1 where `init` is kept
+        (replacement inpainting). In a latent space a latent is kept only
+        where its whole patch of pixels is (`masks.to_space`). Needs `init`.
 
     Returns:
       [B, H, W, C] float32 images in [−1, 1], replicated over the devices.
@@ -180,6 +249,7 @@ class Sampler:
     self._check_w(w)
     n = conditioning.batch_size(cond)
     start = _checked_start(self._space, n, init, t_start, mask)
+    t_start, num_steps = self.start(t_start)
     pad = functools.partial(
       conditioning.pad_to_multiple, multiple=self._num_devices
     )
@@ -193,29 +263,41 @@ class Sampler:
       self._space_params,
     )
     executable = self._executable(
-      conditioning.batch_size(cond), init is not None, mask is not None
+      conditioning.batch_size(cond),
+      init is not None,
+      mask is not None,
+      num_steps,
     )
     return executable(*args)[:n]
 
   def compile(
-    self, batch_size: int, *, init: bool = False, mask: bool = False
+    self,
+    batch_size: int,
+    *,
+    init: bool = False,
+    mask: bool = False,
+    t_start: float = 1.0,
   ) -> float:
-    """Compiles for `batch_size` (and an `init`/`mask` request) now.
+    """Compiles for `batch_size` (and an `init`/`mask`/`t_start` request).
 
     Returns the seconds it took, so that timed calls measure sampling only.
     """
-    if mask and not init:
-      raise SampleRequestError('compile(mask=True) needs init=True too.')
+    if (mask or t_start != 1) and not init:
+      raise SampleRequestError(
+        'compile(mask=True) and compile(t_start<1) need init=True too.'
+      )
+    _, num_steps = self.start(t_start)
     start = time.perf_counter()
-    self._executable(batch_size + -batch_size % self._num_devices, init, mask)
+    padded = batch_size + -batch_size % self._num_devices
+    self._executable(padded, init, mask, num_steps)
     return time.perf_counter() - start
 
   def compiled_batch_sizes(self) -> list[int]:
     """The (device-padded) batch sizes compiled so far."""
     return sorted({key[0] for key in self._executables})
 
-  def compiled_requests(self) -> list[tuple[int, bool, bool]]:
-    """(padded batch size, with init, with mask) of each executable."""
+  def compiled_requests(self) -> list[tuple[int, bool, bool, int]]:
+    """(padded batch size, with init, with mask, steps) of each executable."""
     return sorted(self._executables)
 
   def _checked_cond(self, cond) -> conditioning.Cond:
@@ -234,9 +316,11 @@ class Sampler:
     shardings = {key: self._batch for key in start}
     return dict(shardings, t_start=self._rep)
 
-  def _executable(self, padded_size: int, init: bool, mask: bool):
+  def _executable(
+    self, padded_size: int, init: bool, mask: bool, num_steps: int
+  ):
     """The compiled sampler for one padded size and request kind."""
-    key = (padded_size, init, mask)
+    key = (padded_size, init, mask, num_steps)
     if key not in self._executables:
       rep, batch = self._rep, self._batch
       start = None
@@ -252,7 +336,7 @@ class Sampler:
           (padded_size, *self._space.shape[:2], 1), np.float32, sharding=batch
         )
       jitted = jax.jit(
-        self._sample_fn,
+        self._make_sample_fn(num_steps),
         in_shardings=(
           rep,
           rep,
@@ -276,14 +360,18 @@ class Sampler:
     return self._executables[key]
 
 
-def _checked_start(space, batch_size: int, init, t_start, mask) -> dict | None:
-  """{'init'[, 'mask']} as host float32 arrays, or None; checks all three."""
+def _check_t_start(t_start) -> None:
   if isinstance(t_start, bool) or not (
     isinstance(t_start, int | float | np.floating) and 0 < t_start <= 1
   ):
     raise SampleRequestError(
       f't_start={t_start!r}; must be a number in (0, 1].'
     )
+
+
+def _checked_start(space, batch_size: int, init, t_start, mask) -> dict | None:
+  """{'init'[, 'mask']} as host float32 arrays, or None; checks all three."""
+  _check_t_start(t_start)
   if init is None:
     if t_start != 1 or mask is not None:
       raise SampleRequestError(
@@ -299,16 +387,27 @@ def _checked_start(space, batch_size: int, init, t_start, mask) -> dict | None:
       'per condition, in [-1, 1]).'
     )
   if mask is not None:
-    start['mask'] = np.asarray(mask, np.float32)
-    expected = (batch_size, *space.shape[:2], 1)
-    if start['mask'].shape != expected:
-      raise SampleRequestError(
-        f'mask has shape {start["mask"].shape}; expected {expected} (1 where '
-        'init is kept, 0 where the sampler fills in).'
-      )
-    if not np.all((start['mask'] >= 0) & (start['mask'] <= 1)):
-      raise SampleRequestError('mask values must lie in [0, 1].')
+    start['mask'] = _checked_mask(space, batch_size, mask)
   return start
+
+
+def _checked_mask(space, batch_size: int, mask) -> np.ndarray:
+  """The mask at the diffusion space's size (`masks.to_space`), checked."""
+  mask = np.asarray(mask, np.float32)
+  sizes = {tuple(space.image_shape[:2]), tuple(space.shape[:2])}
+  if (
+    mask.ndim != 4
+    or mask.shape[0] != batch_size
+    or mask.shape[1:] not in {(*size, 1) for size in sizes}
+  ):
+    expected = ' or '.join(f'{(batch_size, *size, 1)}' for size in sizes)
+    raise SampleRequestError(
+      f'mask has shape {mask.shape}; expected {expected} (1 where init is '
+      'kept, 0 where the sampler fills in).'
+    )
+  if not np.all((mask >= 0) & (mask <= 1)):
+    raise SampleRequestError('mask values must lie in [0, 1].')
+  return masks.to_space(mask, space.shape)
 
 
 def _raw_key(rng: jax.Array) -> jax.Array:

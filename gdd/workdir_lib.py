@@ -7,6 +7,7 @@ WORKDIR/
   distill/<N>steps/          one per halving round (`round_name`)
   single_w/w<w>/<N>steps/    the single-w baseline's rounds
   samples/                   --mode=sample outputs (`samples_file`)
+  edits/                     --mode=edit|inpaint outputs (`edits_file`)
   eval/                      --mode=evaluate results and caches (`eval_dir`)
 ```
 
@@ -227,6 +228,21 @@ def samples_file(
   """The default .npz of a --mode=sample request."""
   name = f'{stage}_{sampler}_{num_steps}steps_w{w:g}.npz'
   return samples_dir(workdir) / name
+
+
+def edits_file(
+  workdir: epath.PathLike,
+  *,
+  mode: str,
+  stage: str,
+  sampler: str,
+  num_steps: int,
+  w: float,
+  t_start: float,
+) -> epath.Path:
+  """The default .npz of a --mode=edit or --mode=inpaint request."""
+  name = f'{mode}_{stage}_{sampler}_{num_steps}steps_w{w:g}_t{t_start:g}.npz'
+  return paths.resolve(workdir) / 'edits' / name
 
 
 def eval_dir(workdir: epath.PathLike) -> epath.Path:

@@ -97,6 +97,9 @@ class StageKind:
     in_space: its models diffuse in the config's space, so its batches are
       encoded there (`common.in_space`); False for a kind that learns on
       the images themselves (the autoencoder).
+    on_grid: its models learned the time grid t = i/N of their step count
+      only (the halving rounds), so sampling from t_start < 1 starts at a
+      grid point (`sampling.start_steps`).
   """
 
   name: str
@@ -116,3 +119,4 @@ class StageKind:
   summary: Callable[..., str | None] = lambda config, workdir: None
   applies: Callable[..., bool] = lambda config: True
   in_space: bool = True
+  on_grid: bool = False

@@ -313,6 +313,7 @@ KIND = StageKind(
   in_chain=True,
   nfe_per_step=1,
   samplers=('ddim', 'stochastic'),
+  on_grid=True,
   train=_train,
   sampler_folder=lambda workdir, num_steps, sampler, w: round_folder(
     workdir, NAME, num_steps, sampler, None

@@ -118,6 +118,7 @@ KIND = StageKind(
   in_chain=False,
   nfe_per_step=1,
   samplers=('ddim', 'stochastic'),
+  on_grid=True,
   train=_train,
   sampler_folder=_sampler_folder,
   sampler_model=_sampler_model,

@@ -1,0 +1,295 @@
+"""Editing (SDEdit) and inpainting with a trained stage: `--mode=edit|inpaint`.
+
+- edit: each input image is encoded, noised to `t_start` with q(z_t | x) and
+  sampled back to t = 0 conditioned on a *target* class or caption at w
+  (method.md §9). A distilled round starts at its grid point at or below
+  t_start (`sampling.start_steps`).
+- inpaint: replacement (method.md §9) with any stage: where the mask says
+  "fill in", the model samples; elsewhere, after every step, the input
+  noised to that step's time is put back, and the output keeps the input.
+
+Both are `sampling.Sampler` calls (`init`, `t_start`, `mask`); this module
+reads the inputs (npz, PNG files, or held-out examples), checks the request
+before anything compiles, and writes the npz and PNG outputs.
+"""
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from PIL import Image
+
+from gdd import (
+  conditioning,
+  data,
+  errors,
+  images,
+  masks,
+  paths,
+  sample,
+  workdir_lib,
+)
+from gdd.evaluation import npz
+from gdd.stages import common
+from gdd.train import sharding
+
+MODES = ('edit', 'inpaint')
+# Captions in config.edit.targets are separated by this character.
+CAPTION_SEPARATOR = '|'
+
+
+class EditRequestError(errors.UserError, ValueError):
+  """An editing or inpainting request that cannot run; says what can."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """The images to edit and what is known about them.
+
+  Attributes:
+    images: float32 [B, H, W, C] in [−1, 1].
+    own: their own conditions (held-out examples' classes or captions) as
+      a host cond, or None for images read from files.
+  """
+
+  images: np.ndarray
+  own: conditioning.Cond | None
+
+
+def read_images(
+  path: epath.PathLike, image_shape: tuple[int, ...]
+) -> np.ndarray:
+  """Images from an .npz ('images', uint8 [B, H, W, C]: what --mode=sample
+  writes), a .png file or a folder of .png files (sorted by name).
+
+  Returns float32 [B, H, W, C] in [−1, 1]. Images must already have the
+  model's size and channels: nothing is resized.
+  """
+  path = paths.resolve(path)
+  if path.is_dir():
+    files = sorted(p for p in path.iterdir() if p.name.endswith('.png'))
+    if not files:
+      raise EditRequestError(f'{path} holds no .png file.')
+    pixels = np.stack([_read_png(f, image_shape) for f in files])
+  elif path.name.endswith('.png'):
+    pixels = _read_png(path, image_shape)[None]
+  elif path.name.endswith('.npz'):
+    pixels = _read_npz_images(path)
+  else:
+    raise EditRequestError(
+      f'input={os.fspath(path)!r}: no such .npz, .png or folder of .png files.'
+    )
+  if pixels.shape[1:] != tuple(image_shape):
+    raise EditRequestError(
+      f'{path} holds images of shape {pixels.shape[1:]}; this model takes '
+      f'{tuple(image_shape)} (height, width, channels): resize them first.'
+    )
+  return data.to_model_range(pixels, 255)
+
+
+def _read_png(path: epath.Path, image_shape: tuple[int, ...]) -> np.ndarray:
+  if not path.is_file():
+    raise EditRequestError(f'input={os.fspath(path)!r}: no such file.')
+  mode = {1: 'L', 3: 'RGB'}[image_shape[-1]]
+  with path.open('rb') as f:
+    pixels = np.asarray(Image.open(f).convert(mode))
+  return pixels.reshape(*pixels.shape[:2], image_shape[-1])
+
+
+def _read_npz_images(path: epath.Path) -> np.ndarray:
+  if not path.is_file():
+    raise EditRequestError(f'input={os.fspath(path)!r}: no such file.')
+  with path.open('rb') as f, np.load(f) as arrays:
+    if 'images' not in arrays or arrays['images'].dtype != np.uint8:
+      raise EditRequestError(
+        f'{path} needs an array images, uint8 [B, H, W, C] (as --mode=sample '
+        f'writes); it has {dict((k, arrays[k].dtype) for k in arrays)}.'
+      )
+    return arrays['images']
+
+
+def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
+  """`config.edit.input`'s images, or the first `num_inputs` held-out
+  examples (with their classes or captions) when it is ''."""
+  info = data.get_info(config.data)
+  if config.edit.input:
+    return Inputs(read_images(config.edit.input, info.image_shape), None)
+  arrays = data.eval_arrays(
+    config.data,
+    split=data.held_out_split(config.data),
+    num_examples=config.edit.num_inputs,
+  )
+  own = (
+    {'caption': list(arrays['caption'])}
+    if 'caption' in arrays
+    else {'label': arrays['label']}
+  )
+  return Inputs(arrays['image'], own)
+
+
+def target_conditions(cond_kind, inputs: Inputs, targets: str):
+  """One target condition per input, checked (`cond_kind.from_request`).
+
+  `targets`: class models: class indices separated by commas ('8', '3,8'),
+  text models: captions separated by '|'; cycled over the inputs. '': the
+  inputs' own conditions (held-out inputs only).
+  """
+  num = len(inputs.images)
+  if not targets:
+    if inputs.own is None:
+      raise EditRequestError(
+        'config.edit.targets is empty, and images read from a file have no '
+        "class or caption of their own: name the targets (e.g. '8' or "
+        "'3,8' for classes, 'a red circle|a blue square' for captions)."
+      )
+    request = inputs.own
+  elif isinstance(cond_kind, conditioning.TextConditioning):
+    captions = [c.strip() for c in targets.split(CAPTION_SEPARATOR)]
+    request = [captions[i % len(captions)] for i in range(num)]
+  else:
+    try:
+      labels = [int(t) for t in targets.split(',')]
+    except ValueError:
+      raise EditRequestError(
+        f'config.edit.targets={targets!r}: a class model takes class indices '
+        "separated by commas, e.g. '8' or '3,8'."
+      ) from None
+    request = np.asarray([labels[i % len(labels)] for i in range(num)])
+  try:
+    return cond_kind.from_request(request)
+  except conditioning.CondError as error:
+    raise EditRequestError(f'config.edit.targets: {error}') from None
+
+
+def load_mask(
+  spec: str, batch_size: int, image_shape: tuple[int, ...]
+) -> np.ndarray:
+  """`config.edit.mask` as a [B, H, W, 1] mask (1 kept, 0 filled in).
+
+  A named region (`masks.KINDS`), or a file: .npz with `masks` ([B, H, W]
+  or [B, H, W, 1], > 0.5 filled in; one mask for all or one per input) or
+  a .png (white filled in), at the images' size.
+  """
+  height, width = image_shape[:2]
+  if spec in masks.KINDS:
+    return masks.named(spec, batch_size, height, width)
+  path = paths.resolve(spec)
+  if not path.is_file() or not path.name.endswith(('.npz', '.png')):
+    masks.named(spec, batch_size, height, width)  # Raises, listing both.
+  if path.name.endswith('.png'):
+    with path.open('rb') as f:
+      fill = np.asarray(Image.open(f).convert('L'), np.float32)[None] / 255
+  else:
+    with path.open('rb') as f, np.load(f) as arrays:
+      if 'masks' not in arrays:
+        raise EditRequestError(f'{path} has no array named masks.')
+      fill = arrays['masks'].astype(np.float32)
+  mask = masks.from_fill(fill)
+  if mask.shape[1:3] != (height, width) or len(mask) not in (1, batch_size):
+    raise EditRequestError(
+      f'{path} holds masks of shape {mask.shape}; expected one or '
+      f'{batch_size} masks of {height}x{width} (the images).'
+    )
+  return np.broadcast_to(mask, (batch_size, height, width, 1)).copy()
+
+
+def edit_to_files(
+  config: ml_collections.ConfigDict, workdir: epath.PathLike, mode: str
+) -> str:
+  """`--mode=edit` or `--mode=inpaint`: writes an .npz and a PNG; returns
+  the npz path.
+
+  The npz holds `images` (the outputs), `inputs` (uint8 [B, H, W, C]),
+  `masks` (inpaint: uint8 [B, H, W, 1], 1 kept), the targets (`labels` or
+  `captions`), `t_start` (where sampling started: a distilled round's grid
+  point) and `num_steps` (the steps taken). The PNG shows a row per input:
+  input | (masked input |) output.
+  """
+  if mode not in MODES:
+    raise EditRequestError(f'mode={mode!r}; allowed: {MODES}.')
+  c = config.edit
+  info = data.get_info(config.data)
+  cond_kind = common.build_conditioning(config, info)
+  inputs = load_inputs(config)
+  cond = target_conditions(cond_kind, inputs, c.targets)
+  num = len(inputs.images)
+  mask = load_mask(c.mask, num, info.image_shape) if mode == 'inpaint' else None
+  requested_t = c.t_start if mode == 'edit' else c.inpaint_t_start
+  sampler = sample.load_sampler(
+    workdir, c.stage, num_steps=c.num_steps, sampler=c.sampler, w=c.w
+  )
+  t_start, num_steps = sampler.start(requested_t)  # Checked before compiling.
+  outputs = _sample_batches(sampler, c, inputs.images, cond, mask, requested_t)
+  output = _output_path(workdir, mode, c, t_start)
+  if jax.process_index() > 0:  # Every process holds the outputs; one writes.
+    return os.fspath(output)
+  saved = dict(
+    images=outputs,
+    inputs=images.to_uint8(inputs.images),
+    t_start=np.float32(t_start),
+    num_steps=np.int32(num_steps),
+    **cond_kind.saved_arrays(cond),
+  )
+  if mask is not None:
+    saved['masks'] = mask.astype(np.uint8)
+  npz.atomic_savez(output, **saved)
+  _save_grid(output.with_suffix('.png'), saved, info.image_shape[0])
+  return os.fspath(output)
+
+
+def _sample_batches(sampler, c, inputs, cond, mask, t_start) -> np.ndarray:
+  """uint8 outputs of the sampler over the inputs, `c.batch_size` at a time."""
+  rng = jax.random.PRNGKey(c.seed)
+  chunks = []
+  for index, begin in enumerate(range(0, len(inputs), c.batch_size)):
+    end = begin + c.batch_size
+    batch = sampler(
+      jax.random.fold_in(rng, index),
+      conditioning.take(cond, begin, end),
+      c.w,
+      init=inputs[begin:end],
+      t_start=t_start,
+      mask=None if mask is None else mask[begin:end],
+    )
+    chunks.append(images.to_uint8(sharding.to_host(batch)))
+  return np.concatenate(chunks)
+
+
+def _output_path(workdir, mode: str, c, t_start: float) -> epath.Path:
+  output = paths.resolve(
+    c.output
+    or workdir_lib.edits_file(
+      workdir,
+      mode=mode,
+      stage=c.stage,
+      sampler=c.sampler,
+      num_steps=c.num_steps,
+      w=c.w,
+      t_start=t_start,
+    )
+  )
+  if not output.name.endswith('.npz'):
+    output = output.with_name(output.name + '.npz')
+  return output
+
+
+def _save_grid(path: epath.Path, saved: dict, image_size: int) -> None:
+  """A row per input (the first `sample.MAX_CAPTION_ROWS`): input |
+  (masked input, the filled-in region grey |) output; captions as titles."""
+  num = min(len(saved['images']), sample.MAX_CAPTION_ROWS)
+  columns = [saved['inputs'][:num]]
+  if 'masks' in saved:
+    grey = np.full_like(saved['inputs'][:num], 128)
+    kept = saved['masks'][:num].astype(bool)
+    columns.append(np.where(kept, saved['inputs'][:num], grey))
+  columns.append(saved['images'][:num])
+  rows = np.stack(columns, axis=1).reshape(-1, *saved['images'].shape[1:])
+  grid = images.make_grid(rows, num_rows=num)
+  upscale = images.display_scale(image_size)
+  if 'captions' in saved:
+    grid = images.with_row_titles(grid, list(saved['captions'][:num]), upscale)
+    upscale = 1
+  images.save_png(path, grid, upscale=upscale)
