@@ -179,7 +179,7 @@ class Sampler:
     """See the class docstring.
 
     Args:
-      make_sample_fn: step count ↦ the traced `SampleFn` of that many steps.
+      make_sample_fn: `num_steps=k` ↦ the traced `SampleFn` of k steps.
       params: the network's params.
       cond_kind: its conditioning (`conditioning.ClassConditioning`, …).
       space: where it diffuses (`spaces.PixelSpace`, `LatentSpace`).
@@ -336,7 +336,7 @@ class Sampler:
           (padded_size, *self._space.shape[:2], 1), np.float32, sharding=batch
         )
       jitted = jax.jit(
-        self._make_sample_fn(num_steps),
+        self._make_sample_fn(num_steps=num_steps),
         in_shardings=(
           rep,
           rep,

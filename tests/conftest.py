@@ -10,7 +10,10 @@ import os
 # suite runs about twice as fast. The programs compute the same values up to
 # float rounding; gdd itself runs with XLA's defaults. Subprocesses started
 # by tests (CLI, multi-host) pass these flags on.
-TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+TEST_XLA_FLAGS = (
+  '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
+  ' --xla_cpu_multi_thread_eigen=false'
+)
 os.environ['XLA_FLAGS'] = (
   f'{os.environ.get("XLA_FLAGS", "")} {TEST_XLA_FLAGS}'
   ' --xla_force_host_platform_device_count=8'

@@ -205,7 +205,10 @@ def test_sampler_starts_from_init_and_keeps_the_mask(digits_workdir):
   np.testing.assert_array_equal(half[:, :, :4], init[:, :, :4])
   assert not np.allclose(half[:, :, 4:], init[:, :, 4:])
   # One executable per request kind at this (padded) batch size.
-  assert sampler.compiled_requests() == [(8, True, False), (8, True, True)]
+  assert sampler.compiled_requests() == [
+    (8, True, False, 4),
+    (8, True, True, 4),
+  ]
   with helpers.raises_user_error(ValueError, match='needs init=True'):
     sampler.compile(6, mask=True)
 

@@ -250,10 +250,12 @@ def test_fsdp_rules_split_the_paper_networks_large_kernels(paper):
 
 @pytest.fixture(scope='module')
 def chain(tmp_path_factory):
-  """autoencoder → teacher → stage one on mocked ImageNet, 2 updates each.
+  """autoencoder → teacher on mocked ImageNet, 2 updates each.
 
-  Not the halving rounds: they add nothing latent or class-specific to
-  what stage one runs, and two more compiled programs.
+  Not the students: what they add to a class-conditional latent teacher
+  (the w-embedding, starting as the teacher) is tested on the network
+  directly (`test_the_class_student_starts_as_its_teacher_at_every_w`), and
+  their programs are what the shapes chain compiles already.
   """
   root = tmp_path_factory.mktemp('imagenet256')
   config = helpers.quick_latent_config(CONFIG, num_train_steps=2)
@@ -263,7 +265,7 @@ def chain(tmp_path_factory):
   helpers.write_tfds_metadata(TFDS_NAME, config.data.data_dir)
   workdir = str(root / 'run')
   with tfds.testing.mock_data(num_examples=16, data_dir=config.data.data_dir):
-    for mode in ('autoencoder', 'teacher', 'guided'):
+    for mode in ('autoencoder', 'teacher'):
       pipeline.run(config, workdir, mode)
   return workdir
 
@@ -282,10 +284,9 @@ def test_chain_runs_on_imagenet_latents(chain):
   teacher = _exported(chain, 'teacher')
   assert set(teacher) == {'unet'}
   assert teacher['unet']['class_embedding']['embedding'].shape[0] == 1001
-  assert 'w_embedding' in _exported(chain, 'guided')['unet']
-  grids = workdir_lib.grids_dir(workdir_lib.stage_dir(chain, 'guided'))
+  grids = workdir_lib.grids_dir(workdir_lib.stage_dir(chain, 'teacher'))
   assert [p.name for p in grids.iterdir()] == ['step2_w1.png']
-  sampler = sample.load_sampler(chain, 'guided', num_steps=1)
+  sampler = sample.load_sampler(chain, 'teacher', num_steps=1)
   images = np.asarray(sampler(jax.random.PRNGKey(0), [0, 999], 1.0))
   assert images.shape == (2, 256, 256, 3)
   assert -1 <= images.min() < images.max() <= 1
