@@ -209,7 +209,7 @@ def test_sampler_starts_from_init_and_keeps_the_mask(digits_workdir):
     (8, True, False, 4),
     (8, True, True, 4),
   ]
-  with helpers.raises_user_error(ValueError, match='needs init=True'):
+  with helpers.raises_user_error(ValueError, match='need init=True'):
     sampler.compile(6, mask=True)
 
 

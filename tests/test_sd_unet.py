@@ -325,7 +325,8 @@ def test_fresh_net_is_zero_and_its_w_embedding_changes_nothing(teacher_cfg):
     got = _apply(
       student_cfg, student_params, {**inputs, 'w': jnp.full(BATCH, w)}
     )
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # Two programs: XLA may fuse, so round, them differently (~2e-6 seen).
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
   # With a trained (non-zero) last layer the output does depend on w.
   student_params['w_embedding'] = _noisy_params(student_cfg)['w_embedding']
@@ -383,7 +384,7 @@ def test_remat_keeps_params_outputs_and_gradients():
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
   for remat in ('full', 'dots_saveable'):
     remat_grads, remat_out = results[remat]
-    np.testing.assert_allclose(remat_out, out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(remat_out, out, rtol=1e-5, atol=1e-5)
     for got, want in zip(
       jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True
     ):
