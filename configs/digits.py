@@ -6,7 +6,12 @@ train a good guided teacher on a 2-core laptop CPU in minutes.
   python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits
 
 `--config=configs/digits.py:quick` is a short smoke run (README has its
-measured time).
+measured time). `:inpaint` trains the same chain as inpainting models (the
+network also sees a mask and the masked digit; random masks in training:
+`config.random_masks`), `:quick+inpaint` its smoke run; then
+
+  python -m gdd.main --config=configs/digits.py:inpaint \
+    --workdir=/tmp/gdd_digits_inpaint --mode=inpaint
 """
 
 from gdd import config_lib

@@ -46,10 +46,7 @@ def get_config(variant: str = ''):
     inception_weights='inception_fid.npz',
     ws=(0.0, 0.5, 1.0, 4.0),
   )
-  if variant == 'quick':
-    _make_quick(config)
-    return config
-  return config_lib.apply_variant(config, variant)
+  return config_lib.apply_variant(config, variant, quick=_make_quick)
 
 
 def _autoencoder(config) -> None:

@@ -9,7 +9,8 @@ and the halving rounds, every student with its teacher's encoder frozen.
 
   python -m gdd.main --config=configs/shapes.py --workdir=/tmp/gdd_shapes
 
-`--config=configs/shapes.py:quick` is a minutes-long smoke run. Then
+`--config=configs/shapes.py:quick` is a minutes-long smoke run; `:inpaint`
+(`:quick+inpaint`) trains the chain as inpainting models. Then
 
   python -m gdd.main --config=configs/shapes.py --workdir=/tmp/gdd_shapes \
     --mode=evaluate
@@ -110,10 +111,7 @@ def get_config(variant: str = ''):
     # teacher steps would add ~11 min here for the same ratio.
     speed_teacher_num_steps=(256,),
   )
-  if variant == 'quick':
-    _make_quick(config)
-    return config
-  return config_lib.apply_variant(config, variant)
+  return config_lib.apply_variant(config, variant, quick=_make_quick)
 
 
 def _make_quick(config) -> None:

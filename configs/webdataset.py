@@ -74,10 +74,7 @@ def get_config(variant: str = ''):
     guided_num_steps=(64, 16, 8, 4),
     speed_teacher_num_steps=(64,),
   )
-  if variant == 'quick':
-    _make_quick(config)
-    return config
-  return config_lib.apply_variant(config, variant)
+  return config_lib.apply_variant(config, variant, quick=_make_quick)
 
 
 def _add_networks(config) -> None:

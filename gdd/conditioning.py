@@ -9,6 +9,17 @@ and evaluation pass `cond` through as a pytree; only a conditioning kind
 null value for classifier-free guidance, the dropout to null in teacher
 training, what a user's request must look like, and which conditions sample
 grids and evaluation draw.
+
+An inpainting model (`config.model.inpainting`) also sees the known region:
+cond gains 'mask' (float32 [B, h, w, 1], 1 kept) and 'masked' (the data
+times the mask in the diffusion space, [B, h, w, C]), added by
+`with_known_region` (in training from random masks, `masks.random`; in
+sampling from the request's init and mask). A kind passes them through
+from a batch and keeps them in its null ∅: CFG drops only the class or
+caption, so x̂(z, c) and x̂(z, ∅) both see the known region, as in Stable
+Diffusion's inpainting pipeline (whose unconditional branch gets the same
+mask and masked latents). Requests, grids and evaluation draws hold the
+class or caption alone; the sampler adds the known region.
 """
 
 import dataclasses
@@ -61,6 +72,23 @@ def take(cond: Cond, begin: int, end: int) -> Cond:
   return jax.tree.map(lambda x: x[begin:end], cond)
 
 
+# The keys of an inpainting model's known region (module docstring).
+KNOWN_REGION = ('mask', 'masked')
+
+
+def known_region(tree: dict) -> Cond:
+  """The known-region entries of a batch or cond (none for other models)."""
+  return {key: tree[key] for key in KNOWN_REGION if key in tree}
+
+
+def with_known_region(cond: Cond, x: jnp.ndarray, mask: jnp.ndarray) -> Cond:
+  """`cond` (or a batch) with the known region of data x [B, h, w, C] in
+  the diffusion space: 'mask' (1 kept, [B, h, w, 1]) and 'masked' = x · mask.
+  """
+  mask = jnp.asarray(mask, jnp.float32)
+  return dict(cond, mask=mask, masked=x.astype(jnp.float32) * mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassConditioning:
   """Class labels in [0, num_classes); the null label ∅ is num_classes.
@@ -76,12 +104,14 @@ class ClassConditioning:
     return batch
 
   def from_batch(self, batch: dict) -> Cond:
-    """The condition of a data batch ({'image', 'label'})."""
-    return {'label': batch['label']}
+    """The condition of a data batch ({'image', 'label'}[, known region])."""
+    return {'label': batch['label'], **known_region(batch)}
 
   def null_like(self, cond: Cond) -> Cond:
-    """The unconditional condition ∅, one per example of `cond`."""
-    return {'label': jnp.full_like(cond['label'], self.num_classes)}
+    """The unconditional condition ∅, one per example of `cond` (its known
+    region, if any, kept)."""
+    null = jnp.full_like(cond['label'], self.num_classes)
+    return {'label': null, **known_region(cond)}
 
   def drop_to_null(self, cond: Cond, rng: jax.Array, p: float) -> Cond:
     """Each example's condition replaced by ∅ with probability p (CFG)."""
@@ -176,13 +206,15 @@ class TextConditioning:
     return batch
 
   def from_batch(self, batch: dict) -> Cond:
-    """The condition of a device batch ({'image', 'tokens'})."""
-    return {'tokens': batch['tokens']}
+    """The condition of a device batch ({'image', 'tokens'}[, known region])."""
+    return {'tokens': batch['tokens'], **known_region(batch)}
 
   def null_like(self, cond: Cond) -> Cond:
-    """The empty caption's tokens, one per example of `cond`."""
+    """The empty caption's tokens, one per example of `cond` (its known
+    region, if any, kept)."""
     empty = jnp.asarray(self.tokens(['']))
-    return {'tokens': jnp.broadcast_to(empty, cond['tokens'].shape)}
+    null = jnp.broadcast_to(empty, cond['tokens'].shape)
+    return {'tokens': null, **known_region(cond)}
 
   def drop_to_null(self, cond: Cond, rng: jax.Array, p: float) -> Cond:
     """Each caption replaced by the empty one with probability p (CFG)."""

@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from gdd import checks, errors, paths
+from gdd import checks, errors, masks, paths
 from gdd.diffusion import losses, parameterization
 
 DATASETS = (
@@ -160,6 +160,7 @@ def _add_network_sections(config: ml_collections.ConfigDict) -> None:
   )
   config.space = 'pixel'  # One of SPACES.
   config.model = _model_config()
+  config.random_masks = _random_masks_config()
   config.text = _text_config()
   config.memory = _memory_config()
   config.diffusion = ml_collections.ConfigDict(
@@ -189,7 +190,22 @@ def _model_config() -> ml_collections.ConfigDict:
       # Compute dtype; params, optimiser state, EMA, softmax, normalisation
       # statistics and the loss stay float32 ('bfloat16': mixed precision).
       'dtype': 'float32',
+      # An inpainting model: the network also sees the mask and the masked
+      # input (`gdd.conditioning`), trained on `random_masks`.
+      'inpainting': False,
     }
+  )
+
+
+def _random_masks_config() -> ml_collections.ConfigDict:
+  """What an inpainting model's training masks fill in (`masks.random`).
+
+  The fraction of examples of each kind, summing to 1; read only when
+  `model.inpainting`. 'all_filled' examples are plain generation (Stable
+  Diffusion's inpainting model fills in everything for a quarter of them).
+  """
+  return ml_collections.ConfigDict(
+    {'box': 0.3, 'stroke': 0.3, 'half': 0.15, 'all_filled': 0.25}
   )
 
 
@@ -219,6 +235,7 @@ def sd_unet_model_config(**overrides: Any) -> ml_collections.ConfigDict:
     'dropout': 0.0,
     'mean_type': 'both',
     'dtype': 'float32',
+    'inpainting': False,
   }
   return ml_collections.ConfigDict({**model, **overrides})
 
@@ -574,6 +591,7 @@ _ADDED_TRAINING_KEYS = {
   },
   'space': 'pixel',
   'model.kind': 'unet',
+  'model.inpainting': False,
 }
 
 
@@ -592,6 +610,7 @@ def from_record(record: dict) -> ml_collections.ConfigDict:
       config[section] = base[section]
   for key in (
     'model.kind',
+    'model.inpainting',
     'data.image_size',
     'data.held_out_dir',
     'sample.prompts',
@@ -607,7 +626,8 @@ def _entries_in_use(flat: dict, kind: str) -> tuple[str, ...]:
 
   The image size of data sets drawn or resized to one; the text keys of
   caption data sets; the autoencoder's keys for the stages of a latent
-  chain (its own are always in TRAINING_KEYS['autoencoder']).
+  chain (its own are always in TRAINING_KEYS['autoencoder']); the random
+  masks of an inpainting chain's stages.
   """
   entries = ()
   if flat.get('data.name') in CAPTION_DATASETS:
@@ -616,6 +636,8 @@ def _entries_in_use(flat: dict, kind: str) -> tuple[str, ...]:
       entries += _TEXT_TRAINING_KEYS
   if flat.get('space') == 'latent' and kind != 'autoencoder':
     entries += _AUTOENCODER_TRAINING_KEYS
+  if flat.get('model.inpainting') and kind != 'autoencoder':
+    entries += ('random_masks',)
   return entries
 
 
@@ -853,6 +875,11 @@ def _validate_network(
   )
   _check(config, 'model.dtype', _one_of(DTYPES), f'one of {DTYPES}')
   _check(config, 'model.dropout', lambda v: 0 <= v < 1, 'in [0, 1)')
+  _check(
+    config, 'model.inpainting', lambda v: isinstance(v, bool), 'True or False'
+  )
+  if config.model.inpainting:
+    _validate_random_masks(config)
   _check_student_mean_type(config, training)
   if config.data.name in CAPTION_DATASETS:
     _validate_text(config)
@@ -871,6 +898,26 @@ def _validate_network(
     _one_of(losses.WEIGHTINGS),
     f'one of {losses.WEIGHTINGS}',
   )
+
+
+def _validate_random_masks(config: ml_collections.ConfigDict) -> None:
+  """Fractions in [0, 1], one per kind of `masks.RANDOM_KINDS`, summing to 1."""
+  for kind in masks.RANDOM_KINDS:
+    _check(
+      config,
+      f'random_masks.{kind}',
+      lambda v: _non_negative_number(v) and v <= 1,
+      'a fraction of the training examples in [0, 1]',
+    )
+  total = sum(config.random_masks[kind] for kind in masks.RANDOM_KINDS)
+  if abs(total - 1) > 1e-6:
+    fractions = ', '.join(
+      f'{kind}={config.random_masks[kind]!r}' for kind in masks.RANDOM_KINDS
+    )
+    raise ConfigError(
+      f'config.random_masks ({fractions}) sum to {total:g}: allowed '
+      'fractions of the training examples that sum to 1.'
+    )
 
 
 def _validate_pixel_unet(config: ml_collections.ConfigDict) -> None:
@@ -1254,14 +1301,33 @@ def _make_outputs_quick(config: ml_collections.ConfigDict) -> None:
   )
 
 
+def make_inpainting(config: ml_collections.ConfigDict) -> None:
+  """Makes the chain's models inpainting models (`:inpaint`), in place: every
+  stage trains on random masks (`config.random_masks`)."""
+  config.model.inpainting = True
+
+
+VARIANTS = ('quick', 'inpaint')
+
+
 def apply_variant(
-  config: ml_collections.ConfigDict, variant: str
+  config: ml_collections.ConfigDict,
+  variant: str,
+  *,
+  quick: Callable[[ml_collections.ConfigDict], None] = make_quick,
 ) -> ml_collections.ConfigDict:
-  """Applies `--config=FILE:variant`: '' (as is) or 'quick' (make_quick)."""
-  if variant == 'quick':
-    make_quick(config)
-  elif variant:
-    raise ValueError(f"Unknown variant {variant!r}; allowed: '' or 'quick'.")
+  """Applies `--config=FILE:variant`: '' (as is), or names from `VARIANTS`
+  joined by '+': 'quick' (`quick`: the config file's own shrinking, or
+  make_quick), 'inpaint' (make_inpainting); e.g. 'quick+inpaint'."""
+  makers = {'quick': quick, 'inpaint': make_inpainting}
+  names = variant.split('+') if variant else []
+  if any(name not in makers for name in names) or len(set(names)) < len(names):
+    raise ValueError(
+      f"Unknown variant {variant!r}; allowed: '' or names from {VARIANTS} "
+      "joined by '+', e.g. 'quick' or 'quick+inpaint'."
+    )
+  for name in names:
+    makers[name](config)
   return config
 
 

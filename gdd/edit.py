@@ -4,9 +4,13 @@
   sampled back to t = 0 conditioned on a *target* class or caption at w
   (method.md §9). A distilled round starts at its grid point at or below
   t_start (`sampling.start_steps`).
-- inpaint: replacement (method.md §9) with any stage: where the mask says
-  "fill in", the model samples; elsewhere, after every step, the input
-  noised to that step's time is put back, and the output keeps the input.
+- inpaint: where the mask says "fill in", the model samples. A plain model
+  (any stage) inpaints by replacement (method.md §9): after every step the
+  input noised to that step's time is put back elsewhere, and the output
+  keeps the input. An inpainting chain's model (`config.model.inpainting`,
+  trained and distilled on random masks) is conditioned on the mask and the
+  masked input instead, and its output is its own everywhere
+  (`sampling`'s module docstring); the workdir's recorded config decides.
 
 Both are `sampling.Sampler` calls (`init`, `t_start`, `mask`); this module
 reads the inputs (npz, PNG files, or held-out examples), checks the request

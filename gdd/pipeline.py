@@ -165,12 +165,15 @@ class TrainContext:
     """Trains (or resumes, or loads) the folder `name`; returns its params.
 
     A kind that diffuses in the config's space (`StageKind.in_space`)
-    trains on batches encoded there (`common.in_space`).
+    trains on batches encoded there, with random masks for an inpainting
+    chain (`common.as_trained`).
     """
     if registry.get(kind).in_space:
       # Loaded first: a missing autoencoder fails before anything is written.
       build, space_params = make_stage, self.space_params()
-      make_stage = lambda: common.in_space(build(), self.space, space_params)
+      make_stage = lambda: common.as_trained(
+        build(), self.config, self.space, space_params
+      )
     return _run_stage(
       self.config,
       self.workdir,

@@ -451,8 +451,9 @@ def build_stage(
       stage = kind.plan_stage(config, info)
       if not kind.in_space:
         return stage
-      return common.in_space(
+      return common.as_trained(
         stage,
+        config,
         common.build_space(config, info),
         common.abstract_space_params(config, info),
       )

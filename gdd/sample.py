@@ -160,7 +160,9 @@ def load_sampler(
     guidance strength (diffusers' guidance_scale is 1 + w); `init`,
     `t_start` and `mask` start from an image (see `Sampler.__call__`; a
     distilled round starts at its grid point at or below t_start:
-    `sampler.start(t_start)` says where and with how many steps).
+    `sampler.start(t_start)` says where and with how many steps; a mask
+    replaces for a plain model and conditions an inpainting one, as the
+    stage's recorded `model.inpainting` says).
     Each batch size compiles once, on its first call or ahead of time with
     `sampler.compile(B)`.
   """

@@ -7,6 +7,16 @@ compiled once per batch size and kind of request (ahead of time with
 `compile`), called as `sampler(rng, cond, w, *, init=None, t_start=1.0,
 mask=None)`. Every request is checked on the host before anything compiles.
 `start_steps` is the rule for where a sampler started at t_start < 1 begins.
+
+A `mask` means what the model can do with it: a plain model inpaints by
+replacement (method.md §9: after every step the known region is the input
+noised to that time); an inpainting model (`config.model.inpainting`) is
+conditioned on the mask and the masked input and nothing is replaced: its
+output is the network's everywhere, as Stable Diffusion's inpainting
+pipeline returns it, so how well it keeps the known region shows. Without
+a mask an inpainting model fills in everything (an all-zero mask, which it
+was trained on: `masks.RANDOM_KINDS`), so sampling, grids and evaluation
+generate as with a plain model.
 """
 
 import functools
@@ -25,7 +35,8 @@ from gdd.stages import common
 from gdd.train import sharding
 
 # (params, rng, cond, w, start, space_params) -> images in [−1, 1]; start is
-# None (pure noise at t = 1) or {'init', 't_start'[, 'mask']}.
+# None (pure noise at t = 1) or {'init', 't_start'[, 'mask']}, the mask at
+# the diffusion space's size.
 SampleFn = Callable[..., jnp.ndarray]
 
 
@@ -71,11 +82,11 @@ def start_steps(
   return k / num_steps, k
 
 
-def _start_z(config, space, start, noise, space_params, known_rng):
+def _start_z(config, start, noise, known_rng):
   """z at the start time, and the sampler options a `start` adds."""
   if start is None:
     return noise, {}
-  x = space.encode(space_params, start['init']).astype(jnp.float32)
+  x = start['x']
   t_start = start['t_start']
   logsnr = jnp.full((x.shape[0],), common.logsnr_fn(config)(t_start))
   options = {'t_start': t_start}
@@ -96,19 +107,19 @@ def draw(
   num_steps: int,
   sampler: str,
   start: dict | None = None,
-  space_params: Any = None,
 ) -> jnp.ndarray:
   """Runs the named sampler in `space`; returns x̂ in the diffusion space.
 
-  From pure noise z_1 ~ N(0, I) when `start` is None; otherwise from the
-  encoded `start['init']` noised to `start['t_start']` with the same noise
-  draw, keeping `start['mask']`'s region if given (replacement).
+  From pure noise z_1 ~ N(0, I) when `start` is None; otherwise from
+  `start['x']` (data in the diffusion space: an encoded init) noised to
+  `start['t_start']` with the same noise draw, keeping `start['mask']`'s
+  region if given (replacement).
   """
   noise_rng, sampler_rng = jax.random.split(rng)
   noise = jax.random.normal(noise_rng, (batch_size, *space.shape), jnp.float32)
   # The known region's per-step noise: a key the start noise does not use.
   known_rng = jax.random.fold_in(noise_rng, 1)
-  z, options = _start_z(config, space, start, noise, space_params, known_rng)
+  z, options = _start_z(config, start, noise, known_rng)
   kwargs = dict(
     num_steps=num_steps,
     logsnr_fn=common.logsnr_fn(config),
@@ -134,10 +145,17 @@ def make_sample_fn(
 ) -> SampleFn:
   """(params, rng, cond, w, start=None, space_params=None) ↦ images.
 
-  Images are `space.decode`d, float32 in [−1, 1]; see `draw` for `start`.
+  Images are `space.decode`d, float32 in [−1, 1]. `start` (`SampleFn`) is
+  encoded here, once; its mask replaces (`draw`), or for an inpainting
+  model joins cond with the masked input (`known_region_request`).
   """
 
   def sample_fn(params, rng, cond, w, start=None, space_params=None):
+    if start is not None:
+      x = space.encode(space_params, start['init']).astype(jnp.float32)
+      start = {'x': x, **{k: v for k, v in start.items() if k != 'init'}}
+    if config.model.inpainting:
+      cond, start = known_region_request(space, cond, start)
     x = draw(
       config,
       space,
@@ -147,11 +165,27 @@ def make_sample_fn(
       num_steps=num_steps,
       sampler=sampler,
       start=start,
-      space_params=space_params,
     )
     return space.decode(space_params, x)
 
   return sample_fn
+
+
+def known_region_request(
+  space, cond: conditioning.Cond, start: dict | None
+) -> tuple[conditioning.Cond, dict | None]:
+  """An inpainting model's (cond, start): the request's known region in cond.
+
+  The mask of `start` (at the space's size) and its data x masked join
+  `cond` (`conditioning.with_known_region`) and leave `start`, so nothing
+  is replaced; without a mask everything is filled in (an all-zero mask).
+  """
+  batch_size = conditioning.batch_size(cond)
+  if start is None or 'mask' not in start:
+    x = jnp.zeros((batch_size, *space.shape), jnp.float32)
+    return conditioning.with_known_region(cond, x, x[..., :1]), start
+  known = conditioning.with_known_region(cond, start['x'], start['mask'])
+  return known, {k: v for k, v in start.items() if k != 'mask'}
 
 
 class Sampler:
@@ -237,9 +271,14 @@ class Sampler:
         t_start to 0; a distilled round starts at its grid point at or below
         t_start (`start`, `start_steps`).
       mask: optional [B, H, W, 1] in [0, 1] at the images' size (or
-        [B, h, w, 1] at a latent space's), 1 where `init` is kept
-        (replacement inpainting). In a latent space a latent is kept only
-        where its whole patch of pixels is (`masks.to_space`). Needs `init`.
+        [B, h, w, 1] at a latent space's), 1 where `init` is kept. In a
+        latent space a latent is kept only where its whole patch of pixels
+        is (`masks.to_space`). Needs `init`. A plain model inpaints by
+        replacement: the known region is `init` noised to each step's time,
+        and the result's is `init` itself (the autoencoder's reconstruction
+        of it in a latent space). An inpainting model is conditioned on the
+        mask and the masked `init` and nothing is replaced; without a mask
+        it fills in everything (module docstring).
 
     Returns:
       [B, H, W, C] float32 images in [−1, 1], replicated over the devices.

@@ -142,6 +142,9 @@ def test_every_config_key_is_classified_for_the_mismatch_check():
   # A new key fails here until it is added to TRAINING_KEYS or, with its
   # reason, to NOT_TRAINING_KEYS.
   configs = [_base_config(space).to_dict() for space in config_lib.SPACES]
+  inpainting = config_lib.base_config()
+  config_lib.make_inpainting(inpainting)  # Its random masks are read too.
+  configs.append(inpainting.to_dict())
   keys = set(config_lib.flatten(configs[0]))
   assert set(config_lib.TRAINING_KEYS) == set(config_lib.STAGES)
   trained = set().union(
@@ -174,8 +177,11 @@ def test_each_training_key_change_is_a_mismatch(kind, space, tmp_path):
     with pytest.raises(pipeline.ConfigMismatchError) as error:
       pipeline.record_stage_config(changed, str(tmp_path), kind)
     diffs = re.findall(r'config\.(\S+): .* in the workdir', str(error.value))
-    # data.name and space also decide which other keys are read.
-    assert diffs == [key] or key in ('data.name', 'space') and key in diffs
+    # data.name, space and model.inpainting also decide which other keys
+    # are read.
+    assert diffs == [key] or (
+      key in ('data.name', 'space', 'model.inpainting') and key in diffs
+    )
 
 
 @pytest.mark.parametrize('space', config_lib.SPACES)

@@ -19,6 +19,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from gdd import conditioning
 from gdd.models import layers, sd_unet
 
 
@@ -56,10 +57,23 @@ class ClassSDUNet(nn.Module):
     *,
     train: bool,
   ) -> jnp.ndarray:
-    """Raw network output; cond = {'label': int [B] in [0, K]}."""
-    layers.check_cond(cond, 'label', 'int [B]', 'class-conditional network')
+    """Raw network output; cond = {'label': int [B] in [0, K]} (and an
+    inpainting network's known region, 'mask' and 'masked')."""
+    layers.check_cond(
+      cond,
+      'label',
+      'int [B]',
+      'class-conditional network',
+      inpainting=self.config.inpainting,
+    )
     return sd_unet.SDUNet(self.config.unet, name='unet')(
-      z, logsnr, None, cond['label'], w, train=train
+      z,
+      logsnr,
+      None,
+      cond['label'],
+      w,
+      known=conditioning.known_region(cond) if self.config.inpainting else None,
+      train=train,
     )
 
   def example_inputs(self, batch_size: int) -> tuple:
@@ -69,5 +83,6 @@ class ClassSDUNet(nn.Module):
       (batch_size, cfg.sample_size, cfg.sample_size, cfg.in_channels)
     )
     cond = {'label': jnp.zeros((batch_size,), jnp.int32)}
+    cond = layers.example_cond(cond, z, inpainting=cfg.inpainting)
     w = jnp.zeros((batch_size,)) if cfg.use_w_embedding else None
     return z, jnp.zeros((batch_size,)), cond, w

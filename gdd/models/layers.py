@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gdd import config_lib
+from gdd import conditioning, config_lib
 
 Dtype = Any
 
@@ -57,18 +57,66 @@ class CheckedConfig:
     )
 
 
-def check_cond(cond, key: str, expected: str, network: str) -> None:
-  """Raises ValueError unless cond is a dict of exactly `key`.
+def check_cond(
+  cond, key: str, expected: str, network: str, *, inpainting: bool = False
+) -> None:
+  """Raises ValueError unless cond is a dict of exactly `key` (and, for an
+  inpainting network, the known region `conditioning.KNOWN_REGION`).
 
   `expected` describes the value (e.g. 'int [B]'), `network` the network
   (e.g. 'class-conditional UNet'), for the message.
   """
-  if not isinstance(cond, dict) or set(cond) != {key}:
+  keys = {key, *conditioning.KNOWN_REGION} if inpainting else {key}
+  if not isinstance(cond, dict) or set(cond) != keys:
     got = sorted(cond) if isinstance(cond, dict) else ''
+    wanted = f'{{{key!r}: {expected}}}' + (
+      " with 'mask' [B, H, W, 1] and 'masked' [B, H, W, C] (the known "
+      'region: `conditioning.with_known_region`)'
+      if inpainting
+      else ''
+    )
     raise ValueError(
-      f'cond must be {{{key!r}: {expected}}} for this {network}; got '
+      f'cond must be {wanted} for this {network}; got '
       f'{type(cond).__name__} {got}.'
     )
+
+
+def example_cond(cond: dict, z: jnp.ndarray, *, inpainting: bool) -> dict:
+  """An init-time `cond`, with an all-zero known region if `inpainting`."""
+  if not inpainting:
+    return cond
+  return conditioning.with_known_region(cond, z, jnp.zeros_like(z[..., :1]))
+
+
+def known_region_input(
+  cond: dict, z: jnp.ndarray, features: int, dtype: Dtype
+) -> jnp.ndarray:
+  """An inpainting network's extra input: a 3x3 conv of [mask, masked].
+
+  Added to conv_in(z), it is conv_in of the 1 + 2C channels [z, mask,
+  masked] (Stable Diffusion's inpainting U-Net: 4 + 1 + 4) split in two:
+  conv_in keeps its name and shape, so a plain network's params fit, and
+  this conv ('conv_in_known', no bias) starts at zero, so a fresh
+  inpainting network computes exactly the plain one with the same other
+  params. (An SD inpainting checkpoint's conv_in kernel splits along its
+  input channels: [:4] → conv_in, [4:] → conv_in_known.) Must be called
+  inside a compact method.
+  """
+  mask, masked = cond['mask'], cond['masked']
+  if mask.shape != (*z.shape[:-1], 1) or masked.shape != z.shape:
+    raise ValueError(
+      f"cond['mask'] must have shape {(*z.shape[:-1], 1)} and "
+      f"cond['masked'] {z.shape} (z's); got {mask.shape} and {masked.shape}."
+    )
+  known = jnp.concatenate([mask, masked], axis=-1).astype(dtype)
+  return nn.Conv(
+    features,
+    (3, 3),
+    use_bias=False,
+    kernel_init=_zeros,
+    dtype=dtype,
+    name='conv_in_known',
+  )(known)
 
 
 def sinusoidal_embedding(

@@ -105,8 +105,8 @@ class SDUNetConfig(layers.CheckedConfig):
     * `mean_type` replaces diffusers' `out_channels`: conv_out has
       `out_channels` = 2·in_channels for 'both', else in_channels;
     * `num_class_embeds` K gives K + 1 rows, row K the null label ∅;
-    * `use_w_embedding`, `w_max`, `dtype` and `remat` are gdd's (see
-      `UNetConfig`).
+    * `use_w_embedding`, `w_max`, `dtype`, `remat` and `inpainting` are
+      gdd's (see `UNetConfig`); an inpainting SDUNet takes `known`.
 
   `attention_head_dim` is, as in diffusers, the NUMBER of attention heads of
   each block, not their width: diffusers' UNet2DConditionModel sets
@@ -154,6 +154,7 @@ class SDUNetConfig(layers.CheckedConfig):
   w_max: float = 4.0
   dtype: str = 'float32'
   remat: str = 'none'
+  inpainting: bool = False
 
   def __post_init__(self):
     # ConfigDicts and config.json give lists; tuples keep the dataclass
@@ -237,7 +238,12 @@ class SDUNetConfig(layers.CheckedConfig):
 
   def _check_options(self) -> None:
     """Flags, output type, embeddings, dropout, w scale, dtype and remat."""
-    for name in ('use_linear_projection', 'flip_sin_to_cos', 'use_w_embedding'):
+    for name in (
+      'use_linear_projection',
+      'flip_sin_to_cos',
+      'use_w_embedding',
+      'inpainting',
+    ):
       self._require(isinstance(getattr(self, name), bool), name, 'a bool')
     self._require(
       self.mean_type in parameterization.MEAN_TYPES,
@@ -330,6 +336,11 @@ class WrapsSDUNet:
   def use_w_embedding(self) -> bool:
     """Whether w is an input (a w-conditioned student)."""
     return self.unet.use_w_embedding
+
+  @property
+  def inpainting(self) -> bool:
+    """Whether the known region is an input (an inpainting network)."""
+    return self.unet.inpainting
 
 
 def _dtype(config: SDUNetConfig) -> jnp.dtype:
@@ -605,6 +616,7 @@ class SDUNet(nn.Module):
     context: jnp.ndarray | None,
     labels: jnp.ndarray | None = None,
     w: jnp.ndarray | None = None,
+    known: dict | None = None,
     *,
     train: bool,
   ) -> jnp.ndarray:
@@ -620,6 +632,9 @@ class SDUNet(nn.Module):
       labels: [B] int class labels in [0, K], K the null label; required
         iff `config.num_class_embeds` is set.
       w: [B] guidance strengths; required iff `config.use_w_embedding`.
+      known: the known region {'mask': [B, S, S, 1], 'masked': [B, S, S,
+        in_channels]}; required iff `config.inpainting`
+        (`layers.known_region_input`).
       train: enables dropout, which then needs the 'dropout' rng.
 
     Returns:
@@ -627,6 +642,13 @@ class SDUNet(nn.Module):
     """
     cfg = self.config
     self._check_inputs(z, logsnr, context, labels, w)
+    _check_present(
+      'known',
+      known,
+      cfg.inpainting,
+      'inpainting=True',
+      "{'mask': [B, S, S, 1], 'masked': [B, S, S, in_channels]}",
+    )
     emb = self._embedding(logsnr, labels, w)
     dtype = _dtype(cfg)
     if context is not None:
@@ -634,6 +656,10 @@ class SDUNet(nn.Module):
     h = nn.Conv(cfg.block_out_channels[0], (3, 3), dtype=dtype, name='conv_in')(
       z.astype(dtype)
     )
+    if cfg.inpainting:
+      h = h + layers.known_region_input(
+        known, z, cfg.block_out_channels[0], dtype
+      )
     skips = [h]
     for i in range(len(cfg.block_out_channels)):
       h, block_skips = DownBlock(cfg, i, name=f'down_blocks_{i}')(
@@ -749,12 +775,18 @@ def _check_context(context, batch: int, width: int | None) -> None:
     )
 
 
-def _check_present(name: str, value, wanted: bool, setting: str) -> None:
+def _check_present(
+  name: str,
+  value,
+  wanted: bool,
+  setting: str,
+  expected: str = 'of shape [B] (e.g. jnp.zeros((B,)) at init)',
+) -> None:
   """`value` is given iff the config asks for it (`setting` says how)."""
   if wanted and value is None:
     raise ValueError(
-      f'This SDUNet has {setting}, so {name} is required: pass {name} of '
-      f'shape [B] (e.g. jnp.zeros((B,)) at init).'
+      f'This SDUNet has {setting}, so {name} is required: pass {name} '
+      f'{expected}.'
     )
   if not wanted and value is not None:
     raise ValueError(

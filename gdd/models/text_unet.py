@@ -18,6 +18,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from gdd import conditioning
 from gdd.models import layers, sd_unet, text_encoder
 
 
@@ -58,13 +59,26 @@ class TextUNet(nn.Module):
     *,
     train: bool,
   ) -> jnp.ndarray:
-    """Raw network output; cond = {'tokens': int32 [B, L]}."""
-    layers.check_cond(cond, 'tokens', 'int [B, L]', 'text-conditional network')
+    """Raw network output; cond = {'tokens': int32 [B, L]} (and an
+    inpainting network's known region, 'mask' and 'masked')."""
+    layers.check_cond(
+      cond,
+      'tokens',
+      'int [B, L]',
+      'text-conditional network',
+      inpainting=self.config.inpainting,
+    )
     states = text_encoder.TextEncoder(self.config.text, name='text_encoder')(
       cond['tokens']
     ).last_hidden_state
     return sd_unet.SDUNet(self.config.unet, name='unet')(
-      z, logsnr, states, None, w, train=train
+      z,
+      logsnr,
+      states,
+      None,
+      w,
+      known=conditioning.known_region(cond) if self.config.inpainting else None,
+      train=train,
     )
 
   def example_inputs(self, batch_size: int) -> tuple:
@@ -76,5 +90,6 @@ class TextUNet(nn.Module):
     cond = {
       'tokens': text_encoder.example_tokens(batch_size, self.config.max_length)
     }
+    cond = layers.example_cond(cond, z, inpainting=cfg.inpainting)
     w = jnp.zeros((batch_size,)) if cfg.use_w_embedding else None
     return z, jnp.zeros((batch_size,)), cond, w

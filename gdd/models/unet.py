@@ -6,7 +6,10 @@ the time input t_in = arctan(exp(−λ/2))/(π/2), the class label with row K as
 the null label ∅, and for students the guidance strength w through a
 zero-initialised MLP under the `w_embedding` submodule. Every other param has
 the same path and shape with and without w, so a student is initialised by
-copying the teacher's tree and keeping its own fresh `w_embedding`.
+copying the teacher's tree and keeping its own fresh `w_embedding`. An
+inpainting network (`inpainting`) also reads the known region (cond's
+'mask' and 'masked') through a zero-initialised `conv_in_known`
+(`layers.known_region_input`).
 """
 
 import dataclasses
@@ -28,7 +31,8 @@ class UNetConfig(layers.CheckedConfig):
   `dtype` is the compute dtype; params and the output are always float32.
   `remat` (one of `config_lib.REMAT_POLICIES`) says what each residual and
   attention block recomputes in the backward pass instead of storing; it
-  changes memory and time, not params or results.
+  changes memory and time, not params or results. `inpainting` adds the
+  known region to the inputs (`layers.known_region_input`).
   """
 
   image_size: int
@@ -46,6 +50,7 @@ class UNetConfig(layers.CheckedConfig):
   w_max: float = 4.0
   dtype: str = 'float32'
   remat: str = 'none'
+  inpainting: bool = False
 
   def __post_init__(self):
     # Configs often arrive from ConfigDicts as lists; tuples keep the
@@ -95,6 +100,7 @@ class UNetConfig(layers.CheckedConfig):
       f'one of {parameterization.MEAN_TYPES}',
     )
     self._require(self.w_max > 0, 'w_max', 'positive')
+    self._require(isinstance(self.inpainting, bool), 'inpainting', 'a bool')
     self._check_dtype_and_remat()
 
   def _check_attention_heads(self) -> None:
@@ -147,7 +153,8 @@ class UNet(nn.Module):
       z: [B, H, W, C] noisy images.
       logsnr: [B] log-SNR λ of each image.
       cond: {'label': [B] int class labels in [0, K]}; K is the null label
-        (`conditioning.ClassConditioning`).
+        (`conditioning.ClassConditioning`). An inpainting network's also
+        holds 'mask' [B, H, W, 1] and 'masked' [B, H, W, C].
       w: [B] guidance strengths; required iff `config.use_w_embedding`.
       train: enables dropout, which then needs the 'dropout' rng.
 
@@ -171,6 +178,8 @@ class UNet(nn.Module):
       return attention_cls(cfg.head_dim, dtype=dtype, name=name)(h)
 
     h = nn.Conv(cfg.ch, (3, 3), dtype=dtype, name='conv_in')(z.astype(dtype))
+    if cfg.inpainting:
+      h = h + layers.known_region_input(cond, z, cfg.ch, dtype)
     h, skips = self._down(h, res_block, attention)
     h = res_block(h, h.shape[-1], 'mid_block_0')
     h = attention(h, 'mid_attn')
@@ -181,7 +190,11 @@ class UNet(nn.Module):
     """(z, logsnr, cond, w) of the shapes the network takes, for init."""
     cfg = self.config
     z = jnp.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.in_channels))
-    cond = {'label': jnp.zeros((batch_size,), jnp.int32)}
+    cond = layers.example_cond(
+      {'label': jnp.zeros((batch_size,), jnp.int32)},
+      z,
+      inpainting=cfg.inpainting,
+    )
     w = jnp.zeros((batch_size,)) if cfg.use_w_embedding else None
     return z, jnp.zeros((batch_size,)), cond, w
 
@@ -271,7 +284,13 @@ class UNet(nn.Module):
         f'z must have shape [B, {size}, {size}, {channels}]; got {z.shape}.'
       )
     batch = z.shape[0]
-    layers.check_cond(cond, 'label', 'int [B]', 'class-conditional UNet')
+    layers.check_cond(
+      cond,
+      'label',
+      'int [B]',
+      'class-conditional UNet',
+      inpainting=cfg.inpainting,
+    )
     named = (('logsnr', logsnr), ("cond['label']", cond['label']), ('w', w))
     for name, value in named:
       if value is not None and jnp.shape(value) != (batch,):

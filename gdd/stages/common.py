@@ -6,7 +6,15 @@ import functools
 import jax
 import ml_collections
 
-from gdd import conditioning, config_lib, data, errors, spaces, tokenization
+from gdd import (
+  conditioning,
+  config_lib,
+  data,
+  errors,
+  masks,
+  spaces,
+  tokenization,
+)
 from gdd.diffusion import schedules
 from gdd.models import (
   UNet,
@@ -31,9 +39,10 @@ def build_model(
 
   'unet': the pixel U-Net; 'sd_unet': the SD-architecture U-Net on the
   config's space, behind a text encoder for caption data sets, with a class
-  embedding (and no text) for class data sets. Its remat policy is
-  `config.memory.remat`: a memory setting, not part of what the network
-  is, so it may change between runs of one stage.
+  embedding (and no text) for class data sets. `model.inpainting` makes any
+  of them an inpainting network (its cond holds the known region). Its
+  remat policy is `config.memory.remat`: a memory setting, not part of what
+  the network is, so it may change between runs of one stage.
   """
   model_config = config.model.to_dict()
   kind = model_config.pop('kind')
@@ -272,3 +281,61 @@ def in_space(stage: Stage, space, space_params) -> Stage:
       name: in_space_panel(draw) for name, draw in stage.sample_panels.items()
     },
   )
+
+
+# The random masks' stream, folded out of a step's key (`with_random_masks`):
+# 'mask' in ASCII.
+_RANDOM_MASKS_STREAM = 0x6D61736B
+
+
+def with_random_masks(
+  stage: Stage, config: ml_collections.ConfigDict, space
+) -> Stage:
+  """`stage` trained as an inpainting model: random masks in every batch.
+
+  Its loss sees the batch with the known region of `masks.random` masks
+  (`config.random_masks`) drawn at the images' size and taken to the
+  space's as the sampler takes a user's mask (`masks.to_space`): 'mask',
+  and 'masked' = x · mask, x the batch's data in the diffusion space
+  (`conditioning.with_known_region`). The stage's own loss is unchanged:
+  its conditioning passes the known region on to the network and keeps it
+  in the CFG null. The masks come from fold_in(rng, a stream of their own)
+  and the loss gets rng itself, so it draws what it draws without masks,
+  and step k's batch stays a function of (seed, k).
+
+  In a latent space this wraps the stage inside `in_space`, so x are the
+  latents of the whole image and 'masked' is those latents, masked. Stable
+  Diffusion instead encodes the masked image with the VAE; masking the
+  latents costs no second encoder pass per batch (nor at sampling), at the
+  price that a kept latent next to the hole has seen a little of the hole
+  through the encoder's receptive field (alike in training and sampling).
+  Without `config.model.inpainting`, `stage` itself.
+  """
+  if not config.model.inpainting:
+    return stage
+  fractions = config.random_masks.to_dict()
+  height, width = space.image_shape[:2]
+
+  def loss_fn(params, frozen, batch, rng):
+    x = batch['image']
+    mask = masks.random(
+      jax.random.fold_in(rng, _RANDOM_MASKS_STREAM),
+      x.shape[0],
+      height,
+      width,
+      fractions,
+    )
+    masked_batch = conditioning.with_known_region(
+      batch, x, masks.to_space(mask, space.shape)
+    )
+    return stage.loss_fn(params, frozen, masked_batch, rng)
+
+  return dataclasses.replace(stage, loss_fn=loss_fn)
+
+
+def as_trained(
+  stage: Stage, config: ml_collections.ConfigDict, space, space_params
+) -> Stage:
+  """`stage` as a chain trains it: with random masks for an inpainting
+  model (`with_random_masks`), in the config's space (`in_space`)."""
+  return in_space(with_random_masks(stage, config, space), space, space_params)
