@@ -263,9 +263,9 @@ def _sample_batches(sampler, c, inputs, cond, mask, t_start) -> np.ndarray:
 
 
 def _output_path(workdir, mode: str, c, t_start: float) -> epath.Path:
-  output = paths.resolve(
-    c.output
-    or workdir_lib.edits_file(
+  return sample.npz_output(
+    c.output,
+    workdir_lib.edits_file(
       workdir,
       mode=mode,
       stage=c.stage,
@@ -273,11 +273,8 @@ def _output_path(workdir, mode: str, c, t_start: float) -> epath.Path:
       num_steps=c.num_steps,
       w=c.w,
       t_start=t_start,
-    )
+    ),
   )
-  if not output.name.endswith('.npz'):
-    output = output.with_name(output.name + '.npz')
-  return output
 
 
 def _save_grid(path: epath.Path, saved: dict, image_size: int) -> None:

@@ -232,16 +232,12 @@ def sample_to_files(
     chunks.append(images.to_uint8(sharding.to_host(batch)))
   samples = np.concatenate(chunks)
 
-  output = paths.resolve(
-    c.output
-    or workdir_lib.samples_file(
+  output = npz_output(
+    c.output,
+    workdir_lib.samples_file(
       workdir, stage=c.stage, sampler=c.sampler, num_steps=c.num_steps, w=c.w
-    )
+    ),
   )
-  # The suffix np.savez would add to a file name, so that the path returned
-  # is the file written.
-  if not output.name.endswith('.npz'):
-    output = output.with_name(output.name + '.npz')
   if jax.process_index() > 0:  # Every process holds the samples; one writes.
     return os.fspath(output)
   saved = cond_kind.saved_arrays(cond)
@@ -256,6 +252,15 @@ def sample_to_files(
     png = images.make_grid(shown, num_rows=math.ceil(len(shown) / num_cols))
   images.save_png(output.with_suffix('.png'), png, upscale=upscale)
   return os.fspath(output)
+
+
+def npz_output(output: str, default: epath.PathLike) -> epath.Path:
+  """The .npz a command writes: `output` if set, else `default`, with the
+  suffix np.savez would add, so that the path returned is the file written."""
+  path = paths.resolve(output or default)
+  if not path.name.endswith('.npz'):
+    path = path.with_name(path.name + '.npz')
+  return path
 
 
 def _caption_grid(
