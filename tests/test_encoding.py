@@ -234,9 +234,15 @@ def test_finished_encoder_rerun_trains_nothing(encoder_workdir, capsys):
 
 @pytest.mark.parametrize(
   'stage, num_steps, w, nfe',
-  [('encoder', 2, None, 2), ('encoder', 1, None, 1), ('teacher', 2, 1.0, 4)],
+  [
+    ('encoder', 2, None, 2),
+    ('encoder', 1, None, 1),
+    ('guided', 3, 0.5, 3),
+    ('teacher', 2, None, 2),  # At w = 0, the conditional network alone.
+    ('teacher', 2, 1.0, 4),  # The CFG pair.
+  ],
 )
-def test_load_encoder_serves_each_round(
+def test_load_encoder_serves_rounds_and_continuous_models(
   encoder_workdir, stage, num_steps, w, nfe
 ):
   images, labels = _digits(3)  # Not a multiple of the 8 devices: padded.
@@ -253,7 +259,7 @@ def test_load_encoder_serves_each_round(
   )
 
 
-def test_bad_encoding_requests_say_what_exists(encoder_workdir, tmp_path):
+def test_bad_encoding_requests_say_what_exists(encoder_workdir):
   with helpers.raises_user_error(
     sampling.SampleRequestError, r'4 steps .* step counts: \[2, 1\]'
   ):

@@ -15,11 +15,11 @@ evaluates the model at z_0 = x itself (not noised) and λ_max, and reads ε̂
 from the network output without dividing by σ
 (`parameterization.eps_from_output`: ε̂ = f for `eps`, σ z + α v̂ for `v`,
 σ (z − α x̃) + α² ε̃ for `both`), so it is as well conditioned as any other
-step. At λ_max the noise in z is below what a network resolves, so a
-trained model's ε̂ there is close to 0 and the first step close to
-z_{1/N} = α_{1/N} x, the limit of the exact ODE on data. An `x`-
-parameterised model has no such form (its ε̂ is its x error over σ_0):
-gdd refuses to encode with one (`config_lib` for the encoder stage,
+step. (At λ_max the noise in z is far below what a network resolves, so
+a trained model's ε̂ there should be near 0, the first step then near
+z_{1/N} = α_{1/N} x, the exact ODE's limit on data; not measured.) A
+model parameterised by x has no such form (its ε̂ is its x error over
+σ_0): gdd refuses to encode with one (`config_lib` for the encoder stage,
 `gdd.encode.load_encoder` for the others).
 """
 
