@@ -72,6 +72,17 @@ def get_config(variant: str = ''):
   # 800 updates keep the whole chain short on a 2-core CPU (README, "Why
   # this schedule", has the measurements).
   config.distill.initial_num_steps = 32
+  # `--mode=encoder` (not part of the default chain): the same 32 → 1
+  # halving as distill, at w = 0, with half its updates per round (not yet
+  # measured: a starting point).
+  config.encoder.update(
+    num_train_steps=400,
+    batch_size=64,
+    log_every=100,
+    checkpoint_every=400,
+    initial_num_steps=32,
+  )
+  config.encoder.optimizer.learning_rate = 2e-4
   config.grids.teacher_num_steps = 64
   config.evaluate.update(
     feature_extractor='digits',

@@ -46,7 +46,7 @@ TOKENIZERS = ('word', 'clip')
 OPTIMIZERS = ('adam', 'adamw')
 LR_DECAYS = ('constant', 'cosine', 'linear')
 SAMPLERS = ('ddim', 'ancestral', 'stochastic')
-STAGES = ('autoencoder', 'teacher', 'guided', 'distill', 'single_w')
+STAGES = ('autoencoder', 'teacher', 'guided', 'distill', 'single_w', 'encoder')
 AUTOENCODER_LOSSES = ('l1', 'l2')
 TIME_GRIDS = ('fine', 'student')
 # 'digits' and 'shapes': a small classifier trained on that data set's own
@@ -298,7 +298,7 @@ def _memory_config() -> ml_collections.ConfigDict:
 
 
 def _add_stage_sections(config: ml_collections.ConfigDict) -> None:
-  """One section per training stage: teacher, guided, distill (single_w)."""
+  """One section per stage: teacher, guided, distill (single_w), encoder."""
   # The frozen autoencoder of a latent space (config.space='latent').
   config.autoencoder = train_config(num_train_steps=20_000, ema_decay=0.999)
   config.autoencoder.optimizer.update(learning_rate=1e-4, warmup_steps=500)
@@ -350,6 +350,27 @@ def _add_stage_sections(config: ml_collections.ConfigDict) -> None:
   # the halving rounds at this one w, from the CFG teacher, no stage one.
   # Its rounds reuse the distill section (steps, optimiser, step counts).
   config.single_w = ml_collections.ConfigDict({'w': 1.0})
+  config.encoder = _encoder_config()
+
+
+def _encoder_config() -> ml_collections.ConfigDict:
+  """`--mode=encoder`: the distilled DDIM encoder (method.md §9).
+
+  Halving rounds like distill's, initial_num_steps → … → final_num_steps,
+  from the stage-one student viewed as an initial_num_steps-step encoder;
+  not part of `--mode=all`.
+  """
+  encoder = train_config(num_train_steps=50_000, ema_decay=0.0)
+  encoder.optimizer.update(learning_rate=1e-4, warmup_steps=0, decay='linear')
+  encoder.initial_num_steps = 1024
+  encoder.final_num_steps = 1
+  # The guidance strength it encodes at. 0 is the plain conditional model,
+  # as DDIB encodes: its ODE is the probability flow of p(x | c), which
+  # carries the class's data onto N(0, I) and back; a guided ODE (w > 0) is
+  # no distribution's flow, so its codes would not be N(0, I) and decoding
+  # them under another condition (translation) would start off the prior.
+  encoder.w = 0.0
+  return encoder
 
 
 def _add_mode_sections(config: ml_collections.ConfigDict) -> None:
@@ -530,6 +551,17 @@ _ROUND_TRAINING_KEYS = (
   'distill.initial_num_steps',
   'distill.time_grid',
 )
+# The distilled encoder's rounds (from the stage-one student).
+_ENCODER_TRAINING_KEYS = (
+  'encoder.num_train_steps',
+  'encoder.batch_size',
+  'encoder.optimizer',
+  'encoder.ema_decay',
+  'encoder.ema_warmup',
+  # The first teacher's step count: every later round descends from it.
+  'encoder.initial_num_steps',
+  'encoder.w',
+)
 TRAINING_KEYS = {
   'autoencoder': _DATA_TRAINING_KEYS + _AUTOENCODER_TRAINING_KEYS,
   'teacher': _TEACHER_TRAINING_KEYS,
@@ -539,6 +571,9 @@ TRAINING_KEYS = {
   ),
   # From the CFG teacher, no stage one: the guided keys do not matter.
   'single_w': _TEACHER_TRAINING_KEYS + _ROUND_TRAINING_KEYS + ('single_w.w',),
+  'encoder': (
+    _TEACHER_TRAINING_KEYS + _GUIDED_TRAINING_KEYS + _ENCODER_TRAINING_KEYS
+  ),
 }
 _CADENCE_KEYS = {
   'log_every': 'how often metrics are logged',
@@ -559,13 +594,16 @@ NOT_TRAINING_KEYS = {
   'diffusion.clip_x': 'clips x̂ in samplers only, never in training targets',
   **{
     f'{stage}.{key}': reason
-    for stage in ('autoencoder', 'teacher', 'guided', 'distill')
+    for stage in ('autoencoder', 'teacher', 'guided', 'distill', 'encoder')
     for key, reason in _CADENCE_KEYS.items()
   },
   'autoencoder.eval_examples': 'how many held-out images its PSNR reports',
   'text.num_held_out_captions': 'which captions grids and evaluation use',
   'distill.final_num_steps': (
     'where the chain stops; round N reads only its teacher step count 2N'
+  ),
+  'encoder.final_num_steps': (
+    "where the encoder's rounds stop; round N reads only its teacher's 2N"
   ),
   'grids': 'the sample grids written during training',
   'sample': 'read by --mode=sample only',
@@ -775,13 +813,15 @@ def validate(
 ) -> None:
   """Raises ConfigError on the first invalid value; cheap, no JAX work.
 
-  `training` names the sections ('teacher', 'guided', 'distill') of the
-  stages this run trains, for the checks that hold for some stages only.
+  `training` names the sections ('teacher', 'guided', 'distill', 'encoder')
+  of the stages this run trains, for the checks that hold for some stages only.
   """
   _check_finite(config)
   _check(config, 'seed', lambda v: checks.is_int(v, 0), 'an int >= 0')
   _validate_network(config, training)
   _validate_stages(config)
+  if 'encoder' in tuple(training):
+    _validate_encoder_input(config)
   _validate_grids(config)
   _validate_evaluate(config)
   _validate_memory(config)
@@ -1026,7 +1066,7 @@ def _validate_autoencoder(
 
 
 def _validate_stages(config: ml_collections.ConfigDict) -> None:
-  """The teacher, guided, distill and single_w sections."""
+  """The teacher, guided, distill, single_w and encoder sections."""
   _validate_train(config, 'teacher')
   _check(config, 'teacher.p_uncond', lambda v: 0 < v < 1, 'in (0, 1)')
 
@@ -1038,20 +1078,29 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
     lambda v: v > config.guided.w_min,
     '> guided.w_min',
   )
-  _validate_train(config, 'distill')
-  power_of_two = lambda v: checks.is_int(v) and v & (v - 1) == 0
-  _check(config, 'distill.final_num_steps', power_of_two, 'a power of 2')
-  _check(
-    config,
-    'distill.initial_num_steps',
-    lambda v: power_of_two(v) and v > config.distill.final_num_steps,
-    'a power of 2 > distill.final_num_steps',
-  )
+  _validate_halving(config, 'distill')
   _check(
     config, 'distill.time_grid', _one_of(TIME_GRIDS), f'one of {TIME_GRIDS}'
   )
 
   _check(config, 'single_w.w', _non_negative_number, 'a number >= 0')
+
+  _validate_halving(config, 'encoder')
+  _check(config, 'encoder.w', _non_negative_number, 'a number >= 0')
+
+
+def _validate_halving(config: ml_collections.ConfigDict, section: str) -> None:
+  """A section of halving rounds: its training keys and step counts."""
+  _validate_train(config, section)
+  power_of_two = lambda v: checks.is_int(v) and v & (v - 1) == 0
+  final = config[section].final_num_steps
+  _check(config, f'{section}.final_num_steps', power_of_two, 'a power of 2')
+  _check(
+    config,
+    f'{section}.initial_num_steps',
+    lambda v: power_of_two(v) and v > final,
+    f'a power of 2 > {section}.final_num_steps',
+  )
 
 
 def _validate_grids(config: ml_collections.ConfigDict) -> None:
@@ -1111,6 +1160,29 @@ def _check_student_mean_type(
       "samplers start; PD §4). Use 'v', 'x' or 'both' (the configs' "
       'choices), or set config.allow_eps_students=True to measure ε-students '
       'on purpose (e.g. from a Stable Diffusion 1.x ε-teacher).'
+    )
+
+
+def _validate_encoder_input(config: ml_collections.ConfigDict) -> None:
+  """What an encoder needs of the stage-one student it starts from.
+
+  Its w inside the student's trained range, and a model whose ε̂ is well
+  conditioned at t = 0 (`diffusion.encoding`): not an x model.
+  """
+  _check(
+    config,
+    'encoder.w',
+    lambda v: config.guided.w_min <= v <= config.guided.w_max,
+    f'a number in [guided.w_min, guided.w_max] = [{config.guided.w_min}, '
+    f'{config.guided.w_max}] (the stage-one student it starts from was '
+    'trained there)',
+  )
+  if config.model.mean_type == 'x':
+    raise ConfigError(
+      "config.model.mean_type='x' is refused for the encoder stage: "
+      "encoding starts at t = 0, where an x model's ε̂ = (z − α x̂)/σ "
+      'divides its x error by σ ≈ 4.5e-5 (λ_max = 20). Encoders need a '
+      "model whose ε̂ is well conditioned there: 'both', 'v' or 'eps'."
     )
 
 
@@ -1268,7 +1340,7 @@ def _make_training_quick(config: ml_collections.ConfigDict) -> None:
     checkpoint_every=20,
   )
   config.teacher.optimizer.update(learning_rate=1e-3, warmup_steps=5)
-  for stage in ('guided', 'distill'):
+  for stage in ('guided', 'distill', 'encoder'):
     config[stage].update(
       num_train_steps=20,
       batch_size=32,
@@ -1277,11 +1349,12 @@ def _make_training_quick(config: ml_collections.ConfigDict) -> None:
       checkpoint_every=20,
     )
   # The tiny model fits anywhere: no gradient accumulation.
-  for stage in ('teacher', 'guided', 'distill'):
+  for stage in ('teacher', 'guided', 'distill', 'encoder'):
     config[stage].grad_accum_steps = 1
-  config.guided.optimizer.learning_rate = 5e-4
-  config.distill.optimizer.learning_rate = 5e-4
+  for stage in ('guided', 'distill', 'encoder'):
+    config[stage].optimizer.learning_rate = 5e-4
   config.distill.initial_num_steps = 8
+  config.encoder.initial_num_steps = 8
 
 
 def _make_outputs_quick(config: ml_collections.ConfigDict) -> None:

@@ -64,9 +64,13 @@ def _resolve(
   sampler: str,
   w: float | None,
 ) -> str:
-  """The stage folder that serves a request; errors name what exists."""
+  """The stage folder that serves a request; errors name what exists.
+
+  A kind that samples nothing (no `samplers`) explains itself in its
+  `sampler_folder`.
+  """
   kind = registry.get(stage)
-  if sampler not in kind.samplers:
+  if kind.samplers and sampler not in kind.samplers:
     raise sampling.SampleRequestError(
       f'sampler={sampler!r} is not available for stage {stage!r}; '
       f'allowed: {kind.samplers}.'
@@ -114,7 +118,18 @@ def load_stage(
   w: float | None = None,
 ) -> LoadedStage:
   """The folder that serves `load_sampler`'s request, loaded; same args."""
-  folder = _resolve(workdir, stage, num_steps, sampler, w)
+  return load_folder(
+    workdir, stage, _resolve(workdir, stage, num_steps, sampler, w)
+  )
+
+
+def load_folder(
+  workdir: epath.PathLike, stage: str, folder: str
+) -> LoadedStage:
+  """A finished folder of the stage kind `stage`, loaded (see `LoadedStage`).
+
+  `folder` is the workdir's stage folder, e.g. 'distill/4steps'.
+  """
   config = load_stage_config(workdir, folder)
   info = data.get_info(config.data)
   model, make_denoiser = registry.get(stage).sampler_model(config, info)
@@ -186,7 +201,7 @@ def load_sampler(
       sampler=sampler,
     ),
     check_w=functools.partial(
-      _check_w,
+      check_w,
       stage=stage,
       w_range=registry.get(stage).w_range(loaded.config, w),
     ),
@@ -194,13 +209,14 @@ def load_sampler(
   )
 
 
-def _check_w(w: float, *, stage: str, w_range: tuple[float, float]) -> None:
-  """Raises SampleRequestError unless the stage can sample at w."""
+def check_w(w: float, *, stage: str, w_range: tuple[float, float]) -> None:
+  """Raises SampleRequestError unless the stage can sample (encode) at w."""
   if not w_range[0] <= w <= w_range[1]:
     raise sampling.SampleRequestError(
       f'w={w!r} is outside the range this {stage} model allows '
       f'[{w_range[0]:g}, {w_range[1]:g}]; students are trained for '
-      'config.guided.w_min..w_max only, a single-w model for its one w.'
+      'config.guided.w_min..w_max only, a single-w model and an encoder for '
+      'their one w.'
     )
 
 

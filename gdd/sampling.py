@@ -19,7 +19,6 @@ was trained on: `masks.RANDOM_KINDS`), so sampling, grids and evaluation
 generate as with a plain model.
 """
 
-import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +47,7 @@ _GRID_TOLERANCE = 1e-6
 
 
 class SampleRequestError(errors.UserError, ValueError):
-  """A sampling request the model cannot serve; says what it can."""
+  """A request to sample (or encode) that the model cannot serve; says why."""
 
 
 def start_steps(
@@ -188,6 +187,61 @@ def known_region_request(
   return known, {k: v for k, v in start.items() if k != 'mask'}
 
 
+class DeviceBatches:
+  """Host requests → arrays with the batch split over all devices.
+
+  What the jitted user-facing models share (`Sampler`, `gdd.encode.Encoder`):
+  the mesh's shardings, the condition check, padding a batch to a multiple
+  of the devices, and compiling ahead of time. Outputs are replicated, so on
+  a multi-host mesh every process can read them.
+  """
+
+  def __init__(self, cond_kind):
+    mesh = sharding.make_mesh()
+    self.num_devices = mesh.devices.size
+    self.replicated = sharding.replicated(mesh)
+    self.batch = sharding.batch_sharded(mesh)
+    self.cond_kind = cond_kind
+
+  def checked_cond(self, cond) -> conditioning.Cond:
+    """A user's condition as the model's pytree; SampleRequestError if bad."""
+    try:
+      return self.cond_kind.from_request(cond)
+    except conditioning.CondError as error:
+      raise SampleRequestError(str(error)) from None
+
+  def padded(self, tree):
+    """Every leaf's batch padded to a multiple of the devices."""
+    return conditioning.pad_to_multiple(tree, self.num_devices)
+
+  def padded_size(self, batch_size: int) -> int:
+    return batch_size + -batch_size % self.num_devices
+
+  def put(self, tree, shardings=None):
+    """Host leaves as global arrays, batch-split unless `shardings` (a tree
+    of the same structure) says otherwise."""
+    if shardings is None:
+      shardings = jax.tree.map(lambda _: self.batch, tree)
+    return jax.tree.map(sharding.from_host, tree, shardings)
+
+  def abstract_cond(self, batch_size: int) -> conditioning.Cond:
+    """Shapes of a (padded) batch of conditions, batch-split."""
+    return self.cond_kind.abstract(batch_size, sharding=self.batch)
+
+  def compile(self, fn: Callable, in_shardings, *abstract_args):
+    """`fn` jitted with replicated outputs, compiled for shapes only.
+
+    Host arrays cannot be lowered with a multi-host sharding, hence
+    `abstract_args` (ShapeDtypeStructs, or the params themselves).
+    """
+    jitted = jax.jit(
+      fn, in_shardings=in_shardings, out_shardings=self.replicated
+    )
+    executable = jitted.lower(*abstract_args).compile()
+    sharding.sync_processes('model_compiled')
+    return executable
+
+
 class Sampler:
   """A model's sampler, jitted over all devices; see `__call__`.
 
@@ -225,16 +279,12 @@ class Sampler:
     """
     self._make_sample_fn = make_sample_fn
     self._params = params
-    self._cond_kind = cond_kind
     self._space = space
     self.num_steps = num_steps
     self._start_rule = start_rule
     self._check_w = check_w
     self._space_params = space_params
-    mesh = sharding.make_mesh()
-    self._num_devices = mesh.devices.size
-    self._rep = sharding.replicated(mesh)
-    self._batch = sharding.batch_sharded(mesh)
+    self._devices = DeviceBatches(cond_kind)
     self._executables = {}
 
   def start(self, t_start: float) -> tuple[float, int]:
@@ -283,22 +333,22 @@ class Sampler:
     Returns:
       [B, H, W, C] float32 images in [−1, 1], replicated over the devices.
     """
+    devices = self._devices
     rng = _raw_key(rng)
-    cond = self._checked_cond(cond)
+    cond = devices.checked_cond(cond)
     self._check_w(w)
     n = conditioning.batch_size(cond)
     start = _checked_start(self._space, n, init, t_start, mask)
     t_start, num_steps = self.start(t_start)
-    pad = functools.partial(
-      conditioning.pad_to_multiple, multiple=self._num_devices
-    )
-    cond = pad(cond)
+    cond = devices.padded(cond)
     args = (
       self._params,
-      sharding.from_host(rng, self._rep),
-      jax.tree.map(lambda x: sharding.from_host(x, self._batch), cond),
-      sharding.from_host(np.float32(w), self._rep),
-      None if start is None else self._put_start(pad(start), t_start),
+      sharding.from_host(rng, devices.replicated),
+      devices.put(cond),
+      sharding.from_host(np.float32(w), devices.replicated),
+      None
+      if start is None
+      else self._put_start(devices.padded(start), t_start),
       self._space_params,
     )
     executable = self._executable(
@@ -327,8 +377,9 @@ class Sampler:
       )
     _, num_steps = self.start(t_start)
     start = time.perf_counter()
-    padded = batch_size + -batch_size % self._num_devices
-    self._executable(padded, init, mask, num_steps)
+    self._executable(
+      self._devices.padded_size(batch_size), init, mask, num_steps
+    )
     return time.perf_counter() - start
 
   def compiled_batch_sizes(self) -> list[int]:
@@ -339,21 +390,14 @@ class Sampler:
     """(padded batch size, with init, with mask, steps) of each executable."""
     return sorted(self._executables)
 
-  def _checked_cond(self, cond) -> conditioning.Cond:
-    try:
-      return self._cond_kind.from_request(cond)
-    except conditioning.CondError as error:
-      raise SampleRequestError(str(error)) from None
-
   def _put_start(self, start: dict, t_start: float) -> dict:
     """The start arrays as global arrays, with t_start added."""
     start = dict(start, t_start=np.float32(t_start))
-    shardings = self._start_shardings(start)
-    return {k: sharding.from_host(v, shardings[k]) for k, v in start.items()}
+    return self._devices.put(start, self._start_shardings(start))
 
   def _start_shardings(self, start: dict) -> dict:
-    shardings = {key: self._batch for key in start}
-    return dict(shardings, t_start=self._rep)
+    shardings = {key: self._devices.batch for key in start}
+    return dict(shardings, t_start=self._devices.replicated)
 
   def _executable(
     self, padded_size: int, init: bool, mask: bool, num_steps: int
@@ -361,7 +405,7 @@ class Sampler:
     """The compiled sampler for one padded size and request kind."""
     key = (padded_size, init, mask, num_steps)
     if key not in self._executables:
-      rep, batch = self._rep, self._batch
+      rep, batch = self._devices.replicated, self._devices.batch
       start = None
       if init:
         start = {
@@ -374,9 +418,9 @@ class Sampler:
         start['mask'] = jax.ShapeDtypeStruct(
           (padded_size, *self._space.shape[:2], 1), np.float32, sharding=batch
         )
-      jitted = jax.jit(
+      self._executables[key] = self._devices.compile(
         self._make_sample_fn(num_steps=num_steps),
-        in_shardings=(
+        (
           rep,
           rep,
           batch,
@@ -384,18 +428,13 @@ class Sampler:
           rep if start is None else self._start_shardings(start),
           rep,
         ),
-        out_shardings=rep,
-      )
-      # Shapes only: host arrays cannot be lowered with a multi-host sharding.
-      self._executables[key] = jitted.lower(
         self._params,
         jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep),
-        self._cond_kind.abstract(padded_size, sharding=batch),
+        self._devices.abstract_cond(padded_size),
         jax.ShapeDtypeStruct((), np.float32, sharding=rep),
         start,
         self._space_params,
-      ).compile()
-      sharding.sync_processes('sampler_compiled')
+      )
     return self._executables[key]
 
 
@@ -418,13 +457,7 @@ def _checked_start(space, batch_size: int, init, t_start, mask) -> dict | None:
         f'([B, {", ".join(map(str, space.image_shape))}] in [-1, 1]).'
       )
     return None
-  start = {'init': np.asarray(init, np.float32)}
-  expected = (batch_size, *space.image_shape)
-  if start['init'].shape != expected:
-    raise SampleRequestError(
-      f'init has shape {start["init"].shape}; expected {expected} (one image '
-      'per condition, in [-1, 1]).'
-    )
+  start = {'init': checked_images(init, batch_size, space, name='init')}
   if mask is not None:
     start['mask'] = _checked_mask(space, batch_size, mask)
   return start
@@ -447,6 +480,22 @@ def _checked_mask(space, batch_size: int, mask) -> np.ndarray:
   if not np.all((mask >= 0) & (mask <= 1)):
     raise SampleRequestError('mask values must lie in [0, 1].')
   return masks.to_space(mask, space.shape)
+
+
+def checked_images(images, batch_size: int, space, *, name: str) -> np.ndarray:
+  """`images` as host float32 [B, H, W, C]; SampleRequestError otherwise.
+
+  B is the conditions' batch size, (H, W, C) the images `space` encodes;
+  `name` is the argument's name in the message.
+  """
+  array = np.asarray(images, np.float32)
+  expected = (batch_size, *space.image_shape)
+  if array.shape != expected:
+    raise SampleRequestError(
+      f'{name} has shape {array.shape}; expected {expected} (one image per '
+      'condition, in [-1, 1]).'
+    )
+  return array
 
 
 def _raw_key(rng: jax.Array) -> jax.Array:

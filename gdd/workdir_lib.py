@@ -6,6 +6,7 @@ WORKDIR/
   teacher/, guided/          one folder per stage (`stage_dir`)
   distill/<N>steps/          one per halving round (`round_name`)
   single_w/w<w>/<N>steps/    the single-w baseline's rounds
+  encoder/<N>steps/          the distilled encoder's rounds
   samples/                   --mode=sample outputs (`samples_file`)
   edits/                     --mode=edit|inpaint outputs (`edits_file`)
   eval/                      --mode=evaluate results and caches (`eval_dir`)
@@ -36,7 +37,7 @@ _STAGE_RECORD = 'stage.json'
 _LATENT_RECORD = 'latent.json'
 _ROUND_SUFFIX = 'steps'
 # The stage kinds whose rounds live under one folder per student step count.
-_ROUND_KINDS = ('distill', 'single_w')
+_ROUND_KINDS = ('distill', 'single_w', 'encoder')
 
 
 def stage_dir(workdir: epath.PathLike, name: str) -> epath.Path:
@@ -45,7 +46,7 @@ def stage_dir(workdir: epath.PathLike, name: str) -> epath.Path:
 
 
 def stage_kind(name: str) -> str:
-  """'teacher', 'guided', 'distill' or 'single_w' of a stage name."""
+  """The stage kind ('teacher', 'distill', …) of a stage name."""
   return name.split('/')[0]
 
 
@@ -53,15 +54,15 @@ def _rounds_root(kind: str, w: float | None = None) -> str:
   """The folder (under the workdir) of a chain's halving rounds.
 
   Args:
-    kind: 'distill' (the w-conditioned chain) or 'single_w' (the baseline,
-      one chain per w).
-    w: the single-w chain's guidance strength; None for 'distill'.
+    kind: 'distill' (the w-conditioned chain), 'single_w' (the baseline,
+      one chain per w) or 'encoder' (the distilled encoder).
+    w: the single-w chain's guidance strength; None for the others.
   """
   if kind not in _ROUND_KINDS:
     raise ValueError(f'kind={kind!r}; allowed: {_ROUND_KINDS}.')
   if (kind == 'single_w') != (w is not None):
-    raise ValueError(f'w={w!r}: single_w rounds need a w, distill rounds none.')
-  return 'distill' if w is None else f'single_w/w{w:g}'
+    raise ValueError(f'w={w!r}: single_w rounds need a w, the others none.')
+  return kind if w is None else f'{kind}/w{w:g}'
 
 
 def round_name(kind: str, num_steps: int, w: float | None = None) -> str:
@@ -93,8 +94,8 @@ def finished_rounds(
 
   Args:
     workdir: the run's workdir.
-    kind: 'distill' or 'single_w' (see `round_name`).
-    w: the single-w chain's guidance strength; None for 'distill'.
+    kind: 'distill', 'single_w' or 'encoder' (see `round_name`).
+    w: the single-w chain's guidance strength; None for the others.
   """
   root = rounds_dir(workdir, kind, w)
   if not root.is_dir():

@@ -79,7 +79,7 @@ def quick_config(
 ) -> ml_collections.ConfigDict:
   """The `:quick` config shrunk further: a few steps, tiny sample grids."""
   config = load_config(name, 'quick')
-  for stage in ('teacher', 'guided', 'distill'):
+  for stage in ('teacher', 'guided', 'distill', 'encoder'):
     config[stage].update(
       num_train_steps=num_train_steps,
       batch_size=16,

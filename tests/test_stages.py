@@ -133,9 +133,9 @@ def test_stage_one_loss_is_zero_at_init_for_w_zero(setup):
 def test_round_step_counts_and_time_grids():
   config = helpers.quick_config()
   config.distill.initial_num_steps = 64
-  assert progressive.round_step_counts(config) == [32, 16, 8, 4, 2, 1]
+  assert progressive.round_step_counts(config.distill) == [32, 16, 8, 4, 2, 1]
   config.distill.final_num_steps = 4
-  assert progressive.round_step_counts(config) == [32, 16, 8, 4]
+  assert progressive.round_step_counts(config.distill) == [32, 16, 8, 4]
   fine = progressive.sample_grid_index(jax.random.PRNGKey(0), 4000, 8, 'fine')
   student = progressive.sample_grid_index(
     jax.random.PRNGKey(0), 4000, 8, 'student'

@@ -69,11 +69,13 @@ def test_round_names():
   assert workdir_lib.round_name('distill', 4) == 'distill/4steps'
   assert workdir_lib.round_name('single_w', 2, 2.0) == 'single_w/w2/2steps'
   assert workdir_lib.round_name('single_w', 1, 0.5) == 'single_w/w0.5/1steps'
+  assert workdir_lib.round_name('encoder', 8) == 'encoder/8steps'
   for name, kind in (
     ('teacher', 'teacher'),
     ('guided', 'guided'),
     ('distill/4steps', 'distill'),
     ('single_w/w2/2steps', 'single_w'),
+    ('encoder/8steps', 'encoder'),
   ):
     assert workdir_lib.stage_kind(name) == kind
   with pytest.raises(ValueError, match='allowed'):
@@ -82,6 +84,8 @@ def test_round_names():
     workdir_lib.round_name('single_w', 4)
   with pytest.raises(ValueError, match='single_w rounds need a w'):
     workdir_lib.round_name('distill', 4, 1.0)
+  with pytest.raises(ValueError, match='single_w rounds need a w'):
+    workdir_lib.round_name('encoder', 4, 0.0)
 
 
 def _make(workdir: str, *folders: str) -> None:

@@ -40,7 +40,8 @@ def guided_x(
   """x̂^w from a conditional model, cond and uncond run as one batch of 2B.
 
   Args:
-    x_fn: (z, logsnr, cond) -> x̂, the model's unclipped data estimate.
+    x_fn: (z, logsnr, cond) -> x̂, the model's unclipped data estimate (or
+      its ε̂, for ε̂^w: `combine` is linear).
     z: [B, H, W, C] noisy input; logsnr: [B].
     cond: the condition pytree (leaves [B, ...]); null_cond: the
       unconditional ∅ of the same structure (`Conditioning.null_like`).

@@ -36,13 +36,15 @@ def ddim_step(
   return alpha_s * x_hat + ratio * (z_t - alpha_t * x_hat)
 
 
-def _grid_logsnr(
+def grid_logsnr(
   logsnr_fn: LogsnrFn, t: jnp.ndarray, batch_size: int
 ) -> jnp.ndarray:
+  """[B] copies of λ(t): the per-example log-SNR of one grid time."""
   return jnp.full((batch_size,), logsnr_fn(t), jnp.float32)
 
 
-def _check_num_steps(num_steps: int, minimum: int = 1) -> None:
+def check_num_steps(num_steps: int, minimum: int = 1) -> None:
+  """Raises ValueError unless num_steps is a (static) int >= minimum."""
   if not checks.is_int(num_steps, minimum):
     raise ValueError(
       f'num_steps={num_steps!r}; must be an int >= {minimum} (it is static '
@@ -98,7 +100,7 @@ def _run_grid(
   computed exactly as 1 − i/N, 1 − i/N − 1/N, …, 1/N.
   """
   batch = z_start.shape[0]
-  grid = lambda time: _grid_logsnr(logsnr_fn, time, batch)
+  grid = lambda time: grid_logsnr(logsnr_fn, time, batch)
   step = t_start / num_steps
 
   def denoise(z, logsnr):
@@ -130,7 +132,7 @@ def ddim_sample(
   Steps t = t_start·(1 − i/N); each moves to t − t_start/N, and the last
   one returns x̂ itself. From t_start = 1, z_start is pure noise z_1.
   """
-  _check_num_steps(num_steps)
+  check_num_steps(num_steps)
 
   def update(i, z, x_hat, t, step, grid):
     del i
@@ -167,7 +169,7 @@ def stochastic_sample(
   `denoise_fn` should be the model distilled for N/2 steps: its jumps have
   that step length.
   """
-  _check_num_steps(num_steps, minimum=2)
+  check_num_steps(num_steps, minimum=2)
 
   def update(i, z, x_hat, t, step, grid):
     logsnr_k = grid(t - 2 * step)
@@ -216,7 +218,7 @@ def ancestral_sample(
   γ = 0 is the true posterior variance, γ = 1 the forward one. The default
   0.3 is the interpolation the CFG paper reports using **(choice)**.
   """
-  _check_num_steps(num_steps)
+  check_num_steps(num_steps)
 
   def update(i, z, x_hat, t, step, grid):
     logsnr_t = schedules.broadcast_to_image(grid(t), z)

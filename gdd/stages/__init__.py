@@ -34,8 +34,9 @@ class Stage:
     sample_panels: the sample grids written during training, as panels shown
       side by side from the same noise: name (e.g. 'student_4step_ddim') ->
       sampler. Students put their teacher's panel first, so every grid
-      compares teacher and student.
-    sample_ws: the guidance strengths w with a grid each.
+      compares teacher and student. An encoder has none.
+    sample_ws: the guidance strengths w with a grid each (none without
+      panels).
     frozen_subtrees: top-level keys of the params that are never updated
       (a student's copy of its teacher's text encoder).
   """
@@ -63,18 +64,20 @@ class StageKind:
   module, its config section and its tests.
 
   Attributes:
-    name: 'teacher', 'guided', 'distill', 'single_w': the workdir folder
-      (halving kinds: the folder of their rounds, `workdir_lib.round_name`),
-      the `load_sampler`/`config.sample.stage` name, an evaluation row's
-      model.
+    name: 'teacher', 'guided', 'distill', 'single_w', 'encoder': the
+      workdir folder (halving kinds: the folder of their rounds,
+      `workdir_lib.round_name`), the `load_sampler`/`config.sample.stage`
+      name, an evaluation row's model.
     mode: the `--mode` that trains it.
     section: the config section of its training schedule (validated, and
       its batch split over the devices, when it trains).
     needs: the single-folder kind whose finished params it starts from
       (None: data only).
     in_chain: whether `--mode=all` trains it (in registry order).
-    nfe_per_step: network evaluations per sampler step.
-    samplers: the sampler kinds it offers (`config_lib.SAMPLERS`).
+    nfe_per_step: network evaluations per sampler (or encoder) step.
+    samplers: the sampler kinds it offers (`config_lib.SAMPLERS`); none
+      for a kind that samples nothing (the encoder), whose
+      `sampler_folder` then says what serves it instead.
     train: (ctx, load_input) -> the params of its last folder. `ctx` runs
       and records stage folders (`pipeline.TrainContext`); `load_input()`
       returns the `needs` kind's params, loaded only when called.
@@ -84,7 +87,8 @@ class StageKind:
     sampler_model: (config, info) -> (network, denoiser factory) of a
       folder trained with `config`.
     w_range: (config, trained_w) -> the w a folder trained with `config`
-      may sample at (trained_w: a single-w model's one w, else None).
+      may sample (an encoder: encode) at (trained_w: a single-w model's one
+      w, else None).
     eval_rows: (evaluate config, workdir) -> [(sampler, num_steps,
       trained_w)] that the workdir's finished folders can serve.
     series: sampler -> (label, matplotlib colormap or None) in reports.

@@ -6,7 +6,8 @@ length 2/N where the teacher takes two of length 1/N, at the same w.
 
 The rounds' mechanics (loss, round Stage, the chain of resumable rounds,
 the folder that serves a sampling request) are shared with the single-w
-baseline (`single_w.py`).
+baseline (`single_w.py`); the chain of rounds, the round Stage and the
+folder lookup also with the distilled encoder (`encoder.py`).
 """
 
 import functools
@@ -23,10 +24,14 @@ from gdd.stages import Stage, StageKind, common, guided
 NAME = 'distill'
 
 
-def round_step_counts(config: ml_collections.ConfigDict) -> list[int]:
-  """Student step counts of the rounds, e.g. [512, 256, …, 1]."""
-  counts, n = [], config.distill.initial_num_steps
-  while n > config.distill.final_num_steps:
+def round_step_counts(schedule: ml_collections.ConfigDict) -> list[int]:
+  """Student step counts of a halving schedule's rounds, e.g. [512, …, 1].
+
+  `schedule` is the config section with `initial_num_steps` and
+  `final_num_steps` (config.distill, config.encoder).
+  """
+  counts, n = [], schedule.initial_num_steps
+  while n > schedule.final_num_steps:
     n //= 2
     counts.append(n)
   return counts
@@ -138,11 +143,10 @@ def make_round(
 
   Shared by the w-conditioned rounds and the single-w baseline (`fixed_w`).
   """
-  return Stage(
+  return round_stage(
+    config,
     name=name,
-    train_config=config.distill,
-    # The student starts as a copy of its teacher.
-    init_params=lambda rng, frozen: jax.tree.map(jnp.copy, frozen),
+    section='distill',
     loss_fn=functools.partial(
       loss_fn,
       student=student,
@@ -152,7 +156,7 @@ def make_round(
       config=config,
       fixed_w=fixed_w,
     ),
-    frozen_params=teacher_params,
+    teacher_params=teacher_params,
     sample_panels=_sample_panels(
       config,
       common.build_space(config, info),
@@ -160,6 +164,32 @@ def make_round(
       teacher_denoiser,
       student_num_steps,
     ),
+    sample_ws=sample_ws,
+  )
+
+
+def round_stage(
+  config: ml_collections.ConfigDict,
+  *,
+  name: str,
+  section: str,
+  loss_fn,
+  teacher_params,
+  sample_panels: dict,
+  sample_ws: tuple[float, ...],
+) -> Stage:
+  """A halving round's `Stage`: the student starts as a copy of its teacher.
+
+  Trained with the schedule of `config[section]`; `teacher_params` are the
+  frozen params its `loss_fn` reads.
+  """
+  return Stage(
+    name=name,
+    train_config=config[section],
+    init_params=lambda rng, frozen: jax.tree.map(jnp.copy, frozen),
+    loss_fn=loss_fn,
+    frozen_params=teacher_params,
+    sample_panels=sample_panels,
     sample_ws=sample_ws,
     frozen_subtrees=common.frozen_subtrees(config),
   )
@@ -198,23 +228,24 @@ def train_rounds(
   params,
   *,
   kind: str,
+  section: str,
   w: float | None,
   first_teacher: str,
   make_stage,
   abstract_params,
-  w_record: dict,
+  record: dict,
 ):
-  """Halving rounds initial_num_steps → … → final_num_steps, each resumable.
+  """Halving rounds of `config[section]`'s schedule, each resumable.
 
-  `params` are the first teacher's (the folder `first_teacher`); each
-  finished round's student is the next round's teacher. `kind` and `w`
-  name the chain (`workdir_lib.round_name`). Returns the last round's
-  params.
+  initial_num_steps → … → final_num_steps (`round_step_counts`). `params`
+  are the first teacher's (the folder `first_teacher`); each finished
+  round's student is the next round's teacher. `kind` and `w` name the
+  chain (`workdir_lib.round_name`); `record` is what else each round's
+  stage.json records (its w, time grid). Returns the last round's params.
   """
-  config = ctx.config
-  teacher_steps = config.distill.initial_num_steps
+  teacher_steps = ctx.config[section].initial_num_steps
   teacher_dir = first_teacher
-  for student_steps in round_step_counts(config):
+  for student_steps in round_step_counts(ctx.config[section]):
     name = workdir_lib.round_name(kind, student_steps, w)
     params = ctx.run_stage(
       kind,
@@ -225,8 +256,7 @@ def train_rounds(
         'teacher': os.fspath(workdir_lib.stage_dir(ctx.workdir, teacher_dir)),
         'teacher_num_steps': teacher_steps,
         'student_num_steps': student_steps,
-        **w_record,
-        'time_grid': config.distill.time_grid,
+        **record,
       },
     )
     teacher_steps, teacher_dir = student_steps, name
@@ -269,11 +299,15 @@ def _train(ctx, load_input):
     ctx,
     load_input(),
     kind=NAME,
+    section=KIND.section,
     w=None,
     first_teacher=KIND.needs,
     make_stage=functools.partial(make_stage, config, info),
     abstract_params=common.abstract_params(guided.build_student(config, info)),
-    w_record={'w_range': [config.guided.w_min, config.guided.w_max]},
+    record={
+      'w_range': [config.guided.w_min, config.guided.w_max],
+      'time_grid': config.distill.time_grid,
+    },
   )
 
 

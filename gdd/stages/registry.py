@@ -9,6 +9,7 @@ from gdd import errors
 from gdd.stages import (
   StageKind,
   autoencoder,
+  encoder,
   guided,
   progressive,
   single_w,
@@ -22,6 +23,7 @@ KINDS: tuple[StageKind, ...] = (
   guided.KIND,
   progressive.KIND,
   single_w.KIND,
+  encoder.KIND,  # --mode=encoder only: it needs 'guided', samples nothing.
 )
 NAMES = tuple(kind.name for kind in KINDS)
 

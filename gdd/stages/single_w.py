@@ -55,7 +55,7 @@ def _train(ctx, load_input):
   """The rounds at config.single_w.w from the CFG teacher's params."""
   config, info = ctx.config, ctx.info
   w = config.single_w.w
-  first_round = progressive.round_step_counts(config)[0]
+  first_round = progressive.round_step_counts(config.distill)[0]
 
   def round_stage(teacher_params, *, student_num_steps):
     return make_stage(
@@ -70,11 +70,12 @@ def _train(ctx, load_input):
     ctx,
     load_input(),
     kind=NAME,
+    section=KIND.section,
     w=w,
     first_teacher=KIND.needs,
     make_stage=round_stage,
     abstract_params=common.abstract_params(common.build_model(config, info)),
-    w_record={'w': w},
+    record={'w': w, 'time_grid': config.distill.time_grid},
   )
 
 
