@@ -94,4 +94,8 @@ def get_config(variant: str = ''):
     teacher_num_steps=(256, 16, 8, 4),
     guided_num_steps=(64, 8, 4),
   )
+  # Editing, inpainting and translation rows on 250 of the 297 held-out
+  # test digits (gdd.evaluation.editing); add a finished `:inpaint` chain
+  # with --config.evaluate.editing.inpainting_workdir=....
+  config.evaluate.editing.enabled = True
   return config_lib.apply_variant(config, variant)

@@ -111,6 +111,9 @@ def get_config(variant: str = ''):
     # teacher steps would add ~11 min here for the same ratio.
     speed_teacher_num_steps=(256,),
   )
+  # Editing, inpainting and translation rows on held-out images, targets
+  # the next held-out caption (gdd.evaluation.editing).
+  config.evaluate.editing.enabled = True
   return config_lib.apply_variant(config, variant, quick=_make_quick)
 
 

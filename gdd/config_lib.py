@@ -415,7 +415,7 @@ def _add_mode_sections(config: ml_collections.ConfigDict) -> None:
 
 
 def _edit_config() -> ml_collections.ConfigDict:
-  """The `--mode=edit` and `--mode=inpaint` section (`gdd.edit`)."""
+  """The `--mode=edit`, `inpaint` and `translate` section (`gdd.edit`)."""
   return ml_collections.ConfigDict(
     {
       # An .npz (images uint8 [B, H, W, C]), a .png or a folder of .png
@@ -437,6 +437,13 @@ def _edit_config() -> ml_collections.ConfigDict:
       # --mode=inpaint: the region filled in, one of masks.KINDS, or a mask
       # file (.npz with masks, or .png: white is filled in).
       'mask': 'right',
+      # --mode=translate: the inputs' own classes or captions to encode
+      # under, as targets ('': held-out inputs' own), and the encoder:
+      # 'encoder' (a distilled round; encoder_num_steps picks it), or the
+      # many-step DDIM encoder of 'guided' or 'teacher'.
+      'sources': '',
+      'encoder_stage': 'encoder',
+      'encoder_num_steps': 4,
       'batch_size': 100,
       'seed': 0,
       'output': '',
@@ -476,6 +483,41 @@ def _evaluate_config() -> ml_collections.ConfigDict:
       'speed_batch_size': 256,
       'speed_teacher_num_steps': (256, 1024),
       'speed_student_num_steps': 4,
+      # The generation rows above (False: editing only).
+      'generation': True,
+      'editing': _editing_evaluation_config(),
+    }
+  )
+
+
+def _editing_evaluation_config() -> ml_collections.ConfigDict:
+  """`--mode=evaluate`'s editing, inpainting and translation rows
+  (`gdd.evaluation.editing`), on held-out inputs."""
+  return ml_collections.ConfigDict(
+    {
+      'enabled': False,
+      # Which of 'edit', 'inpaint', 'translate' to score.
+      'tasks': ('edit', 'inpaint', 'translate'),
+      'num_inputs': 250,
+      'batch_size': 250,
+      'seed': 0,
+      # Guidance toward the targets (inpainting: toward the input's own).
+      'w': 1.0,
+      # Editing: SDEdit's start times; the teacher at teacher_num_steps
+      # (the reference) beside the distilled student's rounds.
+      't_starts': (0.4, 0.6, 0.8),
+      'teacher_num_steps': 256,
+      'student_num_steps': (2, 4),
+      # Inpainting: the region filled in (`masks.KINDS`), and a finished
+      # inpainting chain (`config.model.inpainting`) to score beside
+      # replacement ('' to leave it out).
+      'mask': 'right',
+      'inpainting_workdir': '',
+      # Translation: the distilled encoder's rounds, decoded by the
+      # student's translate_num_steps round (and the teacher's many-step
+      # encoder and decoder).
+      'encoder_num_steps': (1, 2, 4),
+      'translate_num_steps': 4,
     }
   )
 
@@ -607,7 +649,7 @@ NOT_TRAINING_KEYS = {
   ),
   'grids': 'the sample grids written during training',
   'sample': 'read by --mode=sample only',
-  'edit': 'read by --mode=edit and --mode=inpaint only',
+  'edit': 'read by --mode=edit, inpaint and translate only',
   'evaluate': 'read by --mode=evaluate only',
   'distributed': 'how processes connect, not what they compute',
   'memory': (
@@ -1125,7 +1167,9 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
 def _validate_edit(config: ml_collections.ConfigDict) -> None:
   _check(config, 'edit.stage', _one_of(STAGES[1:]), f'one of {STAGES[1:]}')
   _check(config, 'edit.sampler', _one_of(SAMPLERS), f'one of {SAMPLERS}')
-  for key in ('num_steps', 'num_inputs', 'batch_size'):
+  encoders = ('encoder', 'guided', 'teacher')  # gdd.encode.ENCODING_STAGES
+  _check(config, 'edit.encoder_stage', _one_of(encoders), f'one of {encoders}')
+  for key in ('num_steps', 'num_inputs', 'batch_size', 'encoder_num_steps'):
     _check(config, f'edit.{key}', checks.is_int, 'a positive int')
   _check(config, 'edit.w', _non_negative_number, 'a number >= 0')
   for key in ('t_start', 'inpaint_t_start'):
@@ -1135,7 +1179,7 @@ def _validate_edit(config: ml_collections.ConfigDict) -> None:
       lambda v: _non_negative_number(v) and 0 < v <= 1,
       'a number in (0, 1]',
     )
-  for key in ('input', 'targets', 'mask', 'output'):
+  for key in ('input', 'targets', 'sources', 'mask', 'output'):
     _check(config, f'edit.{key}', lambda v: isinstance(v, str), 'a string')
 
 
@@ -1291,6 +1335,53 @@ def _validate_evaluate(config: ml_collections.ConfigDict) -> None:
     checks.is_int,
     'a positive int',
   )
+  _validate_editing_evaluation(config)
+
+
+def _validate_editing_evaluation(config: ml_collections.ConfigDict) -> None:
+  for key in ('generation', 'editing.enabled'):
+    _check(config, f'evaluate.{key}', lambda v: isinstance(v, bool), 'a bool')
+  keys = (
+    'num_inputs',
+    'batch_size',
+    'teacher_num_steps',
+    'translate_num_steps',
+  )
+  for key in keys:
+    _check(config, f'evaluate.editing.{key}', checks.is_int, 'a positive int')
+  for key in ('student_num_steps', 'encoder_num_steps'):
+    _check(
+      config,
+      f'evaluate.editing.{key}',
+      _positive_int_tuple,
+      'a tuple of positive ints',
+    )
+  _check(config, 'evaluate.editing.w', _non_negative_number, 'a number >= 0')
+  tasks = ('edit', 'inpaint', 'translate')  # gdd.evaluation.editing's.
+  _check(
+    config,
+    'evaluate.editing.tasks',
+    lambda v: len(v) > 0 and all(t in tasks for t in v),
+    f'a non-empty tuple of {tasks}',
+  )
+  _check(
+    config,
+    'evaluate.editing.t_starts',
+    lambda v: all(_non_negative_number(t) and 0 < t <= 1 for t in v),
+    'a tuple of numbers in (0, 1]',
+  )
+  _check(
+    config,
+    'evaluate.editing.mask',
+    _one_of(masks.KINDS),
+    f'one of {masks.KINDS}',
+  )
+  _check(
+    config,
+    'evaluate.editing.inpainting_workdir',
+    lambda v: isinstance(v, str),
+    'a string',
+  )
 
 
 def make_quick(config: ml_collections.ConfigDict) -> None:
@@ -1371,6 +1462,15 @@ def _make_outputs_quick(config: ml_collections.ConfigDict) -> None:
     speed_batch_size=50,
     speed_teacher_num_steps=(8,),
     speed_student_num_steps=1,
+  )
+  config.evaluate.editing.update(
+    num_inputs=20,
+    batch_size=20,
+    t_starts=(0.6,),
+    teacher_num_steps=4,
+    student_num_steps=(2,),
+    encoder_num_steps=(2,),
+    translate_num_steps=2,
   )
 
 

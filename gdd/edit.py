@@ -1,4 +1,5 @@
-"""Editing (SDEdit) and inpainting with a trained stage: `--mode=edit|inpaint`.
+"""Editing (SDEdit), inpainting and translation with trained stages:
+`--mode=edit|inpaint|translate`.
 
 - edit: each input image is encoded, noised to `t_start` with q(z_t | x) and
   sampled back to t = 0 conditioned on a *target* class or caption at w
@@ -11,10 +12,15 @@
   trained and distilled on random masks) is conditioned on the mask and the
   masked input instead, and its output is its own everywhere
   (`sampling`'s module docstring); the workdir's recorded config decides.
+- translate: each input is DDIM-encoded to z_1 under its *source* class or
+  caption (`gdd.encode`: a distilled encoder round, or the many-step
+  encoder of the teacher or stage-one student), then z_1 is sampled from
+  t = 1 under the target (dual diffusion implicit bridges, method.md §9).
+  Target = source is the cycle: encode and decode under one condition.
 
-Both are `sampling.Sampler` calls (`init`, `t_start`, `mask`); this module
-reads the inputs (npz, PNG files, or held-out examples), checks the request
-before anything compiles, and writes the npz and PNG outputs.
+All are `sampling.Sampler` calls (`init`, `t_start`, `mask`, `noise`); this
+module reads the inputs (npz, PNG files, or held-out examples), checks the
+request before anything compiles, and writes the npz and PNG outputs.
 """
 
 import dataclasses
@@ -29,6 +35,7 @@ from PIL import Image
 from gdd import (
   conditioning,
   data,
+  encode,
   errors,
   images,
   masks,
@@ -38,9 +45,8 @@ from gdd import (
 )
 from gdd.evaluation import npz
 from gdd.stages import common
-from gdd.train import sharding
 
-MODES = ('edit', 'inpaint')
+MODES = ('edit', 'inpaint', 'translate')
 # Captions in config.edit.targets are separated by this character.
 CAPTION_SEPARATOR = '|'
 
@@ -134,19 +140,22 @@ def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
   return Inputs(arrays['image'], own)
 
 
-def target_conditions(cond_kind, inputs: Inputs, targets: str):
+def target_conditions(
+  cond_kind, inputs: Inputs, targets: str, *, key: str = 'targets'
+):
   """One target condition per input, checked (`cond_kind.from_request`).
 
   `targets`: class models: class indices separated by commas ('8', '3,8'),
   text models: captions separated by '|'; cycled over the inputs. '': the
-  inputs' own conditions (held-out inputs only).
+  inputs' own conditions (held-out inputs only). `key` names the
+  config.edit field in messages ('sources': translation's source classes).
   """
   num = len(inputs.images)
   if not targets:
     if inputs.own is None:
       raise EditRequestError(
-        'config.edit.targets is empty, and images read from a file have no '
-        "class or caption of their own: name the targets (e.g. '8' or "
+        f'config.edit.{key} is empty, and images read from a file have no '
+        "class or caption of their own: name them (e.g. '8' or "
         "'3,8' for classes, 'a red circle|a blue square' for captions)."
       )
     request = inputs.own
@@ -158,14 +167,14 @@ def target_conditions(cond_kind, inputs: Inputs, targets: str):
       labels = [int(t) for t in targets.split(',')]
     except ValueError:
       raise EditRequestError(
-        f'config.edit.targets={targets!r}: a class model takes class indices '
+        f'config.edit.{key}={targets!r}: a class model takes class indices '
         "separated by commas, e.g. '8' or '3,8'."
       ) from None
     request = np.asarray([labels[i % len(labels)] for i in range(num)])
   try:
     return cond_kind.from_request(request)
   except conditioning.CondError as error:
-    raise EditRequestError(f'config.edit.targets: {error}') from None
+    raise EditRequestError(f'config.edit.{key}: {error}') from None
 
 
 def load_mask(
@@ -203,14 +212,15 @@ def load_mask(
 def edit_to_files(
   config: ml_collections.ConfigDict, workdir: epath.PathLike, mode: str
 ) -> str:
-  """`--mode=edit` or `--mode=inpaint`: writes an .npz and a PNG; returns
-  the npz path.
+  """`--mode=edit`, `inpaint` or `translate`: writes an .npz and a PNG;
+  returns the npz path.
 
   The npz holds `images` (the outputs), `inputs` (uint8 [B, H, W, C]),
   `masks` (inpaint: uint8 [B, H, W, 1], 1 kept), the targets (`labels` or
   `captions`), `t_start` (where sampling started: a distilled round's grid
-  point) and `num_steps` (the steps taken). The PNG shows a row per input:
-  input | (masked input |) output.
+  point) and `num_steps` (the steps taken); translate adds the sources
+  (`source_labels` or `source_captions`) and `encoded` (float32 z_1). The
+  PNG shows a row per input: input | (masked input |) output.
   """
   if mode not in MODES:
     raise EditRequestError(f'mode={mode!r}; allowed: {MODES}.')
@@ -219,14 +229,19 @@ def edit_to_files(
   cond_kind = common.build_conditioning(config, info)
   inputs = load_inputs(config)
   cond = target_conditions(cond_kind, inputs, c.targets)
-  num = len(inputs.images)
-  mask = load_mask(c.mask, num, info.image_shape) if mode == 'inpaint' else None
-  requested_t = c.t_start if mode == 'edit' else c.inpaint_t_start
+  request = _request(workdir, mode, c, cond_kind, inputs)
   sampler = sample.load_sampler(
     workdir, c.stage, num_steps=c.num_steps, sampler=c.sampler, w=c.w
   )
-  t_start, num_steps = sampler.start(requested_t)  # Checked before compiling.
-  outputs = _sample_batches(sampler, c, inputs.images, cond, mask, requested_t)
+  t_start, num_steps = sampler.start(request.t_start)  # Checked first.
+  if request.encoder is not None:
+    request.arrays['encoded'] = sample.run_batches(
+      lambda _, images, source: request.encoder(images, source),
+      c.batch_size,
+      inputs.images,
+      request.source,
+    )
+  outputs = _sample_batches(sampler, c, inputs.images, cond, request)
   output = _output_path(workdir, mode, c, t_start)
   if jax.process_index() > 0:  # Every process holds the outputs; one writes.
     return os.fspath(output)
@@ -236,33 +251,88 @@ def edit_to_files(
     t_start=np.float32(t_start),
     num_steps=np.int32(num_steps),
     **cond_kind.saved_arrays(cond),
+    **request.saved(cond_kind),
   )
-  if mask is not None:
-    saved['masks'] = mask.astype(np.uint8)
   npz.atomic_savez(output, **saved)
   _save_grid(output.with_suffix('.png'), saved, info.image_shape[0])
   return os.fspath(output)
 
 
-def _sample_batches(sampler, c, inputs, cond, mask, t_start) -> np.ndarray:
-  """uint8 outputs of the sampler over the inputs, `c.batch_size` at a time."""
+@dataclasses.dataclass
+class _Request:
+  """What a mode adds to the sampler call, checked before any compile.
+
+  Attributes:
+    t_start: the requested start time (1 for translation).
+    arrays: host arrays by `Sampler` argument: 'mask' (inpaint), 'encoded'
+      (translate: z_1, filled in once the encoder has run).
+    encoder: translate: the loaded `gdd.encode.Encoder`.
+    source: translate: the inputs' source conditions.
+  """
+
+  t_start: float
+  arrays: dict
+  encoder: encode.Encoder | None = None
+  source: conditioning.Cond | None = None
+
+  def saved(self, cond_kind) -> dict:
+    """The npz entries this request adds."""
+    saved = {}
+    if 'mask' in self.arrays:
+      saved['masks'] = self.arrays['mask'].astype(np.uint8)
+    if self.source is not None:
+      source = cond_kind.saved_arrays(self.source)
+      saved.update({f'source_{k}': v for k, v in source.items()})
+      saved['encoded'] = self.arrays['encoded']
+    return saved
+
+
+def _request(workdir, mode: str, c, cond_kind, inputs: Inputs) -> _Request:
+  """The mode's start time, mask or encoder; every input checked."""
+  if mode == 'edit':
+    return _Request(c.t_start, {})
+  if mode == 'inpaint':
+    mask = load_mask(c.mask, len(inputs.images), inputs.images.shape[1:])
+    return _Request(c.inpaint_t_start, {'mask': mask})
+  source = target_conditions(cond_kind, inputs, c.sources, key='sources')
+  encoder = encode.load_encoder(
+    workdir, c.encoder_stage, num_steps=c.encoder_num_steps
+  )
+  return _Request(1.0, {}, encoder, source)
+
+
+def _sample_batches(sampler, c, inputs, cond, request: _Request):
+  """uint8 outputs of the sampler over the inputs, `c.batch_size` at a time:
+  from `inputs` noised to t_start, or (translate) from their z_1."""
   rng = jax.random.PRNGKey(c.seed)
-  chunks = []
-  for index, begin in enumerate(range(0, len(inputs), c.batch_size)):
-    end = begin + c.batch_size
-    batch = sampler(
+  translating = request.encoder is not None
+
+  def sample_batch(index, init, batch_cond, mask, encoded):
+    return sampler(
       jax.random.fold_in(rng, index),
-      conditioning.take(cond, begin, end),
+      batch_cond,
       c.w,
-      init=inputs[begin:end],
-      t_start=t_start,
-      mask=None if mask is None else mask[begin:end],
+      init=None if translating else init,
+      t_start=request.t_start,
+      mask=mask,
+      noise=encoded,
     )
-    chunks.append(images.to_uint8(sharding.to_host(batch)))
-  return np.concatenate(chunks)
+
+  return images.to_uint8(
+    sample.run_batches(
+      sample_batch,
+      c.batch_size,
+      inputs,
+      cond,
+      request.arrays.get('mask'),
+      request.arrays.get('encoded'),
+    )
+  )
 
 
 def _output_path(workdir, mode: str, c, t_start: float) -> epath.Path:
+  if mode == 'translate':  # Which encoder made z_1 names the file too.
+    mode = f'translate_from_{c.encoder_stage}_{c.encoder_num_steps}steps'
   return sample.npz_output(
     c.output,
     workdir_lib.edits_file(

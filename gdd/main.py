@@ -1,4 +1,4 @@
-r"""Command line: train the stage chain, sample, edit or evaluate it.
+r"""Command line: train the stage chain, sample, edit, translate or evaluate it.
 
   python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits
   python -m gdd.main --config=configs/digits.py --workdir=/tmp/gdd_digits \
@@ -40,7 +40,7 @@ _MODE = flags.DEFINE_enum(
   'mode',
   'all',
   pipeline.MODES,
-  'Which stages to run, or sample / edit / inpaint / evaluate / plan.',
+  'Stages to train, or sample / edit / inpaint / translate / evaluate / plan.',
 )
 _VERBOSE = flags.DEFINE_bool(
   'verbose', False, 'Show tracebacks of user errors too (or GDD_VERBOSE=1).'

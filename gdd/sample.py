@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -241,12 +242,15 @@ def sample_to_files(
     w=c.w,
   )
   rng = jax.random.PRNGKey(c.seed)
-  chunks = []
-  for index, start in enumerate(range(0, c.num_samples, c.batch_size)):
-    batch_cond = conditioning.take(cond, start, start + c.batch_size)
-    batch = sampler(jax.random.fold_in(rng, index), batch_cond, c.w)
-    chunks.append(images.to_uint8(sharding.to_host(batch)))
-  samples = np.concatenate(chunks)
+  samples = images.to_uint8(
+    run_batches(
+      lambda index, batch_cond: sampler(
+        jax.random.fold_in(rng, index), batch_cond, c.w
+      ),
+      c.batch_size,
+      cond,
+    )
+  )
 
   output = npz_output(
     c.output,
@@ -268,6 +272,24 @@ def sample_to_files(
     png = images.make_grid(shown, num_rows=math.ceil(len(shown) / num_cols))
   images.save_png(output.with_suffix('.png'), png, upscale=upscale)
   return os.fspath(output)
+
+
+def run_batches(fn: Callable[..., jax.Array], batch_size: int, *batched):
+  """`fn(index, *slices)` over `batched`, `batch_size` examples at a time.
+
+  `batched` are arrays or conds with one leading batch axis each (None
+  passes through as None); the results are brought to the host and
+  concatenated, so a run of any size fits the devices' memory.
+  """
+  num = conditioning.batch_size(batched[0])
+  chunks = []
+  for index, begin in enumerate(range(0, num, batch_size)):
+    end = begin + batch_size
+    slices = [
+      None if b is None else conditioning.take(b, begin, end) for b in batched
+    ]
+    chunks.append(sharding.to_host(fn(index, *slices)))
+  return np.concatenate(chunks)
 
 
 def npz_output(output: str, default: epath.PathLike) -> epath.Path:

@@ -21,7 +21,7 @@ generate as with a plain model.
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,9 @@ from gdd.stages import common
 from gdd.train import sharding
 
 # (params, rng, cond, w, start, space_params) -> images in [−1, 1]; start is
-# None (pure noise at t = 1) or {'init', 't_start'[, 'mask']}, the mask at
-# the diffusion space's size.
+# None (pure noise at t = 1) or {'t_start'[, 'init'][, 'mask'][, 'noise']}:
+# the mask at the diffusion space's size, the noise the sampler uses instead
+# of its own draw.
 SampleFn = Callable[..., jnp.ndarray]
 
 
@@ -83,7 +84,7 @@ def start_steps(
 
 def _start_z(config, start, noise, known_rng):
   """z at the start time, and the sampler options a `start` adds."""
-  if start is None:
+  if start is None or 'x' not in start:
     return noise, {}
   x = start['x']
   t_start = start['t_start']
@@ -112,10 +113,15 @@ def draw(
   From pure noise z_1 ~ N(0, I) when `start` is None; otherwise from
   `start['x']` (data in the diffusion space: an encoded init) noised to
   `start['t_start']` with the same noise draw, keeping `start['mask']`'s
-  region if given (replacement).
+  region if given (replacement). `start['noise']`, if given, is that draw
+  (z_1 from an encoder: translation, method.md §9).
   """
   noise_rng, sampler_rng = jax.random.split(rng)
-  noise = jax.random.normal(noise_rng, (batch_size, *space.shape), jnp.float32)
+  if start is not None and 'noise' in start:
+    noise = start['noise'].astype(jnp.float32)
+  else:
+    shape = (batch_size, *space.shape)
+    noise = jax.random.normal(noise_rng, shape, jnp.float32)
   # The known region's per-step noise: a key the start noise does not use.
   known_rng = jax.random.fold_in(noise_rng, 1)
   z, options = _start_z(config, start, noise, known_rng)
@@ -150,7 +156,7 @@ def make_sample_fn(
   """
 
   def sample_fn(params, rng, cond, w, start=None, space_params=None):
-    if start is not None:
+    if start is not None and 'init' in start:
       x = space.encode(space_params, start['init']).astype(jnp.float32)
       start = {'x': x, **{k: v for k, v in start.items() if k != 'init'}}
     if config.model.inpainting:
@@ -305,6 +311,7 @@ class Sampler:
     init=None,
     t_start: float = 1.0,
     mask=None,
+    noise=None,
   ) -> jax.Array:
     """Samples for `cond` at guidance strength w.
 
@@ -329,6 +336,11 @@ class Sampler:
         of it in a latent space). An inpainting model is conditioned on the
         mask and the masked `init` and nothing is replaced; without a mask
         it fills in everything (module docstring).
+      noise: optional [B, *space.shape] float32, the standard-normal draw
+        to use instead of the sampler's own: z_1 itself from t_start = 1
+        (e.g. a `gdd.encode.Encoder`'s: translation), else what `init` is
+        noised with. The stochastic samplers' later noise is still drawn
+        from `rng`.
 
     Returns:
       [B, H, W, C] float32 images in [−1, 1], replicated over the devices.
@@ -338,7 +350,7 @@ class Sampler:
     cond = devices.checked_cond(cond)
     self._check_w(w)
     n = conditioning.batch_size(cond)
-    start = _checked_start(self._space, n, init, t_start, mask)
+    start = _checked_start(self._space, n, init, t_start, mask, noise)
     t_start, num_steps = self.start(t_start)
     cond = devices.padded(cond)
     args = (
@@ -352,10 +364,13 @@ class Sampler:
       self._space_params,
     )
     executable = self._executable(
-      conditioning.batch_size(cond),
-      init is not None,
-      mask is not None,
-      num_steps,
+      _Request(
+        conditioning.batch_size(cond),
+        init is not None,
+        mask is not None,
+        noise is not None,
+        num_steps,
+      )
     )
     return executable(*args)[:n]
 
@@ -365,9 +380,11 @@ class Sampler:
     *,
     init: bool = False,
     mask: bool = False,
+    noise: bool = False,
     t_start: float = 1.0,
   ) -> float:
-    """Compiles for `batch_size` (and an `init`/`mask`/`t_start` request).
+    """Compiles for `batch_size` (and an `init`/`mask`/`noise`/`t_start`
+    request).
 
     Returns the seconds it took, so that timed calls measure sampling only.
     """
@@ -377,18 +394,18 @@ class Sampler:
       )
     _, num_steps = self.start(t_start)
     start = time.perf_counter()
-    self._executable(
-      self._devices.padded_size(batch_size), init, mask, num_steps
-    )
+    padded_size = self._devices.padded_size(batch_size)
+    self._executable(_Request(padded_size, init, mask, noise, num_steps))
     return time.perf_counter() - start
 
   def compiled_batch_sizes(self) -> list[int]:
     """The (device-padded) batch sizes compiled so far."""
-    return sorted({key[0] for key in self._executables})
+    return sorted({key.padded_size for key in self._executables})
 
-  def compiled_requests(self) -> list[tuple[int, bool, bool, int]]:
-    """(padded batch size, with init, with mask, steps) of each executable."""
-    return sorted(self._executables)
+  def compiled_requests(self) -> list[tuple[int, bool, bool, bool, int]]:
+    """(padded batch size, with init, with mask, with noise, steps) of each
+    executable."""
+    return sorted(tuple(key) for key in self._executables)
 
   def _put_start(self, start: dict, t_start: float) -> dict:
     """The start arrays as global arrays, with t_start added."""
@@ -399,27 +416,13 @@ class Sampler:
     shardings = {key: self._devices.batch for key in start}
     return dict(shardings, t_start=self._devices.replicated)
 
-  def _executable(
-    self, padded_size: int, init: bool, mask: bool, num_steps: int
-  ):
+  def _executable(self, request: '_Request'):
     """The compiled sampler for one padded size and request kind."""
-    key = (padded_size, init, mask, num_steps)
-    if key not in self._executables:
+    if request not in self._executables:
       rep, batch = self._devices.replicated, self._devices.batch
-      start = None
-      if init:
-        start = {
-          'init': jax.ShapeDtypeStruct(
-            (padded_size, *self._space.image_shape), np.float32, sharding=batch
-          ),
-          't_start': jax.ShapeDtypeStruct((), np.float32, sharding=rep),
-        }
-      if mask:
-        start['mask'] = jax.ShapeDtypeStruct(
-          (padded_size, *self._space.shape[:2], 1), np.float32, sharding=batch
-        )
-      self._executables[key] = self._devices.compile(
-        self._make_sample_fn(num_steps=num_steps),
+      start = self._abstract_start(request)
+      self._executables[request] = self._devices.compile(
+        self._make_sample_fn(num_steps=request.num_steps),
         (
           rep,
           rep,
@@ -430,12 +433,43 @@ class Sampler:
         ),
         self._params,
         jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep),
-        self._devices.abstract_cond(padded_size),
+        self._devices.abstract_cond(request.padded_size),
         jax.ShapeDtypeStruct((), np.float32, sharding=rep),
         start,
         self._space_params,
       )
-    return self._executables[key]
+    return self._executables[request]
+
+  def _abstract_start(self, request: '_Request') -> dict | None:
+    """The shapes of a request's `start` (`SampleFn`), or None."""
+    batch = self._devices.batch
+    size, space = request.padded_size, self._space
+    shapes = {
+      'init': (size, *space.image_shape),
+      'mask': (size, *space.shape[:2], 1),
+      'noise': (size, *space.shape),
+    }
+    start = {
+      key: jax.ShapeDtypeStruct(shape, np.float32, sharding=batch)
+      for key, shape in shapes.items()
+      if getattr(request, key)
+    }
+    if not start:
+      return None
+    rep = self._devices.replicated
+    return dict(
+      start, t_start=jax.ShapeDtypeStruct((), np.float32, sharding=rep)
+    )
+
+
+class _Request(NamedTuple):
+  """What a `Sampler` executable is compiled for (its cache key)."""
+
+  padded_size: int
+  init: bool
+  mask: bool
+  noise: bool
+  num_steps: int
 
 
 def _check_t_start(t_start) -> None:
@@ -447,20 +481,40 @@ def _check_t_start(t_start) -> None:
     )
 
 
-def _checked_start(space, batch_size: int, init, t_start, mask) -> dict | None:
-  """{'init'[, 'mask']} as host float32 arrays, or None; checks all three."""
+def _checked_start(
+  space, batch_size: int, init, t_start, mask, noise
+) -> dict | None:
+  """{['init'][, 'mask'][, 'noise']} as host float32 arrays, or None; checks
+  all four."""
   _check_t_start(t_start)
+  start = {}
   if init is None:
     if t_start != 1 or mask is not None:
       raise SampleRequestError(
         't_start < 1 and mask need init: the images to start from '
         f'([B, {", ".join(map(str, space.image_shape))}] in [-1, 1]).'
       )
-    return None
-  start = {'init': checked_images(init, batch_size, space, name='init')}
+  else:
+    start['init'] = checked_images(init, batch_size, space, name='init')
   if mask is not None:
     start['mask'] = _checked_mask(space, batch_size, mask)
-  return start
+  if noise is not None:
+    start['noise'] = _checked_noise(space, batch_size, noise)
+  return start or None
+
+
+def _checked_noise(space, batch_size: int, noise) -> np.ndarray:
+  """The noise as host float32 [B, *space.shape]; finite."""
+  noise = np.asarray(noise, np.float32)
+  expected = (batch_size, *space.shape)
+  if noise.shape != expected:
+    raise SampleRequestError(
+      f'noise has shape {noise.shape}; expected {expected} (z_1 in the '
+      'diffusion space, one per condition).'
+    )
+  if not np.all(np.isfinite(noise)):
+    raise SampleRequestError('noise has NaN or Inf values.')
+  return noise
 
 
 def _checked_mask(space, batch_size: int, mask) -> np.ndarray:

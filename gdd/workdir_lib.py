@@ -8,7 +8,7 @@ WORKDIR/
   single_w/w<w>/<N>steps/    the single-w baseline's rounds
   encoder/<N>steps/          the distilled encoder's rounds
   samples/                   --mode=sample outputs (`samples_file`)
-  edits/                     --mode=edit|inpaint outputs (`edits_file`)
+  edits/                     --mode=edit|inpaint|translate outputs
   eval/                      --mode=evaluate results and caches (`eval_dir`)
 ```
 
@@ -241,7 +241,8 @@ def edits_file(
   w: float,
   t_start: float,
 ) -> epath.Path:
-  """The default .npz of a --mode=edit or --mode=inpaint request."""
+  """The default .npz of a --mode=edit, inpaint or translate request
+  (`mode`: translate's names its encoder too)."""
   name = f'{mode}_{stage}_{sampler}_{num_steps}steps_w{w:g}_t{t_start:g}.npz'
   return paths.resolve(workdir) / 'edits' / name
 

@@ -76,7 +76,7 @@ def test_a_distilled_sampler_snaps_t_start_to_its_grid(chain_workdir):
   snapped = sampler(rng, labels, 1.0, init=init, t_start=0.6)
   on_grid = sampler(rng, labels, 1.0, init=init, t_start=0.5)
   np.testing.assert_array_equal(snapped, on_grid)
-  assert sampler.compiled_requests() == [(8, True, False, 2)]
+  assert sampler.compiled_requests() == [(8, True, False, False, 2)]
   # The teacher is a continuous-time model: it starts where asked.
   teacher = sample.load_sampler(chain_workdir, 'teacher', num_steps=4)
   assert teacher.start(0.6) == (0.6, 4)
@@ -185,3 +185,17 @@ def test_text_edit_and_inpaint_on_shapes(shapes_workdir, tmp_path):
     # input, not equal (the autoencoder reconstructs it).
     assert f['masks'].shape == (2, 16, 16, 1)
     assert os.path.isfile(tmp_path / 'inpaint.png')
+  # Translation: encoded under the held-out captions by the stage-one
+  # student's DDIM encoder, decoded under the targets by the 2-step round.
+  config.edit.update(
+    targets='a small blue square',
+    encoder_stage='guided',
+    encoder_num_steps=2,
+    output=str(tmp_path / 'translate'),
+  )
+  pipeline.run(config, shapes_workdir, 'translate')
+  with np.load(tmp_path / 'translate.npz') as f:
+    assert f['images'].shape == (2, 16, 16, 3)
+    assert f['encoded'].shape == (2, 8, 8, 4)  # The quick latents: 8×8×4.
+    assert len(f['source_captions']) == 2
+    assert list(f['captions']) == ['a small blue square'] * 2

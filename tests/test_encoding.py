@@ -16,6 +16,7 @@ import pytest
 from gdd import (
   config_lib,
   data,
+  edit,
   encode,
   pipeline,
   sample,
@@ -23,6 +24,7 @@ from gdd import (
   workdir_lib,
 )
 from gdd.diffusion import encoding, parameterization, samplers, schedules
+from gdd.evaluation import evaluate
 from gdd.train import checkpointing
 from tests import helpers
 
@@ -296,3 +298,139 @@ def test_x_models_do_not_encode(tmp_path):
   )
   with helpers.raises_user_error(sampling.SampleRequestError, "'x'"):
     encode.load_encoder(str(tmp_path), 'teacher', num_steps=4)
+
+
+def _psnr(a, b) -> float:
+  """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+  mse = float(np.mean((np.asarray(a) - np.asarray(b)) ** 2))
+  return 10 * np.log10(4 / mse)
+
+
+def test_teacher_encode_then_decode_reconstructs_the_input(encoder_workdir):
+  # DDIM's ODE run both ways under one condition at w = 0: the input comes
+  # back up to the discretisation error, whatever the (2-update) model.
+  images, labels = _digits(8)
+  encoder = encode.load_encoder(encoder_workdir, 'teacher', num_steps=64)
+  z1 = encoder(images, labels)
+  sampler = sample.load_sampler(encoder_workdir, 'teacher', num_steps=64)
+  rng = jax.random.PRNGKey(0)
+  cycled = sampler(rng, labels, 0.0, noise=z1)
+  drawn = sampler(rng, labels, 0.0)
+  assert _psnr(cycled, images) > 25
+  assert _psnr(drawn, images) < 15  # Not the input without its z_1.
+
+
+def _translate_config(tmp_path, **options):
+  config = _encoder_config()
+  config.edit.update(
+    num_inputs=5,
+    batch_size=4,
+    stage='distill',
+    num_steps=2,
+    encoder_num_steps=2,
+    output=str(tmp_path / 'translated'),
+  )
+  config.edit.update(options)
+  return config
+
+
+def test_translate_mode_encodes_with_sources_and_decodes_targets(
+  encoder_workdir, tmp_path
+):
+  config = _translate_config(tmp_path, targets='8')
+  pipeline.run(config, encoder_workdir, 'translate')
+  images, labels = _digits(5)
+  with np.load(tmp_path / 'translated.npz') as f:
+    saved = dict(f)
+  np.testing.assert_array_equal(saved['labels'], np.full(5, 8))
+  np.testing.assert_array_equal(saved['source_labels'], labels)
+  assert saved['images'].shape == (5, 8, 8, 1)
+  assert (saved['t_start'], saved['num_steps']) == (1.0, 2)
+  # z_1 is the 2-step distilled encoder's, under the inputs' own classes.
+  encoder = encode.load_encoder(encoder_workdir, 'encoder', num_steps=2)
+  np.testing.assert_allclose(
+    saved['encoded'], encoder(images, labels), atol=1e-5
+  )
+  assert os.path.isfile(tmp_path / 'translated.png')
+  # Default name: the encoder's round is part of it.
+  config.edit.output = ''
+  written = edit.edit_to_files(config, encoder_workdir, 'translate')
+  assert written == os.path.join(
+    encoder_workdir,
+    'edits',
+    'translate_from_encoder_2steps_distill_ddim_2steps_w1_t1.npz',
+  )
+
+
+@pytest.mark.parametrize(
+  'options, match',
+  [
+    ({'encoder_num_steps': 4}, r'4 steps .* step counts: \[2, 1\]'),
+    ({'sources': '3,12'}, 'sources'),
+    ({'encoder_stage': 'distill'}, 'encoder_stage'),
+  ],
+)
+def test_bad_translate_requests_are_refused(
+  encoder_workdir, tmp_path, options, match
+):
+  config = _translate_config(tmp_path, targets='8', **options)
+  with helpers.raises_user_error(ValueError, match):
+    pipeline.run(config, encoder_workdir, 'translate')
+  assert not os.path.exists(tmp_path / 'translated.npz')
+
+
+def test_editing_evaluation_scores_every_task(encoder_workdir):
+  config = _encoder_config()
+  config.evaluate.update(generation=False, batch_size=16)
+  config.evaluate.editing.update(
+    num_inputs=12, batch_size=8, student_num_steps=(2,), t_starts=(0.6, 1.0)
+  )
+  results = evaluate.run(config, encoder_workdir)['editing']
+  records = results['records']
+  rows = [
+    (r['task'], r['model'], r['num_steps'], r['t_start'], r['encoder'])
+    for r in records
+  ]
+  assert rows == [
+    ('edit', 'teacher', 4, 0.6, ''),
+    ('edit', 'distill', 2, 0.6, ''),
+    ('edit', 'teacher', 4, 1.0, ''),
+    ('edit', 'distill', 2, 1.0, ''),
+    ('inpaint', 'teacher', 4, 1.0, ''),
+    ('inpaint', 'distill', 2, 1.0, ''),
+    ('translate', 'distill', 2, 1.0, 'encoder'),
+    ('translate', 'teacher', 4, 1.0, 'teacher'),
+  ]
+  by_row = {row: record for row, record in zip(rows, records, strict=True)}
+  for record in records:
+    assert 0 <= record['accuracy'] <= 1 and np.isfinite(record['fd'])
+  # The 2-step student starts at its grid point 0.5 for t_start 0.6.
+  assert by_row[rows[1]]['t_start_used'] == 0.5
+  # Less noise, closer to the input.
+  assert by_row[rows[0]]['psnr'] > by_row[rows[2]]['psnr']
+  # Replacement keeps the known pixels exactly (8-bit outputs).
+  for row in rows[4:6]:
+    assert by_row[row]['known_max_error'] <= 1 / 127.5 + 1e-6
+  assert by_row[rows[-1]]['cycle_psnr'] > 10
+  eval_dir = workdir_lib.eval_dir(encoder_workdir)
+  table = (eval_dir / 'editing.md').read_text()
+  assert '| CFG teacher, 4 steps | 0.6 (0.6) |' in table
+  assert '| encoder, 2 steps | distilled student, 2 steps |' in table
+  assert (eval_dir / 'editing_tradeoff.png').exists()
+
+
+def test_editing_evaluation_refuses_bad_requests(encoder_workdir, tmp_path):
+  config = _encoder_config()
+  config.evaluate.editing.update(student_num_steps=(2,), t_starts=(0.4,))
+  with helpers.raises_user_error(ValueError, r'below 1/2'):
+    evaluate.check(config, encoder_workdir)
+  config.evaluate.editing.update(t_starts=(0.6,), w=9.0)
+  with helpers.raises_user_error(ValueError, 'outside the range'):
+    evaluate.check(config, encoder_workdir)
+  config.evaluate.editing.update(w=1.0, inpainting_workdir=encoder_workdir)
+  with helpers.raises_user_error(ValueError, 'must be an inpainting chain'):
+    evaluate.check(config, encoder_workdir)
+  config.evaluate.update(generation=False)
+  config.evaluate.editing.update(enabled=False)
+  with helpers.raises_user_error(ValueError, 'score nothing'):
+    evaluate.check(config, encoder_workdir)

@@ -206,11 +206,30 @@ def test_sampler_starts_from_init_and_keeps_the_mask(digits_workdir):
   assert not np.allclose(half[:, :, 4:], init[:, :, 4:])
   # One executable per request kind at this (padded) batch size.
   assert sampler.compiled_requests() == [
-    (8, True, False, 4),
-    (8, True, True, 4),
+    (8, True, False, False, 4),
+    (8, True, True, False, 4),
   ]
   with helpers.raises_user_error(ValueError, match='need init=True'):
     sampler.compile(6, mask=True)
+
+
+def test_sampler_noise_replaces_its_own_draw(digits_workdir):
+  sampler = sample.load_sampler(digits_workdir, 'teacher', num_steps=2)
+  labels = np.arange(4)
+  rng = jax.random.PRNGKey(3)
+  drawn = jax.random.normal(jax.random.split(rng)[0], (4, 8, 8, 1))
+  # Two programs: equal up to float rounding.
+  np.testing.assert_allclose(
+    sampler(rng, labels, 1.0, noise=drawn),
+    sampler(rng, labels, 1.0),
+    atol=1e-5,
+  )
+  other = sampler(rng, labels, 1.0, noise=-drawn)
+  assert float(np.abs(other - sampler(rng, labels, 1.0)).max()) > 0.1
+  with helpers.raises_user_error(ValueError, match=r'noise has shape'):
+    sampler(rng, labels, 1.0, noise=drawn[:3])
+  with helpers.raises_user_error(ValueError, match='NaN or Inf'):
+    sampler(rng, labels, 1.0, noise=np.full((4, 8, 8, 1), np.nan))
 
 
 @pytest.mark.parametrize(

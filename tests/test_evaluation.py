@@ -179,6 +179,7 @@ def test_evaluate_mode_on_a_tiny_chain(chain_workdir):
     speed_batch_size=16,
     speed_teacher_num_steps=(2,),
   )
+  config.evaluate.editing.enabled = False  # tests/test_encoding.py's.
   pipeline.run(config, workdir, 'evaluate')
   out = os.path.join(workdir, 'eval')
   with open(os.path.join(out, 'results.json')) as f:

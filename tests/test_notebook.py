@@ -67,3 +67,21 @@ def test_text_to_image_notebook_runs(shapes_workdir, tmp_path, monkeypatch):
     assert f'student, {num_steps} step(s) ({num_steps} NFE): ' in text
   assert text.count('faster than the teacher (ideal') == 2
   assert _num_images(outputs) == 3  # A grid per w.
+
+
+def test_editing_notebook_runs(
+  chain_workdir, shapes_workdir, tmp_path, monkeypatch
+):
+  # The shapes chain is only read (its cells sample, never train).
+  monkeypatch.setenv('GDD_NOTEBOOK_SHAPES_WORKDIR', shapes_workdir)
+  outputs = _run_tiny('editing.ipynb', chain_workdir, tmp_path, monkeypatch)
+  text = _text(outputs)
+  assert 'distill/1steps: already finished' in text
+  assert 'encoder finished: step counts [4, 2, 1]' in text
+  for name in ('teacher', 'student'):
+    assert f'{name}: largest change on the kept half 0' in text
+  assert 'teacher: 8-step encoder, cycle PSNR' in text
+  assert 'student: 4-step encoder, cycle PSNR' in text
+  assert 'skipped' not in text
+  # Edit, inpaint, translate and the shapes captions: a figure each.
+  assert _num_images(outputs) == 4

@@ -38,7 +38,7 @@ from gdd import (
   sampling,
   workdir_lib,
 )
-from gdd.evaluation import features, fid, report
+from gdd.evaluation import editing, features, fid, report
 from gdd.stages import common, registry
 
 # Real images scored as if they were a model (the floor of the metric).
@@ -336,16 +336,36 @@ def device_description() -> str:
 def check(
   config: ml_collections.ConfigDict, workdir: epath.PathLike
 ) -> list[Row]:
-  """Validates an evaluate request (cheap); returns the rows it will score."""
+  """Validates an evaluate request (cheap); returns the generation rows it
+  will score (none when `evaluate.generation` is off)."""
+  ev = config.evaluate
+  if not (ev.generation or ev.editing.enabled):
+    raise config_lib.ConfigError(
+      'config.evaluate.generation and config.evaluate.editing.enabled are '
+      'both False: --mode=evaluate would score nothing; enable one.'
+    )
   rows = plan_rows(config, workdir)
   _check_request(config, workdir, rows)
   features.check_config(config)
-  return rows
+  if ev.editing.enabled:
+    editing.check(config, workdir)
+  return rows if ev.generation else []
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
-  """Scores every finished stage; writes results.json, results.md, plots."""
+  """Scores every finished stage: the generation rows (results.json,
+  results.md, plots) and the editing rows (`editing`), as enabled."""
   rows = check(config, workdir)
+  results = _run_generation(config, workdir, rows) if rows else {}
+  if config.evaluate.editing.enabled:
+    results['editing'] = editing.run(config, workdir)
+  return results
+
+
+def _run_generation(
+  config: ml_collections.ConfigDict, workdir: epath.PathLike, rows: list[Row]
+) -> dict:
+  """Scores the generation rows; writes results.json, results.md, plots."""
   ev = config.evaluate
   out_dir = workdir_lib.eval_dir(workdir)
   out_dir.mkdir(parents=True, exist_ok=True)

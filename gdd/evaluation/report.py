@@ -255,7 +255,7 @@ def plot_quality_vs_nfe(results: dict, path: epath.PathLike) -> None:
         ax.set_yscale('log')
   axes[0][-1].legend(fontsize=7)
   fig.tight_layout()
-  _save_png(fig, path)
+  save_png(fig, path)
 
 
 def plot_quality_vs_w(results: dict, path: epath.PathLike) -> None:
@@ -295,10 +295,10 @@ def plot_quality_vs_w(results: dict, path: epath.PathLike) -> None:
     ax.set_xlabel('guidance strength w')
   axes[0].legend(fontsize=6, ncol=2)
   fig.tight_layout()
-  _save_png(fig, path)
+  save_png(fig, path)
 
 
-def _save_png(fig: figure.Figure, path: epath.PathLike) -> None:
+def save_png(fig: figure.Figure, path: epath.PathLike) -> None:
   with paths.resolve(path).open('wb') as f:
     fig.savefig(f, format='png', dpi=110)
 

@@ -1,0 +1,165 @@
+"""Editing evaluation output: editing.json, markdown tables and a plot.
+
+Reads only the results dict `editing.run` builds, so the report can be
+re-made from a saved editing.json (`write(read(out_dir), out_dir)`).
+"""
+
+import json
+
+import jax
+from etils import epath
+from matplotlib import figure
+
+from gdd import paths
+from gdd.evaluation import report
+
+_RESULTS_JSON = 'editing.json'
+_MODEL_NAMES = {'teacher': 'CFG teacher', 'distill': 'distilled student'}
+
+
+def _model(record: dict) -> str:
+  return f'{_MODEL_NAMES[record["model"]]}, {record["num_steps"]} steps'
+
+
+def format_record(record: dict) -> str:
+  """One line for the log."""
+  scores = ' '.join(
+    f'{key}={record[key]:.4g}'
+    for key in (
+      'accuracy',
+      'psnr',
+      'feature_distance',
+      'fd',
+      'known_error',
+      'cycle_psnr',
+    )
+    if record.get(key) is not None
+  )
+  return f'{record["task"]} {_model(record)} t={record["t_start"]:g}: {scores}'
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+  return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
+def _edit_table(records: list[dict]) -> str:
+  return _table(
+    [
+      'model',
+      't_start (used)',
+      'target accuracy',
+      'PSNR to input (dB)',
+      'feature distance to input',
+    ],
+    [
+      [
+        _model(r),
+        f'{r["t_start"]:g} ({r["t_start_used"]:g})',
+        f'{r["accuracy"]:.3f}',
+        f'{r["psnr"]:.2f}',
+        f'{r["feature_distance"]:.3f}',
+      ]
+      for r in records
+    ],
+  )
+
+
+def _inpaint_table(records: list[dict], metric: str) -> str:
+  return _table(
+    [
+      'model',
+      'inpainting',
+      'known-region error (mean / max)',
+      metric,
+      'fill accuracy',
+    ],
+    [
+      [
+        _model(r),
+        r['inpainting'],
+        f'{r["known_error"]:.4f} / {r["known_max_error"]:.4f}',
+        f'{r["fd"]:.3f}',
+        f'{r["accuracy"]:.3f}',
+      ]
+      for r in records
+    ],
+  )
+
+
+def _translate_table(records: list[dict]) -> str:
+  return _table(
+    ['encoder', 'decoder', 'target accuracy', 'cycle PSNR (dB)'],
+    [
+      [
+        f'{r["encoder"]}, {r["encoder_num_steps"]} steps',
+        _model(r),
+        f'{r["accuracy"]:.3f}',
+        f'{r["cycle_psnr"]:.2f}',
+      ]
+      for r in records
+    ],
+  )
+
+
+def markdown(results: dict) -> str:
+  """The three tables, with the facts they were measured under."""
+  c, records = results['config'], results['records']
+  by_task = lambda task: [r for r in records if r['task'] == task]
+  parts = [
+    f'# Editing evaluation: {results["workdir"]}',
+    f'{results["num_inputs"]} held-out inputs; w = {c["w"]:g} toward the '
+    'targets; accuracy: the evaluator says the output shows what was asked '
+    '(on shapes: every attribute).',
+    '## Editing (SDEdit)',
+    _edit_table(by_task('edit')),
+    f"## Inpainting (mask: {c['mask']}, filled under the input's own "
+    'condition)',
+    _inpaint_table(by_task('inpaint'), results['metric']),
+    '## Translation (encode under the source at w = 0; cycle: decode under '
+    'the source at w = 0)',
+    _translate_table(by_task('translate')),
+  ]
+  return '\n\n'.join(parts) + '\n'
+
+
+def plot_tradeoff(results: dict, path: epath.PathLike) -> None:
+  """Editing: target accuracy against PSNR to the input, one line per
+  model over t_start (labelled at each point)."""
+  edits = [r for r in results['records'] if r['task'] == 'edit']
+  fig = figure.Figure(figsize=(5.6, 4.4))
+  ax = fig.subplots()
+  for name in dict.fromkeys(_model(r) for r in edits):
+    points = sorted(
+      (r for r in edits if _model(r) == name), key=lambda r: r['t_start']
+    )
+    ax.plot(
+      [p['psnr'] for p in points],
+      [p['accuracy'] for p in points],
+      marker='o',
+      label=name,
+    )
+    for p in points:
+      ax.annotate(f'{p["t_start"]:g}', (p['psnr'], p['accuracy']), fontsize=7)
+  ax.set_xlabel('PSNR to the input (dB): faithfulness')
+  ax.set_ylabel('target accuracy')
+  ax.set_title('SDEdit over t_start')
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  report.save_png(fig, path)
+
+
+def read(out_dir: epath.PathLike) -> dict:
+  """The results dict that `write` saved in `out_dir`."""
+  return json.loads((paths.resolve(out_dir) / _RESULTS_JSON).read_text())
+
+
+def write(results: dict, out_dir: epath.PathLike) -> None:
+  """editing.json, editing.md and editing_tradeoff.png (process 0)."""
+  if jax.process_index() > 0:
+    return
+  out_dir = paths.resolve(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / _RESULTS_JSON).write_text(json.dumps(results, indent=2))
+  (out_dir / 'editing.md').write_text(markdown(results))
+  plot_tradeoff(results, out_dir / 'editing_tradeoff.png')
