@@ -117,6 +117,8 @@ def _unet_steps(loaded: sample.LoadedStage, num_steps: int, size: int):
   (`sampling.draw`), each text encoder call answered by `encoding`."""
 
   def unet_steps(params, rng, cond, w, encoding):
+    if loaded.config.model.inpainting:  # Fills in everything, as sampling.
+      cond, _ = sampling.known_region_request(loaded.space, cond, None)
     with nn.intercept_methods(_given_encoding(encoding)):
       return sampling.draw(
         loaded.config,

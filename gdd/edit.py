@@ -191,7 +191,7 @@ def load_mask(
     return masks.named(spec, batch_size, height, width)
   path = paths.resolve(spec)
   if not path.is_file() or not path.name.endswith(('.npz', '.png')):
-    masks.named(spec, batch_size, height, width)  # Raises, listing both.
+    raise masks.unknown(spec)
   if path.name.endswith('.png'):
     with path.open('rb') as f:
       fill = np.asarray(Image.open(f).convert('L'), np.float32)[None] / 255

@@ -50,12 +50,17 @@ def named(kind: str, batch_size: int, height: int, width: int) -> np.ndarray:
     rows = slice(height // 4, height - height // 4)
     fill[rows, width // 4 : width - width // 4] = True
   else:
-    raise MaskError(
-      f'mask={kind!r}; allowed: {KINDS} (the region filled in) or the path '
-      'of a mask file (.npz with masks, or .png: white is filled in).'
-    )
+    raise unknown(kind)
   mask = (~fill).astype(np.float32)[None, :, :, None]
   return np.broadcast_to(mask, (batch_size, height, width, 1)).copy()
+
+
+def unknown(spec: str) -> MaskError:
+  """The error for a mask that is neither a named region nor a mask file."""
+  return MaskError(
+    f'mask={spec!r}; allowed: {KINDS} (the region filled in) or the path '
+    'of a mask file (.npz with masks, or .png: white is filled in).'
+  )
 
 
 def from_fill(fill: np.ndarray) -> np.ndarray:

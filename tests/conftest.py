@@ -3,6 +3,7 @@
 The flag must be set before JAX initialises its backends, hence here.
 """
 
+import fcntl
 import os
 
 # XLA:CPU's LLVM optimisations are most of the compile time of the tests'
@@ -112,17 +113,28 @@ def chain_workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def shapes_workdir(tmp_path_factory):
+def shapes_workdir(tmp_path_factory, worker_id):
   """autoencoder → teacher → guided → 2 → 1 steps on 16×16 `shapes`
   (`helpers.quick_latent_config`, 4 updates per stage).
 
-  Shared by the latent chain's tests, the text-to-image notebook test (its
-  tiny setting trains exactly this) and the sampling-speed benchmark's; tests
-  may add to it but must not change what is there.
+  Shared by the latent chain's tests, the text-to-image and editing notebook
+  tests (their tiny settings train exactly this) and the sampling-speed
+  benchmark's; tests may add to it but must not change what is there. Built
+  once per run: under pytest-xdist in the run's shared temp folder, by the
+  first worker that needs it while a file lock makes any other wait (the
+  editing notebook's test runs on the digits chain's worker).
   """
   from gdd import pipeline
   from tests import helpers
 
-  workdir = str(tmp_path_factory.mktemp('shapes'))
-  pipeline.run(helpers.quick_latent_config(), workdir, 'all')
-  return workdir
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != 'master':
+    root = root.parent  # Shared by the workers of this run.
+  workdir = root / 'shapes_chain'
+  with (root / 'shapes_chain.lock').open('w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    built = root / 'shapes_chain.built'
+    if not built.exists():
+      pipeline.run(helpers.quick_latent_config(), str(workdir), 'all')
+      built.touch()
+  return str(workdir)

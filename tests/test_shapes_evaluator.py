@@ -63,6 +63,9 @@ def _quick() -> ml_collections.ConfigDict:
     max_stochastic_steps=1,  # No stochastic rows: digits' tests have them.
     speed_teacher_num_steps=(),
   )
+  config.evaluate.editing.update(
+    num_inputs=8, batch_size=8, teacher_num_steps=2
+  )
   config_lib.validate(config)
   return config
 
@@ -297,3 +300,16 @@ def test_evaluate_mode_on_a_tiny_text_chain(classifier, tmp_path):
       assert image.size[0] > 300
   cached = [n for n in os.listdir(eval_dir) if n.startswith('reference_')]
   assert cached == ['reference_shapes_train_100_shapes.npz']
+  # The editing rows (configs/shapes.py turns them on): the teacher alone
+  # here, judged by the next held-out caption's attributes.
+  with open(os.path.join(eval_dir, 'editing.json')) as f:
+    editing = json.load(f)
+  assert [(r['task'], r['model']) for r in editing['records']] == [
+    ('edit', 'teacher'),
+    ('inpaint', 'teacher'),
+    ('translate', 'teacher'),
+  ]
+  for record in editing['records']:
+    assert 0 <= record['accuracy'] <= 1 and np.isfinite(record['fd'])
+  # Kept latents decode to the autoencoder's reconstruction: not 0.
+  assert editing['records'][1]['known_error'] > 0
