@@ -383,7 +383,10 @@ def test_editing_evaluation_scores_every_task(encoder_workdir):
   config = _encoder_config()
   config.evaluate.update(generation=False, batch_size=16)
   config.evaluate.editing.update(
-    num_inputs=12, batch_size=8, student_num_steps=(2,), t_starts=(0.6, 1.0)
+    num_inputs=12,
+    batch_size=8,
+    student_num_steps=(2,),
+    t_starts=(0.3, 0.6, 1.0),
   )
   results = evaluate.run(config, encoder_workdir)['editing']
   records = results['records']
@@ -392,6 +395,7 @@ def test_editing_evaluation_scores_every_task(encoder_workdir):
     for r in records
   ]
   assert rows == [
+    ('edit', 'teacher', 4, 0.3, ''),  # No 2-step row: 0.3 < 1/2.
     ('edit', 'teacher', 4, 0.6, ''),
     ('edit', 'distill', 2, 0.6, ''),
     ('edit', 'teacher', 4, 1.0, ''),
@@ -405,11 +409,12 @@ def test_editing_evaluation_scores_every_task(encoder_workdir):
   for record in records:
     assert 0 <= record['accuracy'] <= 1 and np.isfinite(record['fd'])
   # The 2-step student starts at its grid point 0.5 for t_start 0.6.
-  assert by_row[rows[1]]['t_start_used'] == 0.5
+  assert by_row[rows[2]]['t_start_used'] == 0.5
   # Less noise, closer to the input.
-  assert by_row[rows[0]]['psnr'] > by_row[rows[2]]['psnr']
+  assert by_row[rows[0]]['psnr'] > by_row[rows[1]]['psnr']
+  assert by_row[rows[1]]['psnr'] > by_row[rows[3]]['psnr']
   # Replacement keeps the known pixels exactly (8-bit outputs).
-  for row in rows[4:6]:
+  for row in rows[5:7]:
     assert by_row[row]['known_max_error'] <= 1 / 127.5 + 1e-6
   assert by_row[rows[-1]]['cycle_psnr'] > 10
   eval_dir = workdir_lib.eval_dir(encoder_workdir)
@@ -421,10 +426,7 @@ def test_editing_evaluation_scores_every_task(encoder_workdir):
 
 def test_editing_evaluation_refuses_bad_requests(encoder_workdir, tmp_path):
   config = _encoder_config()
-  config.evaluate.editing.update(student_num_steps=(2,), t_starts=(0.4,))
-  with helpers.raises_user_error(ValueError, r'below 1/2'):
-    evaluate.check(config, encoder_workdir)
-  config.evaluate.editing.update(t_starts=(0.6,), w=9.0)
+  config.evaluate.editing.update(student_num_steps=(2,), t_starts=(0.4,), w=9.0)
   with helpers.raises_user_error(ValueError, 'outside the range'):
     evaluate.check(config, encoder_workdir)
   config.evaluate.editing.update(w=1.0, inpainting_workdir=encoder_workdir)

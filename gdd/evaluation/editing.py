@@ -97,7 +97,8 @@ class Inputs:
 def plan_rows(
   config: ml_collections.ConfigDict, workdir: epath.PathLike
 ) -> list[EditRow]:
-  """The rows this workdir (and `inpainting_workdir`) can serve."""
+  """The rows this workdir (and `inpainting_workdir`) can serve: a round
+  edits only from t_start >= 1/N."""
   e = config.evaluate.editing
   students = workdir_lib.finished_rounds(workdir, 'distill')
   steps = [n for n in e.student_num_steps if n in students]
@@ -106,6 +107,7 @@ def plan_rows(
     EditRow(EDIT, model, n, t_start=t)
     for t in e.t_starts
     for model, n in models
+    if model == 'teacher' or _starts_on_grid(t, n)
   ]
   rows += [EditRow(INPAINT, m, n, inpainting='replacement') for m, n in models]
   if e.inpainting_workdir:
@@ -135,6 +137,16 @@ def plan_rows(
   return [row for row in rows if row.task in e.tasks]
 
 
+def _starts_on_grid(t_start: float, num_steps: int) -> bool:
+  """Whether an N-step round can start at t_start (from its grid point at or
+  below it: at least 1/N); its edit rows are left out otherwise."""
+  try:
+    sampling.start_steps(t_start, num_steps, on_grid=True)
+  except sampling.SampleRequestError:
+    return False
+  return True
+
+
 def _row_workdir(config, workdir: epath.PathLike, row: EditRow):
   """Where a row's sampling model is: the inpainting chain's for 'trained'."""
   if row.inpainting == 'trained':
@@ -155,8 +167,6 @@ def check(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         f'(:inpaint) of {config.data.name!r}.'
       )
   for row in plan_rows(config, workdir):
-    if row.model == 'distill':
-      sampling.start_steps(row.t_start, row.num_steps, on_grid=True)
     kind = registry.get(row.model)
     row_workdir = _row_workdir(config, workdir, row)
     folder = kind.sampler_folder(row_workdir, row.num_steps, 'ddim', None)
