@@ -504,8 +504,9 @@ def _editing_evaluation_config() -> ml_collections.ConfigDict:
       # Guidance toward the targets (inpainting: toward the input's own).
       'w': 1.0,
       # Editing: SDEdit's start times; the teacher at teacher_num_steps
-      # (the reference) beside the distilled student's rounds.
-      't_starts': (0.4, 0.6, 0.8),
+      # (the reference) beside the distilled student's rounds, which start
+      # at their grid point at or below t_start (0.5 is one: like for like).
+      't_starts': (0.4, 0.5, 0.6, 0.8),
       'teacher_num_steps': 256,
       'student_num_steps': (2, 4),
       # Inpainting: the region filled in (`masks.KINDS`), and a finished

@@ -413,9 +413,9 @@ def test_editing_evaluation_scores_every_task(encoder_workdir):
   # Less noise, closer to the input.
   assert by_row[rows[0]]['psnr'] > by_row[rows[1]]['psnr']
   assert by_row[rows[1]]['psnr'] > by_row[rows[3]]['psnr']
-  # Replacement keeps the known pixels exactly (8-bit outputs).
+  # Replacement keeps the known pixels exactly.
   for row in rows[5:7]:
-    assert by_row[row]['known_max_error'] <= 1 / 127.5 + 1e-6
+    assert by_row[row]['known_max_error'] == 0
   assert by_row[rows[-1]]['cycle_psnr'] > 10
   eval_dir = workdir_lib.eval_dir(encoder_workdir)
   table = (eval_dir / 'editing.md').read_text()

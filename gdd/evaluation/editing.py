@@ -16,7 +16,8 @@ judges the output by it:
   condition, by replacement with the teacher and the student, and by the
   trained-and-distilled inpainting model of `inpainting_workdir` if given:
   the error on the known region (mean |output − input| over kept pixels,
-  in [−1, 1] units, of 8-bit outputs: 0 for replacement in pixel space; a
+  in [−1, 1] units, inputs and outputs 8-bit: 0 for replacement in pixel
+  space; a
   latent model's kept latents decode to the autoencoder's reconstruction,
   and the number says how far that is), the FD of the completed images
   against the reference statistics, and the fill's accuracy;
@@ -184,7 +185,8 @@ def held_out_inputs(config: ml_collections.ConfigDict) -> Inputs:
     split=data.held_out_split(config.data),
     num_examples=e.num_inputs,
   )
-  image = arrays.pop('image')
+  # Quantised as the outputs are: kept pixels then compare exactly.
+  image = _as_scored(arrays.pop('image'))
   num = len(image)
   if info.has_captions:
     target = {k: np.roll(v, -1, axis=0) for k, v in arrays.items()}
@@ -208,8 +210,8 @@ def _psnr(outputs: np.ndarray, inputs: np.ndarray) -> float:
   return float(np.mean(10 * np.log10(4 / np.maximum(mse, 1e-10))))
 
 
-def _as_scored(batch: jax.Array) -> np.ndarray:
-  """Outputs quantised to 8 bits, as saved images and real data are."""
+def _as_scored(batch) -> np.ndarray:
+  """Images quantised to 8 bits, as saved images and real data are."""
   return images.to_uint8(np.asarray(batch)).astype(np.float32) / 127.5 - 1
 
 
