@@ -10,7 +10,8 @@ and the halving rounds, every student with its teacher's encoder frozen.
   python -m gdd.main --config=configs/shapes.py --workdir=/tmp/gdd_shapes
 
 `--config=configs/shapes.py:quick` is a minutes-long smoke run; `:inpaint`
-(`:quick+inpaint`) trains the chain as inpainting models. Then
+(`:quick+inpaint`) trains the chain as inpainting models; `--mode=encoder`
+distils the DDIM encoder (translation). Then
 
   python -m gdd.main --config=configs/shapes.py --workdir=/tmp/gdd_shapes \
     --mode=evaluate
@@ -90,6 +91,17 @@ def get_config(variant: str = ''):
   )
   config.distill.optimizer.learning_rate = 2e-4
   config.distill.initial_num_steps = 16
+  # `--mode=encoder` (not part of the default chain; translation): the same
+  # 16 → 1 halving as distill at w = 0, 200 updates per round (shapes'
+  # rounds take ~1 s per update here).
+  config.encoder.update(
+    num_train_steps=200,
+    batch_size=64,
+    log_every=100,
+    checkpoint_every=200,
+    initial_num_steps=16,
+  )
+  config.encoder.optimizer.learning_rate = 2e-4
   config.grids.update(teacher_num_steps=32, samples_per_class=4)
   # Scored by the shapes classifier (gdd/evaluation/shapes_features.py):
   # FD-shapes, and how often samples show every attribute their caption

@@ -46,6 +46,9 @@ TOKENIZERS = ('word', 'clip')
 OPTIMIZERS = ('adam', 'adamw')
 LR_DECAYS = ('constant', 'cosine', 'linear')
 SAMPLERS = ('ddim', 'ancestral', 'stochastic')
+# How a distilled round starts from a t_start between its grid points
+# (`sampling.start_steps`): one DDIM step to the grid point below, or from it.
+OFF_GRID_RULES = ('step', 'floor')
 STAGES = ('autoencoder', 'teacher', 'guided', 'distill', 'single_w', 'encoder')
 AUTOENCODER_LOSSES = ('l1', 'l2')
 TIME_GRIDS = ('fine', 'student')
@@ -432,6 +435,11 @@ def _edit_config() -> ml_collections.ConfigDict:
       'w': 1.0,
       # --mode=edit: the time the input is noised to (SDEdit's strength).
       't_start': 0.6,
+      # A distilled round (grid t = i/N) asked to start between grid points:
+      # 'step' noises to t_start and
+      # takes one DDIM step to the grid point below (k + 1 network calls);
+      # 'floor' starts at that grid point (`sampling.start_steps`).
+      'off_grid': 'step',
       # --mode=inpaint: replacement from this time (1: the fill from noise).
       'inpaint_t_start': 1.0,
       # --mode=inpaint: the region filled in, one of masks.KINDS, or a mask
@@ -504,9 +512,10 @@ def _editing_evaluation_config() -> ml_collections.ConfigDict:
       # Guidance toward the targets (inpainting: toward the input's own).
       'w': 1.0,
       # Editing: SDEdit's start times; the teacher at teacher_num_steps
-      # (the reference) beside the distilled student's rounds, which start
-      # at their grid point at or below t_start (0.5 is one: like for like).
+      # (the reference) beside the distilled student's rounds; a round
+      # started between its grid points follows off_grid (as edit.off_grid).
       't_starts': (0.4, 0.5, 0.6, 0.8),
+      'off_grid': 'step',
       'teacher_num_steps': 256,
       'student_num_steps': (2, 4),
       # Inpainting: the region filled in (`masks.KINDS`), and a finished
@@ -1165,9 +1174,14 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
   _check(config, 'sample.w', _non_negative_number, 'a number >= 0')
 
 
+def _check_off_grid(config: ml_collections.ConfigDict, key: str) -> None:
+  _check(config, key, _one_of(OFF_GRID_RULES), f'one of {OFF_GRID_RULES}')
+
+
 def _validate_edit(config: ml_collections.ConfigDict) -> None:
   _check(config, 'edit.stage', _one_of(STAGES[1:]), f'one of {STAGES[1:]}')
   _check(config, 'edit.sampler', _one_of(SAMPLERS), f'one of {SAMPLERS}')
+  _check_off_grid(config, 'edit.off_grid')
   encoders = ('encoder', 'guided', 'teacher')  # gdd.encode.ENCODING_STAGES
   _check(config, 'edit.encoder_stage', _one_of(encoders), f'one of {encoders}')
   for key in ('num_steps', 'num_inputs', 'batch_size', 'encoder_num_steps'):
@@ -1371,6 +1385,7 @@ def _validate_editing_evaluation(config: ml_collections.ConfigDict) -> None:
     lambda v: all(_non_negative_number(t) and 0 < t <= 1 for t in v),
     'a tuple of numbers in (0, 1]',
   )
+  _check_off_grid(config, 'evaluate.editing.off_grid')
   _check(
     config,
     'evaluate.editing.mask',

@@ -3,8 +3,9 @@
 
 - edit: each input image is encoded, noised to `t_start` with q(z_t | x) and
   sampled back to t = 0 conditioned on a *target* class or caption at w
-  (method.md §9). A distilled round starts at its grid point at or below
-  t_start (`sampling.start_steps`).
+  (method.md §9). A distilled round started between its grid points takes
+  one DDIM step to the grid point below first, or with `edit.off_grid` =
+  'floor' starts there (`sampling.start_steps`).
 - inpaint: where the mask says "fill in", the model samples. A plain model
   (any stage) inpaints by replacement (method.md §9): after every step the
   input noised to that step's time is put back elsewhere, and the output
@@ -217,8 +218,11 @@ def edit_to_files(
 
   The npz holds `images` (the outputs), `inputs` (uint8 [B, H, W, C]),
   `masks` (inpaint: uint8 [B, H, W, 1], 1 kept), the targets (`labels` or
-  `captions`), `t_start` (where sampling started: a distilled round's grid
-  point) and `num_steps` (the steps taken); translate adds the sources
+  `captions`), `t_start` (the time the input was noised to), `t_grid`
+  (where the sampler's steps began: below t_start after a distilled round's
+  lead-in step) and `num_steps` (the steps taken, a lead-in step included:
+  network calls per sample, twice that for the CFG teacher); translate
+  adds the sources
   (`source_labels` or `source_captions`) and `encoded` (float32 z_1). The
   PNG shows a row per input: input | (masked input |) output.
   """
@@ -231,25 +235,25 @@ def edit_to_files(
   cond = target_conditions(cond_kind, inputs, c.targets)
   request = _request(workdir, mode, c, cond_kind, inputs)
   sampler = sample.load_sampler(
-    workdir, c.stage, num_steps=c.num_steps, sampler=c.sampler, w=c.w
+    workdir,
+    c.stage,
+    num_steps=c.num_steps,
+    sampler=c.sampler,
+    w=c.w,
+    off_grid=c.off_grid,
   )
-  t_start, num_steps = sampler.start(request.t_start)  # Checked first.
-  if request.encoder is not None:
-    request.arrays['encoded'] = sample.run_batches(
-      lambda _, images, source: request.encoder(images, source),
-      c.batch_size,
-      inputs.images,
-      request.source,
-    )
+  plan = sampler.start(request.t_start)  # Checked first.
+  request = request.encoded(inputs.images, c.batch_size)
   outputs = _sample_batches(sampler, c, inputs.images, cond, request)
-  output = _output_path(workdir, mode, c, t_start)
+  output = _output_path(workdir, mode, c, plan.t_start)
   if jax.process_index() > 0:  # Every process holds the outputs; one writes.
     return os.fspath(output)
   saved = dict(
     images=outputs,
     inputs=images.to_uint8(inputs.images),
-    t_start=np.float32(t_start),
-    num_steps=np.int32(num_steps),
+    t_start=np.float32(plan.t_start),
+    t_grid=np.float32(plan.t_grid),
+    num_steps=np.int32(plan.num_evaluations),
     **cond_kind.saved_arrays(cond),
     **request.saved(cond_kind),
   )
@@ -258,14 +262,14 @@ def edit_to_files(
   return os.fspath(output)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Request:
   """What a mode adds to the sampler call, checked before any compile.
 
   Attributes:
     t_start: the requested start time (1 for translation).
     arrays: host arrays by `Sampler` argument: 'mask' (inpaint), 'encoded'
-      (translate: z_1, filled in once the encoder has run).
+      (translate: z_1, added by `encoded` once the request is checked).
     encoder: translate: the loaded `gdd.encode.Encoder`.
     source: translate: the inputs' source conditions.
   """
@@ -274,6 +278,18 @@ class _Request:
   arrays: dict
   encoder: encode.Encoder | None = None
   source: conditioning.Cond | None = None
+
+  def encoded(self, inputs: np.ndarray, batch_size: int) -> '_Request':
+    """Translate: this request with z_1 of every input; else itself."""
+    if self.encoder is None:
+      return self
+    z1 = sample.run_batches(
+      lambda _, images, source: self.encoder(images, source),
+      batch_size,
+      inputs,
+      self.source,
+    )
+    return dataclasses.replace(self, arrays={**self.arrays, 'encoded': z1})
 
   def saved(self, cond_kind) -> dict:
     """The npz entries this request adds."""

@@ -154,6 +154,7 @@ def load_sampler(
   num_steps: int,
   sampler: str = 'ddim',
   w: float | None = None,
+  off_grid: str = 'step',
 ) -> sampling.Sampler:
   """The sampler of a finished stage.
 
@@ -168,6 +169,8 @@ def load_sampler(
       the N/2-step model) or 'ancestral' (teacher and stage-one student).
     w: only for 'single_w': the w its chain was trained for; the returned
       sampler then accepts only that w.
+    off_grid: how a distilled round starts from a t_start between its grid
+      points, 'step' or 'floor' (`sampling.start_steps`).
 
   Returns:
     A `sampling.Sampler`: `sampler(rng, cond, w)` → images [B, H, W, C] in
@@ -175,8 +178,8 @@ def load_sampler(
     models), or the captions (a list of strings; text models), w GD's
     guidance strength (diffusers' guidance_scale is 1 + w); `init`,
     `t_start` and `mask` start from an image (see `Sampler.__call__`; a
-    distilled round starts at its grid point at or below t_start:
-    `sampler.start(t_start)` says where and with how many steps; a mask
+    distilled round takes its grid steps from the grid point at or below
+    t_start: `sampler.start(t_start)` says where and with how many; a mask
     replaces for a plain model and conditions an inpainting one, as the
     stage's recorded `model.inpainting` says).
     Each batch size compiles once, on its first call or ahead of time with
@@ -200,6 +203,7 @@ def load_sampler(
       num_steps=num_steps,
       on_grid=registry.get(stage).on_grid,
       sampler=sampler,
+      off_grid=off_grid,
     ),
     check_w=functools.partial(
       check_w,

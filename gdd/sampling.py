@@ -34,16 +34,16 @@ from gdd.stages import common
 from gdd.train import sharding
 
 # (params, rng, cond, w, start, space_params) -> images in [−1, 1]; start is
-# None (pure noise at t = 1) or {'t_start'[, 'init'][, 'mask'][, 'noise']}:
-# the mask at the diffusion space's size, the noise the sampler uses instead
-# of its own draw.
+# None (pure noise at t = 1) or {'t_start'[, 't_grid'][, 'init'][, 'mask']
+# [, 'noise']}: the mask at the diffusion space's size, the noise the sampler
+# uses instead of its own draw, t_grid where its steps begin (`Start`).
 SampleFn = Callable[..., jnp.ndarray]
 
 
 # The fewest steps each sampler kind takes (the stochastic one jumps two grid
 # steps from its first time).
 MIN_STEPS = {'ddim': 1, 'ancestral': 1, 'stochastic': 2}
-# Slack for t_start·N landing a rounding error below a grid index.
+# Slack for t_start·N landing a rounding error off a grid index.
 _GRID_TOLERANCE = 1e-6
 
 
@@ -51,26 +51,82 @@ class SampleRequestError(errors.UserError, ValueError):
   """A request to sample (or encode) that the model cannot serve; says why."""
 
 
+class Start(NamedTuple):
+  """Where an N-step sampler asked to start at t_start runs (`start_steps`).
+
+  Attributes:
+    t_start: the time the input is noised to.
+    t_grid: where the sampler's steps begin: t_start, or for a distilled
+      round started off its grid, the grid point below it, which one DDIM
+      step (`samplers.lead_in`) first takes z_{t_start} to.
+    num_steps: the sampler's steps from t_grid.
+  """
+
+  t_start: float
+  t_grid: float
+  num_steps: int
+
+  @property
+  def lead_in(self) -> bool:
+    """Whether one DDIM step takes z from t_start to t_grid first."""
+    return self.t_grid < self.t_start
+
+  @property
+  def num_evaluations(self) -> int:
+    """Network calls per sample (twice that for a CFG teacher)."""
+    return self.num_steps + self.lead_in
+
+
 def start_steps(
-  t_start: float, num_steps: int, *, on_grid: bool, sampler: str = 'ddim'
-) -> tuple[float, int]:
-  """(the time an N-step sampler starts at, the steps it takes) for t_start.
+  t_start: float,
+  num_steps: int,
+  *,
+  on_grid: bool,
+  sampler: str = 'ddim',
+  off_grid: str = 'step',
+) -> Start:
+  """Where an N-step sampler started at t_start runs (`Start`).
 
   A continuous-time model (the teacher, the stage-one student) spaces its N
   steps evenly from t_start to 0. A distilled round learned the grid
-  t = i/N only (method.md §6), so from t_start it starts at the grid point
-  at or below it, k/N with k = ⌊t_start·N⌋, and takes the k grid steps
-  down from there (method.md §9, a choice: the noise level it starts from
-  is one it was trained at, and the edit is never stronger than asked).
-  From t_start = 1 both rules give (1, N).
+  t = i/N only (method.md §6); from a t_start on it (t_start = k/N) it takes
+  its k grid steps. From a t_start between grid points, k/N < t_start <
+  (k+1)/N (method.md §9, a choice, `off_grid`):
+
+  - 'step' (default): the input is noised to t_start itself, one DDIM step
+    of the round's model takes it to k/N (`samplers.lead_in`), and the k
+    grid steps follow: k + 1 network calls, the edit exactly as strong as
+    asked. Below the first grid point (k = 0) the one step goes to 0.
+  - 'floor': it starts at k/N instead (the input noised to k/N) and takes
+    the k grid steps: only noise levels it was trained at, but an edit
+    weaker than asked.
 
   Raises:
-    SampleRequestError: t_start is below the first grid point the sampler
-      can start from (1/N; 2/N for the stochastic sampler).
+    SampleRequestError: a t_start the sampler cannot start from: below its
+      first grid point 1/N (2/N for the stochastic sampler), except with
+      'step' for the DDIM and ancestral samplers.
   """
+  if off_grid not in config_lib.OFF_GRID_RULES:
+    raise SampleRequestError(
+      f'off_grid={off_grid!r}; allowed: {config_lib.OFF_GRID_RULES}.'
+    )
   if not on_grid:
-    return t_start, num_steps
+    return Start(t_start, t_start, num_steps)
   k = int(np.floor(t_start * num_steps + _GRID_TOLERANCE))
+  on_a_grid_point = t_start * num_steps - k <= _GRID_TOLERANCE
+  if on_a_grid_point or off_grid == 'floor' or sampler == 'stochastic':
+    _check_first_grid_point(t_start, num_steps, k, sampler)
+  if on_a_grid_point or off_grid == 'floor':
+    return Start(k / num_steps, k / num_steps, k)
+  if k == 0:  # One step from t_start straight to x̂.
+    return Start(t_start, t_start, 1)
+  return Start(t_start, k / num_steps, k)
+
+
+def _check_first_grid_point(
+  t_start: float, num_steps: int, k: int, sampler: str
+) -> None:
+  """Raises unless the grid point k/N leaves the sampler its fewest steps."""
   fewest = MIN_STEPS[sampler]
   if k < fewest:
     raise SampleRequestError(
@@ -79,7 +135,6 @@ def start_steps(
       f'from (its grid is t = i/{num_steps}); use t_start >= '
       f'{fewest / num_steps:g}, or a round with more steps.'
     )
-  return k / num_steps, k
 
 
 def _start_z(config, start, noise, known_rng):
@@ -114,7 +169,9 @@ def draw(
   `start['x']` (data in the diffusion space: an encoded init) noised to
   `start['t_start']` with the same noise draw, keeping `start['mask']`'s
   region if given (replacement). `start['noise']`, if given, is that draw
-  (z_1 from an encoder: translation, method.md §9).
+  (z_1 from an encoder: translation, method.md §9). With `start['t_grid']`
+  one DDIM step first takes z from t_start to t_grid, where the sampler's
+  steps begin (`start_steps`: a distilled round started off its grid).
   """
   noise_rng, sampler_rng = jax.random.split(rng)
   if start is not None and 'noise' in start:
@@ -125,6 +182,17 @@ def draw(
   # The known region's per-step noise: a key the start noise does not use.
   known_rng = jax.random.fold_in(noise_rng, 1)
   z, options = _start_z(config, start, noise, known_rng)
+  if start is not None and 't_grid' in start:
+    z = samplers.lead_in(
+      denoise_fn,
+      z,
+      t_from=start['t_start'],
+      t_to=start['t_grid'],
+      logsnr_fn=common.logsnr_fn(config),
+      clip=space.clip,
+      known=options.get('known'),
+    )
+    options['t_start'] = start['t_grid']
   kwargs = dict(
     num_steps=num_steps,
     logsnr_fn=common.logsnr_fn(config),
@@ -278,8 +346,8 @@ class Sampler:
       cond_kind: its conditioning (`conditioning.ClassConditioning`, …).
       space: where it diffuses (`spaces.PixelSpace`, `LatentSpace`).
       num_steps: N, the steps from t_start = 1.
-      start_rule: t_start ↦ (start time, steps), `start_steps` for this
-        sampler; raises `SampleRequestError` for a t_start it cannot serve.
+      start_rule: t_start ↦ `Start`, `start_steps` for this sampler;
+        raises `SampleRequestError` for a t_start it cannot serve.
       check_w: raises `SampleRequestError` for a w the model cannot serve.
       space_params: the frozen autoencoder's params in a latent space.
     """
@@ -293,11 +361,13 @@ class Sampler:
     self._devices = DeviceBatches(cond_kind)
     self._executables = {}
 
-  def start(self, t_start: float) -> tuple[float, int]:
-    """(the time sampling starts at, the steps it takes) for `t_start`.
+  def start(self, t_start: float) -> Start:
+    """Where sampling from `t_start` runs: (t_start, t_grid, num_steps).
 
-    t_start itself and N for the teacher and the stage-one student; the
-    grid point at or below it for a distilled round (`start_steps`).
+    For the teacher and the stage-one student t_start itself and N steps;
+    for a distilled round its grid steps from the grid point at or below
+    t_start, after a lead-in step from t_start when it is off the grid
+    (`start_steps`).
     """
     _check_t_start(t_start)
     return self._start_rule(t_start)
@@ -325,8 +395,9 @@ class Sampler:
         there (SDEdit). Without `init`, sampling starts from pure noise.
       t_start: start time in (0, 1]; below 1 only with `init`. The
         teacher's and the stage-one student's N steps are spaced evenly from
-        t_start to 0; a distilled round starts at its grid point at or below
-        t_start (`start`, `start_steps`).
+        t_start to 0; a distilled round takes its grid steps from the grid
+        point at or below t_start, after one DDIM step from t_start to
+        there when t_start is off its grid (`start`, `start_steps`).
       mask: optional [B, H, W, 1] in [0, 1] at the images' size (or
         [B, h, w, 1] at a latent space's), 1 where `init` is kept. In a
         latent space a latent is kept only where its whole patch of pixels
@@ -351,16 +422,14 @@ class Sampler:
     self._check_w(w)
     n = conditioning.batch_size(cond)
     start = _checked_start(self._space, n, init, t_start, mask, noise)
-    t_start, num_steps = self.start(t_start)
+    plan = self.start(t_start)
     cond = devices.padded(cond)
     args = (
       self._params,
       sharding.from_host(rng, devices.replicated),
       devices.put(cond),
       sharding.from_host(np.float32(w), devices.replicated),
-      None
-      if start is None
-      else self._put_start(devices.padded(start), t_start),
+      None if start is None else self._put_start(devices.padded(start), plan),
       self._space_params,
     )
     executable = self._executable(
@@ -369,7 +438,8 @@ class Sampler:
         init is not None,
         mask is not None,
         noise is not None,
-        num_steps,
+        plan.num_steps,
+        plan.lead_in,
       )
     )
     return executable(*args)[:n]
@@ -392,29 +462,39 @@ class Sampler:
       raise SampleRequestError(
         'compile(mask=True) and compile(t_start<1) need init=True too.'
       )
-    _, num_steps = self.start(t_start)
+    plan = self.start(t_start)
     start = time.perf_counter()
     padded_size = self._devices.padded_size(batch_size)
-    self._executable(_Request(padded_size, init, mask, noise, num_steps))
+    self._executable(
+      _Request(padded_size, init, mask, noise, plan.num_steps, plan.lead_in)
+    )
     return time.perf_counter() - start
 
   def compiled_batch_sizes(self) -> list[int]:
     """The (device-padded) batch sizes compiled so far."""
     return sorted({key.padded_size for key in self._executables})
 
-  def compiled_requests(self) -> list[tuple[int, bool, bool, bool, int]]:
-    """(padded batch size, with init, with mask, with noise, steps) of each
-    executable."""
+  def compiled_requests(
+    self,
+  ) -> list[tuple[int, bool, bool, bool, int, bool]]:
+    """(padded batch size, with init, with mask, with noise, steps, with a
+    lead-in step) of each executable."""
     return sorted(tuple(key) for key in self._executables)
 
-  def _put_start(self, start: dict, t_start: float) -> dict:
-    """The start arrays as global arrays, with t_start added."""
-    start = dict(start, t_start=np.float32(t_start))
+  def _put_start(self, start: dict, plan: Start) -> dict:
+    """The start arrays as global arrays, with the plan's times added."""
+    times = {'t_start': np.float32(plan.t_start)}
+    if plan.lead_in:
+      times['t_grid'] = np.float32(plan.t_grid)
+    start = dict(start, **times)
     return self._devices.put(start, self._start_shardings(start))
 
   def _start_shardings(self, start: dict) -> dict:
-    shardings = {key: self._devices.batch for key in start}
-    return dict(shardings, t_start=self._devices.replicated)
+    """Batch-sharded arrays; the times (scalars) replicated."""
+    return {
+      key: self._devices.replicated if key in _TIMES else self._devices.batch
+      for key in start
+    }
 
   def _executable(self, request: '_Request'):
     """The compiled sampler for one padded size and request kind."""
@@ -456,10 +536,15 @@ class Sampler:
     }
     if not start:
       return None
-    rep = self._devices.replicated
-    return dict(
-      start, t_start=jax.ShapeDtypeStruct((), np.float32, sharding=rep)
+    scalar = jax.ShapeDtypeStruct(
+      (), np.float32, sharding=self._devices.replicated
     )
+    times = _TIMES if request.lead_in else _TIMES[:1]
+    return dict(start, **dict.fromkeys(times, scalar))
+
+
+# The scalar times of a `start` (replicated; the arrays are batch-sharded).
+_TIMES = ('t_start', 't_grid')
 
 
 class _Request(NamedTuple):
@@ -470,6 +555,7 @@ class _Request(NamedTuple):
   mask: bool
   noise: bool
   num_steps: int
+  lead_in: bool
 
 
 def _check_t_start(t_start) -> None:
@@ -505,13 +591,12 @@ def _checked_start(
 
 def _checked_noise(space, batch_size: int, noise) -> np.ndarray:
   """The noise as host float32 [B, *space.shape]; finite."""
-  noise = np.asarray(noise, np.float32)
-  expected = (batch_size, *space.shape)
-  if noise.shape != expected:
-    raise SampleRequestError(
-      f'noise has shape {noise.shape}; expected {expected} (z_1 in the '
-      'diffusion space, one per condition).'
-    )
+  noise = _checked_array(
+    noise,
+    (batch_size, *space.shape),
+    'noise',
+    'z_1 in the diffusion space, one per condition',
+  )
   if not np.all(np.isfinite(noise)):
     raise SampleRequestError('noise has NaN or Inf values.')
   return noise
@@ -542,12 +627,21 @@ def checked_images(images, batch_size: int, space, *, name: str) -> np.ndarray:
   B is the conditions' batch size, (H, W, C) the images `space` encodes;
   `name` is the argument's name in the message.
   """
-  array = np.asarray(images, np.float32)
-  expected = (batch_size, *space.image_shape)
+  return _checked_array(
+    images,
+    (batch_size, *space.image_shape),
+    name,
+    'one image per condition, in [-1, 1]',
+  )
+
+
+def _checked_array(array, expected: tuple, name: str, meaning: str):
+  """`array` as host float32 of the `expected` shape, or a message naming
+  the argument, both shapes and what the array should hold."""
+  array = np.asarray(array, np.float32)
   if array.shape != expected:
     raise SampleRequestError(
-      f'{name} has shape {array.shape}; expected {expected} (one image per '
-      'condition, in [-1, 1]).'
+      f'{name} has shape {array.shape}; expected {expected} ({meaning}).'
     )
   return array
 

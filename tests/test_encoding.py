@@ -24,7 +24,7 @@ from gdd import (
   workdir_lib,
 )
 from gdd.diffusion import encoding, parameterization, samplers, schedules
-from gdd.evaluation import evaluate
+from gdd.evaluation import editing, evaluate
 from gdd.train import checkpointing
 from tests import helpers
 
@@ -395,7 +395,8 @@ def test_editing_evaluation_scores_every_task(encoder_workdir):
     for r in records
   ]
   assert rows == [
-    ('edit', 'teacher', 4, 0.3, ''),  # No 2-step row: 0.3 < 1/2.
+    ('edit', 'teacher', 4, 0.3, ''),
+    ('edit', 'distill', 2, 0.3, ''),  # Below 1/2: one step from 0.3.
     ('edit', 'teacher', 4, 0.6, ''),
     ('edit', 'distill', 2, 0.6, ''),
     ('edit', 'teacher', 4, 1.0, ''),
@@ -403,23 +404,37 @@ def test_editing_evaluation_scores_every_task(encoder_workdir):
     ('inpaint', 'teacher', 4, 1.0, ''),
     ('inpaint', 'distill', 2, 1.0, ''),
     ('translate', 'distill', 2, 1.0, 'encoder'),
+    ('translate', 'teacher', 2, 1.0, 'teacher'),  # Like for like.
     ('translate', 'teacher', 4, 1.0, 'teacher'),
   ]
   by_row = {row: record for row, record in zip(rows, records, strict=True)}
   for record in records:
     assert 0 <= record['accuracy'] <= 1 and np.isfinite(record['fd'])
-  # The 2-step student starts at its grid point 0.5 for t_start 0.6.
-  assert by_row[rows[2]]['t_start_used'] == 0.5
+  # The 2-step student, noised to 0.6, steps to its grid point 0.5 first.
+  student = by_row[rows[3]]
+  assert student['t_start_used'] == 0.6 and student['t_grid'] == 0.5
+  assert student['num_evaluations'] == 2
   # Less noise, closer to the input.
-  assert by_row[rows[0]]['psnr'] > by_row[rows[1]]['psnr']
-  assert by_row[rows[1]]['psnr'] > by_row[rows[3]]['psnr']
+  assert by_row[rows[0]]['psnr'] > by_row[rows[2]]['psnr']
+  assert by_row[rows[2]]['psnr'] > by_row[rows[4]]['psnr']
   # Replacement keeps the known pixels exactly.
-  for row in rows[5:7]:
+  for row in rows[6:8]:
     assert by_row[row]['known_max_error'] == 0
   assert by_row[rows[-1]]['cycle_psnr'] > 10
+  # More encoding and decoding steps, a closer cycle.
+  assert by_row[rows[-1]]['cycle_psnr'] > by_row[rows[-2]]['cycle_psnr']
   eval_dir = workdir_lib.eval_dir(encoder_workdir)
   table = (eval_dir / 'editing.md').read_text()
   assert '| CFG teacher, 4 steps | 0.6 (0.6) |' in table
+  assert '| distilled student, 2 steps | 0.6 (0.6 → 0.5) |' in table
+  # Under 'floor' a round serves only t_start >= 1/N.
+  config.evaluate.editing.off_grid = 'floor'
+  floor_rows = {
+    (r.task, r.model, r.t_start)
+    for r in editing.plan_rows(config, encoder_workdir)
+  }
+  assert ('edit', 'distill', 0.3) not in floor_rows
+  assert ('edit', 'distill', 0.6) in floor_rows
   assert '| encoder, 2 steps | distilled student, 2 steps |' in table
   assert (eval_dir / 'editing_tradeoff.png').exists()
 

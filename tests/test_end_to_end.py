@@ -206,8 +206,8 @@ def test_sampler_starts_from_init_and_keeps_the_mask(digits_workdir):
   assert not np.allclose(half[:, :, 4:], init[:, :, 4:])
   # One executable per request kind at this (padded) batch size.
   assert sampler.compiled_requests() == [
-    (8, True, False, False, 4),
-    (8, True, True, False, 4),
+    (8, True, False, False, 4, False),
+    (8, True, True, False, 4, False),
   ]
   with helpers.raises_user_error(ValueError, match='need init=True'):
     sampler.compile(6, mask=True)

@@ -64,7 +64,7 @@ def _quick() -> ml_collections.ConfigDict:
     speed_teacher_num_steps=(),
   )
   config.evaluate.editing.update(
-    num_inputs=8, batch_size=8, teacher_num_steps=2
+    num_inputs=8, batch_size=8, teacher_num_steps=2, encoder_num_steps=(2,)
   )
   config_lib.validate(config)
   return config

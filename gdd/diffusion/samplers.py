@@ -5,10 +5,12 @@ unclipped) data estimate, and loops over a uniform time grid with N steps
 from t_start (1 unless editing from a noised input) to 0 inside one
 `lax.fori_loop`, so a jitted sampler compiles once per step count. x̂ is
 clipped to `clip` (the data range [−1, 1] by default) before each step;
-`known` keeps a region fixed (replacement inpainting).
+`known` keeps a region fixed (replacement inpainting). `lead_in` is the one
+DDIM step that takes a distilled round from an off-grid t_start to its grid.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -19,6 +21,8 @@ from gdd.diffusion import schedules
 
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 LogsnrFn = Callable[[jnp.ndarray], jnp.ndarray]
+# The known region's noise index of the lead-in step: no loop step uses it.
+_LEAD_IN_INDEX = 2**32 - 1
 
 
 def ddim_step(
@@ -81,6 +85,17 @@ class Known:
     return self.mask * self.x + (1.0 - self.mask) * x_hat
 
 
+def _denoised(
+  denoise_fn: DenoiseFn,
+  clip: tuple[float, float] | None,
+  z: jnp.ndarray,
+  logsnr: jnp.ndarray,
+) -> jnp.ndarray:
+  """The model's x̂ in float32, clipped to `clip` unless it is None."""
+  x_hat = denoise_fn(z, logsnr).astype(jnp.float32)
+  return x_hat if clip is None else jnp.clip(x_hat, *clip)
+
+
 def _run_grid(
   denoise_fn: DenoiseFn,
   z_start: jnp.ndarray,
@@ -102,10 +117,7 @@ def _run_grid(
   batch = z_start.shape[0]
   grid = lambda time: grid_logsnr(logsnr_fn, time, batch)
   step = t_start / num_steps
-
-  def denoise(z, logsnr):
-    x_hat = denoise_fn(z, logsnr).astype(jnp.float32)
-    return x_hat if clip is None else jnp.clip(x_hat, *clip)
+  denoise = functools.partial(_denoised, denoise_fn, clip)
 
   def body(i, z):
     t = t_start * (1.0 - i / num_steps)
@@ -115,6 +127,33 @@ def _run_grid(
   z = jax.lax.fori_loop(0, num_steps - 1, body, z_start.astype(jnp.float32))
   x_hat = denoise(z, grid(jnp.asarray(step, jnp.float32)))
   return x_hat if known is None else known.final(x_hat)
+
+
+def lead_in(
+  denoise_fn: DenoiseFn,
+  z: jnp.ndarray,
+  *,
+  t_from,
+  t_to,
+  logsnr_fn: LogsnrFn = schedules.logsnr_from_t,
+  clip: tuple[float, float] | None = (-1.0, 1.0),
+  known: Known | None = None,
+) -> jnp.ndarray:
+  """One DDIM step from t_from down to t_to (one network call).
+
+  How a distilled round, which learned only its grid t = i/N, starts from a
+  t_start off that grid: this step takes z_{t_start} to the grid point
+  below, the sampler's grid steps go on from there (method.md §9,
+  `sampling.start_steps`). With `known`, the known region is replaced at
+  t_to as after any step.
+  """
+  batch = z.shape[0]
+  logsnr_from = grid_logsnr(logsnr_fn, t_from, batch)
+  logsnr_to = grid_logsnr(logsnr_fn, t_to, batch)
+  z = z.astype(jnp.float32)
+  x_hat = _denoised(denoise_fn, clip, z, logsnr_from)
+  z = ddim_step(z, x_hat, logsnr_from, logsnr_to)
+  return z if known is None else known.replace(z, logsnr_to, _LEAD_IN_INDEX)
 
 
 def ddim_sample(

@@ -22,8 +22,10 @@ judges the output by it:
   and the number says how far that is), the FD of the completed images
   against the reference statistics, and the fill's accuracy;
 - translate (DDIB): z_1 of each input under its source, by the distilled
-  encoder's rounds and the teacher's many-step DDIM encoder; decoded under
-  the target at w (target accuracy), and under the source at w = 0 (the
+  encoder's rounds (decoded by the `translate_num_steps` student) and by
+  the teacher's DDIM encoder (decoded by the teacher at as many steps),
+  at the rounds' step counts and at `teacher_num_steps`; decoded under the
+  target at w (target accuracy), and under the source at w = 0 (the
   cycle: PSNR to the input).
 
 Every row uses the same inputs, targets and noise seeds. Results go to
@@ -99,7 +101,8 @@ def plan_rows(
   config: ml_collections.ConfigDict, workdir: epath.PathLike
 ) -> list[EditRow]:
   """The rows this workdir (and `inpainting_workdir`) can serve: a round
-  edits only from t_start >= 1/N."""
+  edits from a t_start it can start from (`sampling.start_steps` under
+  `editing.off_grid`)."""
   e = config.evaluate.editing
   students = workdir_lib.finished_rounds(workdir, 'distill')
   steps = [n for n in e.student_num_steps if n in students]
@@ -108,7 +111,7 @@ def plan_rows(
     EditRow(EDIT, model, n, t_start=t)
     for t in e.t_starts
     for model, n in models
-    if model == 'teacher' or _starts_on_grid(t, n)
+    if model == 'teacher' or _can_start(t, n, e.off_grid)
   ]
   rows += [EditRow(INPAINT, m, n, inpainting='replacement') for m, n in models]
   if e.inpainting_workdir:
@@ -131,18 +134,20 @@ def plan_rows(
       for n in e.encoder_num_steps
       if n in encoders
     ]
-  n = e.teacher_num_steps
-  rows.append(
+  # The teacher's DDIM encoder and decoder at the distilled encoder's step
+  # counts (like for like) and at teacher_num_steps (the reference).
+  rows += [
     EditRow(TRANSLATE, 'teacher', n, encoder='teacher', encoder_num_steps=n)
-  )
+    for n in sorted({*e.encoder_num_steps, e.teacher_num_steps})
+  ]
   return [row for row in rows if row.task in e.tasks]
 
 
-def _starts_on_grid(t_start: float, num_steps: int) -> bool:
-  """Whether an N-step round can start at t_start (from its grid point at or
-  below it: at least 1/N); its edit rows are left out otherwise."""
+def _can_start(t_start: float, num_steps: int, off_grid: str) -> bool:
+  """Whether an N-step round can start at t_start; its edit rows are left
+  out otherwise."""
   try:
-    sampling.start_steps(t_start, num_steps, on_grid=True)
+    sampling.start_steps(t_start, num_steps, on_grid=True, off_grid=off_grid)
   except sampling.SampleRequestError:
     return False
   return True
@@ -256,6 +261,7 @@ class _Scorer:
       _row_workdir(self.config, self.workdir, row),
       row.model,
       num_steps=row.num_steps,
+      off_grid=self.e.off_grid,
     )
 
 
@@ -268,8 +274,14 @@ def _edit(scorer: _Scorer, row: EditRow) -> dict:
     inputs.images,
     inputs.target_cond,
   )
+  plan = sampler.start(row.t_start)
   record = scorer.judged(outputs, inputs.target)
-  return dict(record, t_start_used=sampler.start(row.t_start)[0])
+  return dict(
+    record,
+    t_start_used=plan.t_start,
+    t_grid=plan.t_grid,
+    num_evaluations=plan.num_evaluations,
+  )
 
 
 def _inpaint(scorer: _Scorer, row: EditRow) -> dict:

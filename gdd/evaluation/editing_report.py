@@ -6,7 +6,6 @@ re-made from a saved editing.json (`write(read(out_dir), out_dir)`).
 
 import json
 
-import jax
 from etils import epath
 from matplotlib import figure
 
@@ -15,6 +14,11 @@ from gdd.evaluation import report
 
 _RESULTS_JSON = 'editing.json'
 _MODEL_NAMES = {'teacher': 'CFG teacher', 'distill': 'distilled student'}
+# config.evaluate.editing.off_grid, in words (results before it: 'floor').
+_OFF_GRID = {
+  'step': 'one DDIM step to the grid point below',
+  'floor': 'from the grid point below',
+}
 
 
 def _model(record: dict) -> str:
@@ -47,7 +51,7 @@ def _edit_table(records: list[dict]) -> str:
   return _table(
     [
       'model',
-      't_start (used)',
+      't_start (noised to → first grid time)',
       'target accuracy',
       'PSNR to input (dB)',
       'feature distance to input',
@@ -55,7 +59,7 @@ def _edit_table(records: list[dict]) -> str:
     [
       [
         _model(r),
-        f'{r["t_start"]:g} ({r["t_start_used"]:g})',
+        _start(r),
         f'{r["accuracy"]:.3f}',
         f'{r["psnr"]:.2f}',
         f'{r["feature_distance"]:.3f}',
@@ -63,6 +67,14 @@ def _edit_table(records: list[dict]) -> str:
       for r in records
     ],
   )
+
+
+def _start(record: dict) -> str:
+  """'0.6 (0.6 → 0.5)': asked, noised to, and where a lead-in step went."""
+  used = record['t_start_used']
+  grid = record.get('t_grid', used)
+  lead_in = f' → {grid:g}' if grid < used else ''
+  return f'{record["t_start"]:g} ({used:g}{lead_in})'
 
 
 def _inpaint_table(records: list[dict], metric: str) -> str:
@@ -111,7 +123,8 @@ def markdown(results: dict) -> str:
     f'{results["num_inputs"]} held-out inputs; w = {c["w"]:g} toward the '
     'targets; accuracy: the evaluator says the output shows what was asked '
     '(on shapes: every attribute).',
-    '## Editing (SDEdit)',
+    '## Editing (SDEdit; a distilled round started off its grid: '
+    f'{_OFF_GRID[c.get("off_grid", "floor")]})',
     _edit_table(by_task('edit')),
     f"## Inpainting (mask: {c['mask']}, filled under the input's own "
     'condition)',
@@ -156,10 +169,11 @@ def read(out_dir: epath.PathLike) -> dict:
 
 def write(results: dict, out_dir: epath.PathLike) -> None:
   """editing.json, editing.md and editing_tradeoff.png (process 0)."""
-  if jax.process_index() > 0:
-    return
-  out_dir = paths.resolve(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / _RESULTS_JSON).write_text(json.dumps(results, indent=2))
-  (out_dir / 'editing.md').write_text(markdown(results))
-  plot_tradeoff(results, out_dir / 'editing_tradeoff.png')
+  report.write_files(
+    out_dir,
+    {
+      _RESULTS_JSON: json.dumps(results, indent=2),
+      'editing.md': markdown(results),
+      'editing_tradeoff.png': lambda path: plot_tradeoff(results, path),
+    },
+  )

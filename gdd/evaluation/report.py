@@ -5,6 +5,7 @@ re-made from a saved results.json (`write(read(out_dir), out_dir)`).
 """
 
 import json
+from collections.abc import Callable
 
 import jax
 import matplotlib
@@ -314,11 +315,29 @@ def write(results: dict, out_dir: epath.PathLike) -> None:
   Process 0 writes them; the other processes of a multi-host run hold the
   same results.
   """
+  write_files(
+    out_dir,
+    {
+      _RESULTS_JSON: json.dumps(results, indent=2),
+      'results.md': markdown(results),
+      'quality_vs_nfe.png': lambda path: plot_quality_vs_nfe(results, path),
+      'quality_vs_w.png': lambda path: plot_quality_vs_w(results, path),
+    },
+  )
+
+
+def write_files(
+  out_dir: epath.PathLike, files: dict[str, str | Callable[[epath.Path], None]]
+) -> None:
+  """Writes each file into out_dir: text as it is, or by its writer (a
+  plot). Process 0 only: the others of a multi-host run hold the same
+  results."""
   if jax.process_index() > 0:
     return
   out_dir = paths.resolve(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / _RESULTS_JSON).write_text(json.dumps(results, indent=2))
-  (out_dir / 'results.md').write_text(markdown(results))
-  plot_quality_vs_nfe(results, out_dir / 'quality_vs_nfe.png')
-  plot_quality_vs_w(results, out_dir / 'quality_vs_w.png')
+  for name, content in files.items():
+    if isinstance(content, str):
+      (out_dir / name).write_text(content)
+    else:
+      content(out_dir / name)
