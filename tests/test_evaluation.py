@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from gdd import data, pipeline
-from gdd.evaluation import digits_features, evaluate, features, fid, report
+from gdd.evaluation import (
+  digits_features,
+  editing_report,
+  evaluate,
+  features,
+  fid,
+  report,
+)
 from tests import helpers
 
 _DIGITS = ml_collections.ConfigDict({'name': 'digits'})
@@ -163,6 +170,35 @@ def test_report_tables_and_plots(tmp_path):
   for name in ('quality_vs_nfe.png', 'quality_vs_w.png'):
     with Image.open(tmp_path / name) as image:
       assert image.size[0] > 300
+
+
+def test_editing_report_has_a_table_per_task_scored(tmp_path):
+  edit = dict(
+    task='edit',
+    model='distill',
+    num_steps=4,
+    t_start=0.6,
+    t_start_used=0.6,
+    t_grid=0.5,
+    accuracy=0.9,
+    psnr=10.0,
+    feature_distance=20.0,
+    fd=5.0,
+  )
+  results = {
+    'workdir': '/run',
+    'metric': 'FD-digits',
+    'num_inputs': 8,
+    'config': {'w': 1.0, 'mask': 'right', 'off_grid': 'step'},
+    'records': [edit],
+  }
+  editing_report.write(results, tmp_path)
+  table = (tmp_path / 'editing.md').read_text()
+  assert 'one DDIM step to the grid point below' in table
+  assert '| distilled student, 4 steps | 0.6 (0.6 → 0.5) | 0.900 |' in table
+  assert 'Inpainting' not in table and 'Translation' not in table
+  assert editing_report.read(tmp_path) == results
+  assert (tmp_path / 'editing_tradeoff.png').exists()
 
 
 def test_evaluate_mode_on_a_tiny_chain(chain_workdir):

@@ -115,24 +115,36 @@ def _translate_table(records: list[dict]) -> str:
 
 
 def markdown(results: dict) -> str:
-  """The three tables, with the facts they were measured under."""
+  """The tables of the tasks scored, with the facts they were measured
+  under."""
   c, records = results['config'], results['records']
-  by_task = lambda task: [r for r in records if r['task'] == task]
+  sections = {
+    'edit': (
+      '## Editing (SDEdit; a distilled round started off its grid: '
+      f'{_OFF_GRID[c.get("off_grid", "floor")]})',
+      _edit_table,
+    ),
+    'inpaint': (
+      f"## Inpainting (mask: {c['mask']}, filled under the input's own "
+      'condition)',
+      lambda rows: _inpaint_table(rows, results['metric']),
+    ),
+    'translate': (
+      '## Translation (encode under the source at w = 0; cycle: decode '
+      'under the source at w = 0)',
+      _translate_table,
+    ),
+  }
   parts = [
     f'# Editing evaluation: {results["workdir"]}',
     f'{results["num_inputs"]} held-out inputs; w = {c["w"]:g} toward the '
     'targets; accuracy: the evaluator says the output shows what was asked '
     '(on shapes: every attribute).',
-    '## Editing (SDEdit; a distilled round started off its grid: '
-    f'{_OFF_GRID[c.get("off_grid", "floor")]})',
-    _edit_table(by_task('edit')),
-    f"## Inpainting (mask: {c['mask']}, filled under the input's own "
-    'condition)',
-    _inpaint_table(by_task('inpaint'), results['metric']),
-    '## Translation (encode under the source at w = 0; cycle: decode under '
-    'the source at w = 0)',
-    _translate_table(by_task('translate')),
   ]
+  for task, (heading, table) in sections.items():
+    rows = [r for r in records if r['task'] == task]
+    if rows:
+      parts += [heading, table(rows)]
   return '\n\n'.join(parts) + '\n'
 
 
