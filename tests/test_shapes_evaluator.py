@@ -313,3 +313,8 @@ def test_evaluate_mode_on_a_tiny_text_chain(classifier, tmp_path):
     assert 0 <= record['accuracy'] <= 1 and np.isfinite(record['fd'])
   # Kept latents decode to the autoencoder's reconstruction: not 0.
   assert editing['records'][1]['known_error'] > 0
+  # Each attribute's accuracy beside all of them right.
+  for record in editing['records']:
+    assert record['colour_accuracy'] >= record['accuracy']
+  with open(os.path.join(eval_dir, 'editing.md')) as f:
+    assert 'num_objects / shape / colour / size / relation accuracy' in f.read()

@@ -242,12 +242,14 @@ class _Scorer:
     )
 
   def judged(self, outputs: np.ndarray, asked: dict) -> dict:
-    """Accuracy (or every attribute right), PSNR and feature distance to
-    the inputs, and the FD against the reference statistics."""
+    """Accuracy (or every attribute right, and each attribute's:
+    '<attribute>_accuracy' on shapes), PSNR and feature distance to the
+    inputs, and the FD against the reference statistics."""
     out = self.extractor.extract(outputs)
     judged = self.extractor.judge(out, asked)
     distance = np.linalg.norm(out['features'] - self.input_features, axis=-1)
     return {
+      **{k: v for k, v in judged.items() if k.endswith('_accuracy')},
       'accuracy': judged.get('all_correct', judged.get('accuracy')),
       'psnr': _psnr(outputs, self.inputs.images),
       'feature_distance': float(np.mean(distance)),

@@ -42,9 +42,25 @@ def format_record(record: dict) -> str:
   return f'{record["task"]} {_model(record)} t={record["t_start"]:g}: {scores}'
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _table(
+  header: list[str], rows: list[list[str]], records: list[dict]
+) -> str:
+  """A markdown table; with a last column of each attribute's accuracy
+  when the records have them (shapes: '<attribute>_accuracy')."""
+  suffix = '_accuracy'
+  names = [k.removesuffix(suffix) for k in records[0] if k.endswith(suffix)]
+  if names:
+    header = [*header, f'{" / ".join(names)} accuracy']
+    rows = [
+      [*row, ' / '.join(_fraction(r[f'{name}_accuracy']) for name in names)]
+      for row, r in zip(rows, records, strict=True)
+    ]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
   return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
+def _fraction(value: float | None) -> str:
+  return '–' if value is None else f'{value:.2f}'
 
 
 def _edit_table(records: list[dict]) -> str:
@@ -66,6 +82,7 @@ def _edit_table(records: list[dict]) -> str:
       ]
       for r in records
     ],
+    records,
   )
 
 
@@ -96,6 +113,7 @@ def _inpaint_table(records: list[dict], metric: str) -> str:
       ]
       for r in records
     ],
+    records,
   )
 
 
@@ -111,6 +129,7 @@ def _translate_table(records: list[dict]) -> str:
       ]
       for r in records
     ],
+    records,
   )
 
 
