@@ -22,7 +22,11 @@ _OFF_GRID = {
 
 
 def _model(record: dict) -> str:
-  return f'{_MODEL_NAMES[record["model"]]}, {record["num_steps"]} steps'
+  return f'{_MODEL_NAMES[record["model"]]}, {_steps(record["num_steps"])}'
+
+
+def _steps(num_steps: int) -> str:
+  return f'{num_steps} step' + ('' if num_steps == 1 else 's')
 
 
 def format_record(record: dict) -> str:
@@ -122,7 +126,7 @@ def _translate_table(records: list[dict]) -> str:
     ['encoder', 'decoder', 'target accuracy', 'cycle PSNR (dB)'],
     [
       [
-        f'{r["encoder"]}, {r["encoder_num_steps"]} steps',
+        f'{r["encoder"]}, {_steps(r["encoder_num_steps"])}',
         _model(r),
         f'{r["accuracy"]:.3f}',
         f'{r["cycle_psnr"]:.2f}',
