@@ -63,12 +63,12 @@ def test_the_step_rule_noises_to_t_start_and_steps_onto_the_grid(
   assert plan.num_evaluations == plan.num_steps + (plan.t_grid < t_start)
 
 
-def test_an_off_grid_start_calls_the_model_at_t_start_then_on_its_grid():
-  """'step' from 0.6 with a 4-step round: the model is called at 0.6, 0.5
-  and 0.25, and the result is DDIM by hand through those times."""
+def _off_grid_draw(sampler: str, num_steps: int):
+  """`sampling.draw` from t_start 0.6 under 'step' with a toy denoiser:
+  (output, the log-SNRs it was called at, x, noise, t ↦ [B] log-SNR)."""
   config = helpers.quick_config()
   space = spaces.PixelSpace((4, 4, 1), (-1.0, 1.0))
-  plan = sampling.start_steps(0.6, 4, on_grid=True)
+  plan = sampling.start_steps(0.6, num_steps, on_grid=True, sampler=sampler)
   called = []
 
   def denoise(z, logsnr):
@@ -78,7 +78,10 @@ def test_an_off_grid_start_calls_the_model_at_t_start_then_on_its_grid():
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 4, 4, 1), minval=-1)
   noise = jax.random.normal(jax.random.PRNGKey(2), x.shape)
   start = dict(
-    x=x, noise=noise, t_start=np.float32(0.6), t_grid=np.float32(0.5)
+    x=x,
+    noise=noise,
+    t_start=np.float32(plan.t_start),
+    t_grid=np.float32(plan.t_grid),
   )
   out = jax.jit(
     lambda start: sampling.draw(
@@ -88,12 +91,19 @@ def test_an_off_grid_start_calls_the_model_at_t_start_then_on_its_grid():
       jax.random.PRNGKey(0),
       2,
       num_steps=plan.num_steps,
-      sampler='ddim',
+      sampler=sampler,
       start=start,
     )
   )(start)
   jax.effects_barrier()
   logsnr = lambda t: common.logsnr_fn(config)(jnp.full((2,), t, jnp.float32))
+  return out, called, (x, noise, denoise), logsnr
+
+
+def test_an_off_grid_start_calls_the_model_at_t_start_then_on_its_grid():
+  """'step' from 0.6 with a 4-step round: the model is called at 0.6, 0.5
+  and 0.25, and the result is DDIM by hand through those times."""
+  out, called, (x, noise, denoise), logsnr = _off_grid_draw('ddim', 4)
   times = (0.6, 0.5, 0.25)
   np.testing.assert_allclose(called, [logsnr(t)[0] for t in times], rtol=1e-6)
   z = schedules.diffuse(x, noise, logsnr(0.6))
@@ -101,6 +111,15 @@ def test_an_off_grid_start_calls_the_model_at_t_start_then_on_its_grid():
     x_hat = jnp.clip(denoise(z, logsnr(t)), -1, 1)
     z = samplers.ddim_step(z, x_hat, logsnr(t), logsnr(s))
   np.testing.assert_allclose(out, denoise(z, logsnr(0.25)), atol=1e-5)
+
+
+def test_the_stochastic_sampler_steps_onto_its_grid_from_off_it():
+  """GD's 8-step stochastic sampler (the 4-step model) from 0.6: the
+  lead-in at 0.6, then its grid from 0.5 in steps of 1/8."""
+  out, called, _, logsnr = _off_grid_draw('stochastic', 8)
+  times = (0.6, 0.5, 0.375, 0.25, 0.125)
+  np.testing.assert_allclose(called, [logsnr(t)[0] for t in times], rtol=1e-6)
+  assert np.all(np.isfinite(out))
 
 
 @pytest.mark.parametrize(
