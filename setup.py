@@ -33,6 +33,8 @@ setuptools.setup(
     'jax>=0.10.2,<0.11',
     'matplotlib>=3.8,<4',
     'ml-collections>=1.1,<2',
+    # bfloat16 in numpy: reading Stable Diffusion safetensors (gdd/weights).
+    'ml-dtypes>=0.5,<1',
     'numpy>=2.0,<3',
     'optax>=0.2.8,<0.3',
     'orbax-checkpoint>=0.12.8,<0.13',
@@ -64,6 +66,12 @@ setuptools.setup(
       # The converter's tests (tests/test_inception.py); a CPU build.
       _TORCH,
       _TOKENIZERS,
+      # The reference implementations gdd's SD networks and weight loading
+      # are tested against (tests/test_weights.py, test_sd_unet.py); and
+      # the reference safetensors writer. Never imported by gdd itself.
+      'diffusers>=0.42,<0.43',
+      'safetensors>=0.8,<0.9',
+      'transformers>=5.24,<6',
     ],
   },
 )

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import re
 
 import flax
 import jax
@@ -14,6 +13,7 @@ from jax.extend import core as jax_core
 
 from gdd.models import autoencoder
 from gdd.models.autoencoder import Autoencoder, AutoencoderConfig
+from gdd.weights import naming
 
 TINY = AutoencoderConfig(
   block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4
@@ -131,28 +131,6 @@ def test_param_names_are_diffusers_module_names():
   assert all(p.dtype == jnp.float32 for p in params.values())
 
 
-def _diffusers_key(path: tuple[str, ...]) -> str:
-  """The diffusers state-dict key of a Flax param path (module docstring)."""
-  *modules, leaf = path
-  modules = [re.sub(r'_(\d+)$', r'.\1', module) for module in modules]
-  return '.'.join([*modules, 'bias' if leaf == 'bias' else 'weight'])
-
-
-def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """A Flax param's shape in PyTorch: HWIO → OIHW, [in, out] → [out, in]."""
-  if len(shape) == 4:
-    height, width, fan_in, fan_out = shape
-    return (fan_out, fan_in, height, width)
-  return shape[::-1]
-
-
-def _to_flax_layout(weight: np.ndarray) -> np.ndarray:
-  """A PyTorch weight in Flax's layout: OIHW → HWIO, [out, in] → [in, out]."""
-  if weight.ndim == 4:
-    return weight.transpose(2, 3, 1, 0)
-  return weight.T
-
-
 # diffusers 0.42.1 AutoencoderKL(block_out_channels=(8, 16), layers_per_block
 # =1, norm_num_groups=4, latent_channels=4, two DownEncoderBlock2D and two
 # UpDecoderBlock2D), every state-dict entry in sorted key order drawn as
@@ -171,14 +149,18 @@ def test_outputs_match_diffusers_under_the_renaming_rule():
     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4
   )
   abstract = flax.traverse_util.flatten_dict(_abstract_init(cfg)['params'])
-  keys = {_diffusers_key(path): path for path in abstract}
+  keys = {naming.torch_key(path): path for path in abstract}
   assert len(keys) == len(abstract)
-  rng, flat = np.random.default_rng(0), {}
+  rng, state_dict = np.random.default_rng(0), {}
   for key in sorted(keys):
-    shape = _torch_shape(abstract[keys[key]].shape)
-    weight = (0.2 * rng.standard_normal(shape)).astype(np.float32)
-    flat[keys[key]] = _to_flax_layout(weight)
-  params = {'params': flax.traverse_util.unflatten_dict(flat)}
+    path = keys[key]
+    layout = naming.to_torch_layout(np.empty(abstract[path].shape), path[-1])
+    state_dict[key] = 0.2 * rng.standard_normal(layout.shape)
+  params = {
+    'params': naming.to_flax(
+      state_dict, _abstract_init(cfg)['params'], what='reference'
+    )
+  }
   images = np.random.default_rng(1).uniform(-1, 1, (1, 8, 8, 3))
   outputs = jax.jit(Autoencoder(cfg).apply, static_argnames='sample_posterior')(
     params, jnp.asarray(images, jnp.float32), sample_posterior=False

@@ -5,15 +5,17 @@ import functools
 import math
 import re
 
+import diffusers
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from gdd import config_lib
 from gdd.models import layers, sd_unet
-from tests import sd_unet_reference
+from gdd.weights import naming
 
 TINY = sd_unet.SDUNetConfig(
   sample_size=8,
@@ -95,30 +97,112 @@ def _apply(cfg, params, inputs, train=False, rngs=None):
   return apply({'params': params}, **inputs, train=train, rngs=rngs)
 
 
-@pytest.mark.parametrize('name', sorted(sd_unet_reference.CONFIGS))
-def test_equals_diffusers_unet(name):
-  # The diffusers UNet2DConditionModel of the same config, its weights
-  # renamed by the module docstring's rule (tests/sd_unet_reference.py):
-  # every state-dict key is a param path of the same shape, and the outputs
-  # agree. Covers the time sinusoid, class embedding, both projections,
-  # per-block heads (reversed in the up path), 2-layer transformers,
-  # PyTorch's downsample padding and the skip order.
-  cfg = sd_unet_reference.CONFIGS[name]
-  reference = sd_unet_reference.load()[name]
-  shapes = flax.traverse_util.flatten_dict(_param_shapes(cfg))
-  for key, torch_shape in reference['params'].items():
-    path = sd_unet_reference.flax_path(key, len(torch_shape))
-    torch_layout = sd_unet_reference.torch_value(
-      np.zeros(shapes[path].shape), tuple(torch_shape)
-    )
-    assert torch_layout.shape == tuple(torch_shape), key
-  assert len(shapes) == len(reference['params'])
+# Both projections, per-block heads whose reversal the up path must apply,
+# 1 and 2 transformer layers, both sinusoid orders and a class embedding.
+DIFFUSERS_CASES = {
+  'sd1_like': sd_unet.SDUNetConfig(
+    sample_size=8,
+    in_channels=4,
+    mean_type='eps',
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    down_block_types=(
+      'CrossAttnDownBlock2D',
+      'CrossAttnDownBlock2D',
+      'DownBlock2D',
+    ),
+    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
+    cross_attention_dim=12,
+    attention_head_dim=(2, 4, 8),
+    norm_num_groups=8,
+    num_class_embeds=3,
+  ),
+  'sd2_like': sd_unet.SDUNetConfig(
+    sample_size=8,
+    in_channels=4,
+    mean_type='eps',
+    block_out_channels=(16, 32),
+    layers_per_block=2,
+    down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+    up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
+    cross_attention_dim=8,
+    attention_head_dim=4,
+    transformer_layers_per_block=2,
+    use_linear_projection=True,
+    norm_num_groups=4,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+  ),
+}
+# SDUNetConfig fields that are UNet2DConditionModel arguments.
+_DIFFUSERS_ARGUMENTS = (
+  'sample_size',
+  'in_channels',
+  'block_out_channels',
+  'layers_per_block',
+  'down_block_types',
+  'up_block_types',
+  'cross_attention_dim',
+  'attention_head_dim',
+  'transformer_layers_per_block',
+  'use_linear_projection',
+  'norm_num_groups',
+  'norm_eps',
+  'num_class_embeds',
+  'flip_sin_to_cos',
+  'freq_shift',
+  'dropout',
+)
 
-  params = sd_unet_reference.weights(_param_shapes(cfg))
-  out = _apply(cfg, params, sd_unet_reference.inputs(cfg))
-  expected = np.reshape(reference['output'], reference['output_shape'])
-  assert out.shape == expected.shape and out.dtype == jnp.float32
-  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+def _torch(array) -> torch.Tensor:
+  return torch.from_numpy(np.array(array))
+
+
+@pytest.mark.parametrize('name', sorted(DIFFUSERS_CASES))
+def test_equals_diffusers_unet(name):
+  # diffusers' UNet2DConditionModel of the same config (torch on CPU, a
+  # test dependency) with gdd's random params renamed by gdd.weights.naming
+  # (strict: every key, every shape) computes the same output. Covers the
+  # time sinusoid, class embedding, both projections, per-block heads
+  # (reversed in the up path), 2-layer transformers, PyTorch's downsample
+  # padding and the skip order. tests/test_weights.py loads SD-shaped
+  # checkpoints the other way.
+  cfg = DIFFUSERS_CASES[name]
+  model = diffusers.UNet2DConditionModel(
+    **{k: getattr(cfg, k) for k in _DIFFUSERS_ARGUMENTS},
+    out_channels=cfg.out_channels,
+  ).eval()
+  params = _noisy_params(cfg)
+  state_dict = naming.to_torch(params)
+  if cfg.num_class_embeds is not None:
+    # diffusers has no row for the null label K.
+    key = 'class_embedding.weight'
+    state_dict[key] = state_dict[key][: cfg.num_class_embeds]
+  model.load_state_dict(
+    {
+      k: torch.from_numpy(np.ascontiguousarray(v))
+      for k, v in state_dict.items()
+    },
+    strict=True,
+  )
+  inputs = _inputs(cfg)
+  if cfg.num_class_embeds is not None:
+    inputs['labels'] = inputs['labels'] % cfg.num_class_embeds
+  out = _apply(cfg, params, inputs)
+  with torch.no_grad():
+    expected = model(
+      _torch(np.asarray(inputs['z']).transpose(0, 3, 1, 2)),
+      _torch(sd_unet.timesteps(inputs['logsnr'])),
+      encoder_hidden_states=_torch(inputs['context']),
+      class_labels=_torch(inputs['labels']).long()
+      if 'labels' in inputs
+      else None,
+    ).sample
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(
+    out, expected.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=5e-5
+  )
 
 
 @pytest.mark.parametrize(
@@ -397,14 +481,14 @@ def test_remat_keeps_params_outputs_and_gradients():
 def test_sinusoid_is_diffusers_get_timestep_embedding(
   flip_sin_to_cos, freq_shift
 ):
-  # diffusers.models.embeddings.get_timestep_embedding, transcribed.
   t = np.array([0.0, 1.0, 999.0])
   half = 8
-  freqs = np.exp(-math.log(10000) * np.arange(half) / (half - freq_shift))
-  args = t[:, None] * freqs[None]
-  expected = np.concatenate([np.sin(args), np.cos(args)], axis=-1)
-  if flip_sin_to_cos:
-    expected = np.concatenate([expected[:, half:], expected[:, :half]], -1)
+  expected = diffusers.models.embeddings.get_timestep_embedding(
+    torch.from_numpy(t),
+    2 * half,
+    flip_sin_to_cos=flip_sin_to_cos,
+    downscale_freq_shift=freq_shift,
+  ).numpy()
   got = layers.sinusoidal_embedding(
     t, 2 * half, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift
   )

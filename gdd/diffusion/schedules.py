@@ -2,11 +2,14 @@
 
 Everything is a function of the log signal-to-noise ratio λ = log(α²/σ²):
 α² = sigmoid(λ), σ² = sigmoid(−λ). Time t ∈ [0, 1] maps to λ through the
-clipped cosine schedule, t = 0 ↦ λ_max (clean), t = 1 ↦ λ_min (pure noise).
-All arithmetic is float32, whatever dtype the network runs in.
+clipped cosine schedule, t = 0 ↦ λ_max (clean), t = 1 ↦ λ_min (pure noise),
+or through Stable Diffusion's discrete schedule (`sd_logsnr_from_t`,
+method.md §11). All arithmetic is float32, whatever dtype the network runs
+in.
 """
 
 import jax.numpy as jnp
+import numpy as np
 from jax import nn
 
 LOGSNR_MIN = -20.0
@@ -26,6 +29,64 @@ def logsnr_from_t(
   logsnr = -2.0 * jnp.log(jnp.tan(a * t + b))
   # float32 tan near π/2 overshoots the ends slightly; clip to the range.
   return jnp.clip(logsnr, logsnr_min, logsnr_max)
+
+
+# Stable Diffusion 1.x / 2.x's discrete DDPM schedule ("scaled_linear").
+SD_NUM_TIMESTEPS = 1000
+SD_BETA_START = 0.00085
+SD_BETA_END = 0.012
+
+
+def sd_logsnr_table() -> np.ndarray:
+  """λ_i = log(ᾱ_i / (1 − ᾱ_i)) of SD's timesteps i = 0..999, float64.
+
+  β_i = linspace(√β_start, √β_end, 1000)², ᾱ_i = ∏_{j ≤ i} (1 − β_j): λ
+  falls from ≈ 7.1 (i = 0) to ≈ −5.4 (i = 999; SD's terminal SNR is not 0).
+  diffusers computes the same in float32; the two agree to ~1e-6.
+  """
+  betas = (
+    np.linspace(
+      SD_BETA_START**0.5, SD_BETA_END**0.5, SD_NUM_TIMESTEPS, dtype=np.float64
+    )
+    ** 2
+  )
+  alphas_cumprod = np.cumprod(1.0 - betas)
+  return np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)
+
+
+def _sd_knots() -> tuple[np.ndarray, np.ndarray]:
+  """(t, λ) knots of `sd_logsnr_from_t`: t = 0 and t = (i + 1)/1000."""
+  t = np.arange(SD_NUM_TIMESTEPS + 1, dtype=np.float64) / SD_NUM_TIMESTEPS
+  logsnr = np.concatenate([[LOGSNR_MAX], sd_logsnr_table()])
+  return t.astype(np.float32), logsnr.astype(np.float32)
+
+
+def sd_logsnr_from_t(t: jnp.ndarray) -> jnp.ndarray:
+  """λ(t) of SD's schedule: linear between its timesteps, t = (i + 1)/1000.
+
+  method.md §11 maps t ∈ [0, 1] to i ∈ [0, 999]; gdd shifts that by one
+  step, t = (i + 1)/1000, so that the grid t = k/N of an N-step student
+  (N dividing 1000: 1, 2, 4, 8) is SD's integer timesteps 1000k/N − 1 —
+  diffusers' DDIMScheduler with timestep_spacing='trailing' — and t = 0 is
+  clean (λ = LOGSNR_MAX), DDIM's `set_alpha_to_one` last step. A student
+  exported at a fixed w (gdd/weights/stable_diffusion.py) then samples in
+  diffusers on its own grid.
+  """
+  knots_t, knots_logsnr = _sd_knots()
+  return jnp.interp(jnp.asarray(t, jnp.float32), knots_t, knots_logsnr)
+
+
+def sd_timestep(logsnr: jnp.ndarray) -> jnp.ndarray:
+  """SD's timestep of a log-SNR: i where λ_i = λ, linear in between.
+
+  The time input of an SD network (`SDUNetConfig.time_input='sd'`);
+  clipped to [0, 999], the range SD was trained on (λ above λ_0, between
+  t = 1/1000 and clean, reads as timestep 0).
+  """
+  table = sd_logsnr_table().astype(np.float32)
+  steps = np.arange(SD_NUM_TIMESTEPS, dtype=np.float32)
+  # interp needs increasing knots: −λ_i increases with i.
+  return jnp.interp(-jnp.asarray(logsnr, jnp.float32), -table, steps)
 
 
 def time_input(logsnr: jnp.ndarray) -> jnp.ndarray:

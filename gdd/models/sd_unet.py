@@ -2,9 +2,9 @@
 
 The architecture and the module names of diffusers' UNet2DConditionModel
 (SD 1.x and 2.x configurations), so a Stable Diffusion checkpoint loads by
-renaming; the inputs are gdd's (method.md §2, §9): the time input
-t_in = arctan(exp(−λ/2))/(π/2) scaled by 1000 in place of SD's integer
-timestep (`timesteps`, the one function to swap for SD's schedule), the
+renaming (gdd/weights/); the inputs are gdd's (method.md §2, §9): the
+log-SNR λ, embedded as t_in = arctan(exp(−λ/2))/(π/2) scaled by 1000 or, for
+Stable Diffusion's weights, as SD's own timestep of λ (`timesteps`), the
 per-token text states `context` that cross-attention reads, optionally a
 class label with row K as the null label ∅, and for students the guidance
 strength w through a zero-initialised MLP under `w_embedding`. Every other
@@ -84,13 +84,19 @@ _TORCH_PADDING_1 = ((1, 1), (1, 1))
 _zeros = nn.initializers.zeros_init()
 
 
-def timesteps(logsnr: jnp.ndarray) -> jnp.ndarray:
-  """The [B] time that the sinusoid embeds: gdd's t_in·1000, float32.
+TIME_INPUTS = ('arctan', 'sd')
 
-  t_in = arctan(exp(−λ/2))/(π/2) ≈ t (method.md §2), so this spans [0, 1000]
-  as SD's integer timesteps do; a network that takes SD's own timesteps
-  swaps this function alone.
+
+def timesteps(logsnr: jnp.ndarray, time_input: str = 'arctan') -> jnp.ndarray:
+  """The [B] time that the sinusoid embeds, float32.
+
+  'arctan': gdd's t_in·1000, t_in = arctan(exp(−λ/2))/(π/2) ≈ t (method.md
+  §2), spanning [0, 1000] as SD's integer timesteps do. 'sd': SD's own
+  timestep of λ on its discrete schedule (`schedules.sd_timestep`), what a
+  network with Stable Diffusion's weights was trained on.
   """
+  if time_input == 'sd':
+    return schedules.sd_timestep(logsnr)
   return schedules.time_input(logsnr) * 1000.0
 
 
@@ -106,7 +112,10 @@ class SDUNetConfig(layers.CheckedConfig):
       `out_channels` = 2·in_channels for 'both', else in_channels;
     * `num_class_embeds` K gives K + 1 rows, row K the null label ∅;
     * `use_w_embedding`, `w_max`, `dtype`, `remat` and `inpainting` are
-      gdd's (see `UNetConfig`); an inpainting SDUNet takes `known`.
+      gdd's (see `UNetConfig`); an inpainting SDUNet takes `known`;
+    * `time_input` is gdd's too: 'arctan' (gdd's t_in·1000, networks
+      trained by gdd) or 'sd' (SD's timestep on its discrete schedule,
+      networks with Stable Diffusion's weights; see `timesteps`).
 
   `attention_head_dim` is, as in diffusers, the NUMBER of attention heads of
   each block, not their width: diffusers' UNet2DConditionModel sets
@@ -155,6 +164,7 @@ class SDUNetConfig(layers.CheckedConfig):
   dtype: str = 'float32'
   remat: str = 'none'
   inpainting: bool = False
+  time_input: str = 'arctan'
 
   def __post_init__(self):
     # ConfigDicts and config.json give lists; tuples keep the dataclass
@@ -264,6 +274,9 @@ class SDUNetConfig(layers.CheckedConfig):
     self._require(self.norm_eps > 0, 'norm_eps', 'positive')
     self._require(0.0 <= self.dropout < 1.0, 'dropout', 'in [0, 1)')
     self._require(self.w_max > 0, 'w_max', 'positive')
+    self._require(
+      self.time_input in TIME_INPUTS, 'time_input', f'one of {TIME_INPUTS}'
+    )
     self._check_dtype_and_remat()
 
   def _check_attention_heads(self) -> None:
@@ -341,6 +354,25 @@ class WrapsSDUNet:
   def inpainting(self) -> bool:
     """Whether the known region is an input (an inpainting network)."""
     return self.unet.inpainting
+
+
+# diffusers' TimestepEmbedding layers; the w-embedding MLP has the same.
+MLP_LAYERS = ('linear_1', 'linear_2')
+
+
+def sinusoid(x: jnp.ndarray, config: SDUNetConfig) -> jnp.ndarray:
+  """diffusers' `Timesteps` projection of a [B] input (time or w)."""
+  return layers.sinusoidal_embedding(
+    x,
+    config.block_out_channels[0],
+    flip_sin_to_cos=config.flip_sin_to_cos,
+    freq_shift=config.freq_shift,
+  )
+
+
+def w_input(w: jnp.ndarray, config: SDUNetConfig) -> jnp.ndarray:
+  """What the w-embedding's sinusoid embeds: w scaled to [0, 1000]."""
+  return w * 1000.0 / config.w_max
 
 
 def _dtype(config: SDUNetConfig) -> jnp.dtype:
@@ -671,26 +703,14 @@ class SDUNet(nn.Module):
       h = UpBlock(cfg, i, name=f'up_blocks_{i}')(h, skips, emb, context, train)
     return self._output_head(h)
 
-  def _sinusoid(self, x: jnp.ndarray) -> jnp.ndarray:
-    """diffusers' `Timesteps` projection of a [B] input (time or w)."""
-    cfg = self.config
-    return layers.sinusoidal_embedding(
-      x,
-      cfg.block_out_channels[0],
-      flip_sin_to_cos=cfg.flip_sin_to_cos,
-      freq_shift=cfg.freq_shift,
-    )
-
   def _embedding(self, logsnr, labels, w) -> jnp.ndarray:
     """Time + class (+ w) embedding that every resnet reads."""
     cfg = self.config
     mlp = dict(
-      features=cfg.time_embed_dim,
-      dtype=_dtype(cfg),
-      layer_names=('linear_1', 'linear_2'),
+      features=cfg.time_embed_dim, dtype=_dtype(cfg), layer_names=MLP_LAYERS
     )
     emb = layers.EmbeddingMLP(**mlp, name='time_embedding')(
-      self._sinusoid(timesteps(logsnr))
+      sinusoid(timesteps(logsnr, cfg.time_input), cfg)
     )
     if cfg.num_class_embeds is not None:
       emb = emb + nn.Embed(
@@ -702,7 +722,7 @@ class SDUNet(nn.Module):
     if cfg.use_w_embedding:
       emb = emb + layers.EmbeddingMLP(
         **mlp, zero_init_output=True, name='w_embedding'
-      )(self._sinusoid(w * 1000.0 / cfg.w_max))
+      )(sinusoid(w_input(w, cfg), cfg))
     return emb
 
   def _output_head(self, h: jnp.ndarray) -> jnp.ndarray:

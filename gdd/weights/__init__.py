@@ -1,0 +1,1 @@
+"""Pretrained weights in diffusers' and transformers' formats, torch-free."""

@@ -1,0 +1,346 @@
+"""A Stable Diffusion folder (diffusers' layout) → gdd's networks, and back.
+
+Reads what `StableDiffusionPipeline.save_pretrained` writes (and what the
+Hugging Face hub serves):
+  model_index.json
+  unet/config.json + diffusion_pytorch_model[.<variant>].safetensors
+  vae/config.json + diffusion_pytorch_model[.<variant>].safetensors
+  text_encoder/config.json + model[.<variant>].safetensors
+  scheduler/scheduler_config.json
+  tokenizer/ (vocab.json, merges.txt: `gdd.tokenization`)
+each weights file possibly sharded (`<stem>.safetensors.index[.<variant>]
+.json` naming the shards). torch is never imported: weights are read with
+`safetensors_io`, renamed by `naming`, configs mapped by
+`diffusers_configs`. Params come back float32 (gdd's master params; bf16
+compute is the network config's `dtype`), whatever the stored dtype.
+
+`export_unet` writes a gdd U-Net (a distilled student) as a diffusers
+`unet/` folder; a w-conditioned student is exported at one w, its
+w-embedding folded into the time embedding's last bias (exact: the
+w-embedding is added to the time embedding, and both end in a linear
+layer), so any UNet2DConditionModel runtime samples it without guidance.
+"""
+
+import json
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from gdd import errors
+from gdd.diffusion import schedules
+from gdd.models import autoencoder, layers, sd_unet, text_encoder
+from gdd.weights import diffusers_configs, naming, safetensors_io
+
+UNET, VAE, TEXT_ENCODER = 'unet', 'vae', 'text_encoder'
+_STEMS = {
+  UNET: 'diffusion_pytorch_model',
+  VAE: 'diffusion_pytorch_model',
+  TEXT_ENCODER: 'model',
+}
+# SD's discrete schedule (schedules.sd_logsnr_table) is all gdd implements.
+_SCHEDULE = {
+  'beta_schedule': 'scaled_linear',
+  'beta_start': schedules.SD_BETA_START,
+  'beta_end': schedules.SD_BETA_END,
+  'num_train_timesteps': schedules.SD_NUM_TIMESTEPS,
+}
+# Old diffusers VAE checkpoints name the attention projections like this;
+# diffusers renames them on load too.
+_OLD_VAE_ATTENTION = {
+  'query': 'to_q',
+  'key': 'to_k',
+  'value': 'to_v',
+  'proj_attn': 'to_out.0',
+}
+# transformers' buffer of position ids (saved by older versions).
+_TEXT_BUFFERS = ('embeddings.position_ids',)
+
+
+class WeightsNotFoundError(errors.UserError, FileNotFoundError):
+  """A folder without the config or safetensors weights gdd reads."""
+
+
+class Network(NamedTuple):
+  """A network's gdd config and its float32 params."""
+
+  config: Any
+  params: dict
+
+
+class StableDiffusion(NamedTuple):
+  """The three networks of a Stable Diffusion folder, and its latent scale."""
+
+  unet: Network
+  vae: Network
+  text_encoder: Network
+  scaling_factor: float
+
+
+def read_json(path: epath.Path) -> dict:
+  """A JSON file; missing → WeightsNotFoundError naming it."""
+  if not path.exists():
+    raise WeightsNotFoundError(
+      f'{path} does not exist: is {path.parent.parent} a Stable Diffusion '
+      "folder in diffusers' layout (unet/, vae/, text_encoder/, scheduler/, "
+      'tokenizer/, model_index.json)?'
+    )
+  return json.loads(path.read_text())
+
+
+def read_weights(
+  folder: epath.PathLike, stem: str, variant: str | None = None
+) -> dict[str, np.ndarray]:
+  """The state dict of `folder`: one safetensors file or its shards."""
+  folder = epath.Path(folder)
+  suffix = f'.{variant}' if variant else ''
+  single = folder / f'{stem}{suffix}.safetensors'
+  index = folder / f'{stem}.safetensors.index{suffix}.json'
+  if single.exists():
+    return safetensors_io.load(single)
+  if index.exists():
+    shards = sorted(set(read_json(index)['weight_map'].values()))
+    state_dict = {}
+    for shard in shards:
+      state_dict.update(safetensors_io.load(folder / shard))
+    return state_dict
+  present = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+  torch_only = any(name.endswith(('.bin', '.ckpt', '.pt')) for name in present)
+  hint = (
+    ' It holds PyTorch pickles only: gdd reads safetensors (no torch at run '
+    'time); re-save the model with diffusers '
+    '(`save_pretrained(folder, safe_serialization=True)`).'
+    if torch_only
+    else ''
+  )
+  raise WeightsNotFoundError(
+    f'No {single.name} (nor {index.name}) in {folder}; it holds {present}.'
+    f'{hint} For a variant (e.g. fp16 files) pass variant=.'
+  )
+
+
+def load_unet(folder: epath.PathLike, *, variant: str | None = None) -> Network:
+  """The U-Net of an SD folder (its `unet/` and `scheduler/` read)."""
+  folder = epath.Path(folder)
+  scheduler = read_json(folder / 'scheduler' / 'scheduler_config.json')
+  where = folder / 'scheduler' / 'scheduler_config.json'
+  _check_schedule(scheduler, where)
+  mean_type = diffusers_configs.mean_type(
+    scheduler.get('prediction_type', 'epsilon'), str(where)
+  )
+  config = diffusers_configs.unet_config(
+    read_json(folder / UNET / 'config.json'),
+    mean_type=mean_type,
+    where=str(folder / UNET / 'config.json'),
+  )
+  params = naming.to_flax(
+    read_weights(folder / UNET, _STEMS[UNET], variant),
+    abstract_unet_params(config),
+    what=str(folder / UNET),
+  )
+  return Network(config, params)
+
+
+def load_vae(
+  folder: epath.PathLike, *, variant: str | None = None
+) -> tuple[Network, float]:
+  """The KL autoencoder of an SD folder and its latent scaling factor."""
+  folder = epath.Path(folder) / VAE
+  config, scaling_factor = diffusers_configs.vae_config(
+    read_json(folder / 'config.json'), where=str(folder / 'config.json')
+  )
+  state_dict = _renamed_vae_attention(
+    read_weights(folder, _STEMS[VAE], variant)
+  )
+  params = naming.to_flax(
+    state_dict, abstract_vae_params(config), what=str(folder)
+  )
+  return Network(config, params), scaling_factor
+
+
+def load_text_encoder(
+  folder: epath.PathLike, *, variant: str | None = None
+) -> Network:
+  """The CLIP text encoder of an SD folder."""
+  folder = epath.Path(folder) / TEXT_ENCODER
+  config = diffusers_configs.text_encoder_config(
+    read_json(folder / 'config.json'), where=str(folder / 'config.json')
+  )
+  state_dict = {
+    key.removeprefix('text_model.'): value
+    for key, value in read_weights(
+      folder, _STEMS[TEXT_ENCODER], variant
+    ).items()
+  }
+  params = naming.to_flax(
+    state_dict,
+    abstract_text_encoder_params(config),
+    what=str(folder),
+    ignored=_TEXT_BUFFERS,
+  )
+  return Network(config, params)
+
+
+def load(
+  folder: epath.PathLike, *, variant: str | None = None
+) -> StableDiffusion:
+  """U-Net, VAE and text encoder of an SD folder, checked to fit together."""
+  unet = load_unet(folder, variant=variant)
+  vae, scaling_factor = load_vae(folder, variant=variant)
+  text = load_text_encoder(folder, variant=variant)
+  if unet.config.cross_attention_dim != text.config.hidden_size:
+    raise diffusers_configs.UnsupportedConfigError(
+      f'{folder}: the U-Net cross-attends to {unet.config.cross_attention_dim}'
+      f'-wide states, the text encoder gives {text.config.hidden_size}.'
+    )
+  if unet.config.in_channels != vae.config.latent_channels:
+    raise diffusers_configs.UnsupportedConfigError(
+      f'{folder}: the U-Net takes {unet.config.in_channels} channels, the '
+      f'VAE gives {vae.config.latent_channels}-channel latents.'
+    )
+  return StableDiffusion(unet, vae, text, scaling_factor)
+
+
+def abstract_unet_params(config: sd_unet.SDUNetConfig) -> dict:
+  """ShapeDtypeStructs of an SDUNet's params."""
+  size, channels = config.sample_size, config.in_channels
+  z = jnp.zeros((1, size, size, channels))
+  inputs = dict(
+    z=z,
+    logsnr=jnp.zeros((1,)),
+    context=None
+    if config.cross_attention_dim is None
+    else jnp.zeros((1, 1, config.cross_attention_dim)),
+    labels=None if config.num_class_embeds is None else jnp.zeros((1,), int),
+    w=jnp.zeros((1,)) if config.use_w_embedding else None,
+    known={'mask': z[..., :1], 'masked': z} if config.inpainting else None,
+  )
+  return jax.eval_shape(
+    lambda rng: sd_unet.SDUNet(config).init(rng, **inputs, train=False)[
+      'params'
+    ],
+    jax.random.key(0),
+  )
+
+
+def abstract_vae_params(config: autoencoder.AutoencoderConfig) -> dict:
+  """ShapeDtypeStructs of an Autoencoder's params."""
+  factor = config.downsampling_factor
+  images = jnp.zeros((1, factor, factor, config.in_channels))
+  return jax.eval_shape(
+    lambda rng: autoencoder.Autoencoder(config).init(
+      rng, images, sample_posterior=False
+    )['params'],
+    jax.random.key(0),
+  )
+
+
+def abstract_text_encoder_params(
+  config: text_encoder.TextEncoderConfig,
+) -> dict:
+  """ShapeDtypeStructs of a TextEncoder's params."""
+  return jax.eval_shape(
+    lambda rng: text_encoder.TextEncoder(config).init(
+      rng, text_encoder.example_tokens(1, 1)
+    )['params'],
+    jax.random.key(0),
+  )
+
+
+def export_unet(
+  folder: epath.PathLike,
+  config: sd_unet.SDUNetConfig,
+  params: dict,
+  *,
+  w: float | None = None,
+  dtype: np.dtype = np.float32,
+) -> epath.Path:
+  """Writes a gdd SDUNet as a diffusers `unet/` folder; returns it.
+
+  A w-conditioned student needs `w`: its w-embedding at that w is folded
+  into `time_embedding/linear_2/bias`. Refuses to overwrite an existing
+  folder's weights (exports are never destroyed).
+  """
+  folder = epath.Path(folder)
+  weights = folder / f'{_STEMS[UNET]}.safetensors'
+  if weights.exists():
+    raise FileExistsError(
+      f'{weights} exists; gdd does not overwrite exports: pick a new folder '
+      'or remove it yourself.'
+    )
+  params = fold_w_embedding(config, params, w)
+  state_dict = naming.to_torch(params, dtype)
+  diffusers_config = diffusers_configs.diffusers_unet_config(config)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / 'config.json').write_text(json.dumps(diffusers_config, indent=2))
+  safetensors_io.save(state_dict, weights, metadata={'format': 'pt'})
+  return folder
+
+
+def fold_w_embedding(
+  config: sd_unet.SDUNetConfig, params: dict, w: float | None
+) -> dict:
+  """A student's params at one w without `w_embedding` (or the teacher's).
+
+  emb = time_embedding(t) + w_embedding(w) and time_embedding ends in the
+  linear layer linear_2, so at a fixed w the w term is a constant added to
+  linear_2's bias.
+  """
+  if config.use_w_embedding != (w is not None):
+    raise ValueError(
+      f'Pass w exactly for a w-conditioned student (use_w_embedding='
+      f'{config.use_w_embedding}); got w={w}.'
+    )
+  if w is None:
+    return params
+  if not 0.0 <= w <= config.w_max:
+    raise ValueError(
+      f"w={w} is outside the student's range [0, {config.w_max}]."
+    )
+  mlp = layers.EmbeddingMLP(
+    config.time_embed_dim, layer_names=sd_unet.MLP_LAYERS
+  )
+  features = sd_unet.sinusoid(
+    sd_unet.w_input(jnp.full((1,), w, jnp.float32), config), config
+  )
+  term = mlp.apply({'params': params['w_embedding']}, features)[0]
+  folded = flax.core.unfreeze(params)
+  del folded['w_embedding']
+  bias = folded['time_embedding']['linear_2']['bias']
+  folded['time_embedding']['linear_2']['bias'] = np.asarray(bias) + np.asarray(
+    term
+  )
+  return folded
+
+
+def _check_schedule(scheduler: dict, where: epath.Path) -> None:
+  different = {
+    key: scheduler.get(key)
+    for key, value in _SCHEDULE.items()
+    if not _matches(scheduler.get(key), value)
+  }
+  if different:
+    raise diffusers_configs.UnsupportedConfigError(
+      f"{where}: {different}; gdd implements Stable Diffusion 1.x / 2.x's "
+      f'schedule {_SCHEDULE} (method.md §11).'
+    )
+
+
+def _matches(value, expected) -> bool:
+  if isinstance(expected, float):
+    return isinstance(value, (int, float)) and np.isclose(value, expected)
+  return value == expected
+
+
+def _renamed_vae_attention(state_dict: dict) -> dict:
+  """Old diffusers VAE attention names (query, key, …) → today's."""
+  renamed = {}
+  for key, value in state_dict.items():
+    *modules, leaf = key.split('.')
+    if len(modules) > 1 and modules[-1] in _OLD_VAE_ATTENTION:
+      modules[-1] = _OLD_VAE_ATTENTION[modules[-1]]
+    renamed['.'.join([*modules, leaf])] = value
+  return renamed
