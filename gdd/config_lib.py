@@ -37,6 +37,9 @@ WORD_DATASETS = ('shapes',)
 # Where the diffusion models work: on the images, or on the latents of the
 # autoencoder stage (`gdd.stages.autoencoder`).
 SPACES = ('pixel', 'latent')
+# diffusion.schedule: gdd's clipped cosine λ(t), or Stable Diffusion's
+# discrete scaled_linear schedule (method.md §11; `schedules`).
+SCHEDULES = ('cosine', 'sd')
 # 'unet': the pixel U-Net (ADM-like, gdd/models/unet.py); 'sd_unet': Stable
 # Diffusion's UNet2DConditionModel architecture (gdd/models/sd_unet.py).
 MODEL_KINDS = ('unet', 'sd_unet')
@@ -123,6 +126,12 @@ def base_config() -> ml_collections.ConfigDict:
   # unstable for distillation. For measuring that choice on purpose (e.g.
   # from a Stable Diffusion 1.x ε-teacher); the teacher may be ε regardless.
   config.allow_eps_students = False
+  # Start the chain from a Stable Diffusion folder in diffusers' layout
+  # (gdd.stages.pretrained): its VAE is the autoencoder and SD itself (U-Net
+  # + CLIP text encoder) the teacher, both imported instead of trained.
+  # '' trains every stage from scratch. `variant`: e.g. 'fp16' for
+  # diffusion_pytorch_model.fp16.safetensors.
+  config.pretrained = ml_collections.ConfigDict({'folder': '', 'variant': ''})
   # Trace this many training steps of each stage with jax.profiler (after
   # the first two, which compile), into STAGE/profile; 0: no trace.
   config.profile_steps = 0
@@ -168,6 +177,9 @@ def _add_network_sections(config: ml_collections.ConfigDict) -> None:
   config.memory = _memory_config()
   config.diffusion = ml_collections.ConfigDict(
     {
+      # One of SCHEDULES; 'cosine' spans [logsnr_min, logsnr_max], 'sd' is
+      # SD's own range (λ ≈ 7.07 to −5.36, clean at t = 0).
+      'schedule': 'cosine',
       'logsnr_min': -20.0,
       'logsnr_max': 20.0,
       'loss_weighting': 'snr_trunc',
@@ -239,6 +251,9 @@ def sd_unet_model_config(**overrides: Any) -> ml_collections.ConfigDict:
     'mean_type': 'both',
     'dtype': 'float32',
     'inpainting': False,
+    # 'sd': SD's timestep as the time input (Stable Diffusion's weights,
+    # with diffusion.schedule='sd'); 'arctan': gdd's t_in·1000.
+    'time_input': 'arctan',
   }
   return ml_collections.ConfigDict({**model, **overrides})
 
@@ -556,6 +571,7 @@ _AUTOENCODER_TRAINING_KEYS = (
   'autoencoder.reconstruction_loss',
   'autoencoder.kl_weight',
   'autoencoder.scaling_examples',
+  'pretrained',
 )
 # The captions' tokens and the text encoder (caption data sets only).
 _TEXT_TRAINING_KEYS = (
@@ -570,6 +586,7 @@ _TEXT_TRAINING_KEYS = (
 _TEACHER_TRAINING_KEYS = _DATA_TRAINING_KEYS + (
   'space',
   'model',
+  'diffusion.schedule',
   'diffusion.logsnr_min',
   'diffusion.logsnr_max',
   'diffusion.loss_weighting',
@@ -579,6 +596,7 @@ _TEACHER_TRAINING_KEYS = _DATA_TRAINING_KEYS + (
   'teacher.ema_decay',
   'teacher.ema_warmup',
   'teacher.p_uncond',
+  'pretrained',
 )
 _GUIDED_TRAINING_KEYS = (
   'guided.num_train_steps',
@@ -682,6 +700,10 @@ _ADDED_TRAINING_KEYS = {
   'space': 'pixel',
   'model.kind': 'unet',
   'model.inpainting': False,
+  'model.time_input': 'arctan',
+  'diffusion.schedule': 'cosine',
+  'pretrained.folder': '',
+  'pretrained.variant': '',
 }
 
 
@@ -843,6 +865,36 @@ def _validate_train(config: ml_collections.ConfigDict, stage: str) -> None:
   )
 
 
+def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
+  """A Stable Diffusion start needs the chain SD is: latent text-to-image
+  on SD's schedule with an SD U-Net and CLIP's tokenizer."""
+  for key in ('folder', 'variant'):
+    _check(config, f'pretrained.{key}', lambda v: isinstance(v, str), 'a str')
+  if not config.pretrained.folder:
+    return
+  needed = {
+    'space': 'latent',
+    'model.kind': 'sd_unet',
+    'model.inpainting': False,
+    'diffusion.schedule': 'sd',
+    'text.tokenizer': 'clip',
+  }
+  for key, value in needed.items():
+    _check(
+      config,
+      key,
+      lambda v, value=value: v == value,
+      f'{value!r} with pretrained.folder set (a Stable Diffusion chain)',
+    )
+  _check(
+    config,
+    'data.name',
+    _one_of(CAPTION_DATASETS),
+    f'one of {CAPTION_DATASETS} with pretrained.folder set (SD is '
+    'text-to-image)',
+  )
+
+
 def _check_finite(config: ml_collections.ConfigDict) -> None:
   """Every number, also inside tuples, is finite: no key means NaN or ±inf.
 
@@ -871,6 +923,7 @@ def validate(
   _check_finite(config)
   _check(config, 'seed', lambda v: checks.is_int(v, 0), 'an int >= 0')
   _validate_network(config, training)
+  _validate_pretrained(config)
   _validate_stages(config)
   if 'encoder' in tuple(training):
     _validate_encoder_input(config)
@@ -889,14 +942,23 @@ def _required_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
   """Keys without a default for this config → an example and what it is.
 
   A webdataset's shard folder and CLIP's tokenizer files: the user's data
-  and their Stable Diffusion download.
+  and their Stable Diffusion download; on SD's schedule, the SD folder.
   """
   required = {}
   if config.data.name == 'webdataset':
     required['data.data_dir'] = (
       '/data/laion/shards  (the folder of 00000.tar, 00001.tar, …)'
     )
-  if config.data.name in CAPTION_DATASETS and config.text.tokenizer == 'clip':
+  if config.diffusion.schedule == 'sd':
+    required['pretrained.folder'] = (
+      "/models/stable-diffusion-v1-5  (diffusers' layout: unet/, vae/, …)"
+    )
+  if (
+    config.data.name in CAPTION_DATASETS
+    and config.text.tokenizer == 'clip'
+    # An SD chain reads its folder's tokenizer/ files by default.
+    and config.diffusion.schedule != 'sd'
+  ):
     tokenizer = '/models/stable-diffusion-v1-5/tokenizer'
     required['text.vocab_file'] = f'{tokenizer}/vocab.json'
     required['text.merges_file'] = f'{tokenizer}/merges.txt'
@@ -983,6 +1045,16 @@ def _validate_network(
     'diffusion.logsnr_max',
     lambda v: v > config.diffusion.logsnr_min,
     '> diffusion.logsnr_min',
+  )
+  _check(
+    config, 'diffusion.schedule', _one_of(SCHEDULES), f'one of {SCHEDULES}'
+  )
+  _check(
+    config,
+    'diffusion.schedule',
+    lambda v: (v == 'sd') == (config.model.get('time_input') == 'sd'),
+    "'sd' exactly when model.time_input='sd' (a network with SD's time "
+    "input runs on SD's schedule, and only it does)",
   )
   _check(
     config,
@@ -1496,7 +1568,107 @@ def make_inpainting(config: ml_collections.ConfigDict) -> None:
   config.model.inpainting = True
 
 
-VARIANTS = ('quick', 'inpaint')
+# Stable Diffusion 1.x / 2.x's VAE (AutoencoderKL), as vae/config.json says.
+SD_VAE = dict(
+  latent_channels=4,
+  block_out_channels=(128, 256, 512, 512),
+  layers_per_block=2,
+  norm_num_groups=32,
+)
+
+
+def stable_diffusion_config(
+  unet: dict, text_encoder: dict, *, image_size: int
+) -> ml_collections.ConfigDict:
+  """A Stable Diffusion distillation chain (configs/sd15_distill.py,
+  sd21_distill.py) for SD networks of these layouts.
+
+  Imports the teacher and VAE from `pretrained.folder` (required) and
+  distils on webdataset shards on SD's schedule; the schedule, batches and
+  w range are the choices the config files document.
+  """
+  config = base_config()
+  config.data.update(name='webdataset', image_size=image_size)
+  config.space = 'latent'
+  config.diffusion.schedule = 'sd'
+  config.autoencoder.model.update(SD_VAE)
+  config.model = sd_unet_model_config(**unet, time_input='sd', dtype='bfloat16')
+  config.text.update(tokenizer='clip', max_length=77, train_encoder=False)
+  config.text.encoder.update(text_encoder)
+  config.guided.update(
+    w_min=1.0,
+    w_max=13.0,
+    num_train_steps=20_000,
+    batch_size=256,
+    ema_warmup=True,
+    grids_every=5_000,
+    checkpoint_every=1_000,
+  )
+  config.guided.optimizer.update(learning_rate=1e-5, warmup_steps=1_000)
+  # Rounds 64 → 32 → … → 1: SD samples with ~50 DDIM steps.
+  config.distill.update(
+    num_train_steps=10_000,
+    batch_size=256,
+    initial_num_steps=64,
+    grids_every=5_000,
+    checkpoint_every=1_000,
+  )
+  config.distill.optimizer.update(learning_rate=1e-5, warmup_steps=500)
+  config.grids.update(teacher_num_steps=50, sample_ws=(1.0, 6.5))
+  config.memory.update(fsdp=8, remat='full')
+  config.text.num_held_out_captions = 5000
+  config.evaluate.update(
+    feature_extractor='inception',
+    inception_weights='inception_fid.npz',
+    num_samples=5000,
+    num_reference=5000,
+    batch_size=64,
+    ws=(1.0, 2.0, 6.5, 13.0),
+    teacher_num_steps=(50, 16, 8, 4),
+    guided_num_steps=(64, 16, 8, 4),
+    speed_teacher_num_steps=(50,),
+  )
+  return config
+
+
+def make_tiny_stable_diffusion(config: ml_collections.ConfigDict) -> None:
+  """`:tiny` of the SD configs: a toy SD of the same layout (16² images,
+  two-level networks, a few steps per stage; float32, one device) for a
+  tiny random SD folder, so the whole chain runs on a CPU."""
+  make_quick(config)
+  config.data.image_size = 16
+  config.autoencoder.model.update(
+    block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4
+  )
+  # Rebuilt, not updated: SD 2's per-block heads are a tuple, these an int.
+  config.model = sd_unet_model_config(
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
+    attention_head_dim=2,
+    norm_num_groups=8,
+    use_linear_projection=config.model.use_linear_projection,
+    mean_type=config.model.mean_type,
+    time_input='sd',
+  )
+  config.text.update(max_length=8, num_held_out_captions=4)
+  config.text.encoder.update(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+  )
+  config.guided.update(w_min=1.0, w_max=13.0)
+  config.grids.sample_ws = (1.0, 6.5)
+  config.evaluate.update(ws=(1.0, 6.5), num_reference=64)
+  # Rounds 4 → 2 → 1.
+  config.distill.initial_num_steps = 4
+
+
+# 'tiny': only the config files that define it (the Stable Diffusion
+# configs: a tiny random SD of the same layout, end to end on a CPU).
+VARIANTS = ('quick', 'inpaint', 'tiny')
 
 
 def apply_variant(
@@ -1504,16 +1676,20 @@ def apply_variant(
   variant: str,
   *,
   quick: Callable[[ml_collections.ConfigDict], None] = make_quick,
+  tiny: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> ml_collections.ConfigDict:
   """Applies `--config=FILE:variant`: '' (as is), or names from `VARIANTS`
   joined by '+': 'quick' (`quick`: the config file's own shrinking, or
-  make_quick), 'inpaint' (make_inpainting); e.g. 'quick+inpaint'."""
+  make_quick), 'inpaint' (make_inpainting), 'tiny' (`tiny`, where the file
+  has one); e.g. 'quick+inpaint'."""
   makers = {'quick': quick, 'inpaint': make_inpainting}
+  if tiny is not None:
+    makers['tiny'] = tiny
   names = variant.split('+') if variant else []
   if any(name not in makers for name in names) or len(set(names)) < len(names):
     raise ValueError(
-      f"Unknown variant {variant!r}; allowed: '' or names from {VARIANTS} "
-      "joined by '+', e.g. 'quick' or 'quick+inpaint'."
+      f"Unknown variant {variant!r}; allowed: '' or names from "
+      f"{tuple(makers)} joined by '+', e.g. 'quick' or 'quick+inpaint'."
     )
   for name in names:
     makers[name](config)

@@ -184,6 +184,27 @@ class TrainContext:
       trained_from=trained_from,
     )
 
+  def import_stage(
+    self, kind: str, *, name: str, load: Callable[[], object], abstract_params
+  ):
+    """The folder `name` with imported (pretrained) params; returns them.
+
+    `load` gives host params of `abstract_params`' structure; they are
+    exported once, as a trained stage's, under the folder's lock and with
+    its config record, and loaded like any finished stage afterwards.
+    """
+    stage_dir = workdir_lib.stage_dir(self.workdir, name)
+    preemption.raise_if_requested(f'stage {name}')
+    with lock.hold(stage_dir):
+      record_stage_config(self.config, stage_dir, kind)
+      params = _load_export(stage_dir, abstract_params)
+      if params is None:
+        imported = jax.tree.map(jax.numpy.asarray, load())
+        checkpointing.export_params(workdir_lib.params_dir(stage_dir), imported)
+        params = loop.load_exported_params(stage_dir, abstract_params)
+        logging.info('%s: imported into %s.', name, stage_dir)
+    return params
+
   @functools.cached_property
   def space(self):
     """The space the chain's diffusion models work in."""

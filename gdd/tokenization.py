@@ -364,12 +364,18 @@ def for_config(config: ml_collections.ConfigDict, info) -> Tokenizer:
   """The tokenizer of `config.text` for the caption data set of `info`.
 
   'word': the data set's caption vocabulary (`data.caption_vocabulary`);
-  'clip': CLIP's BPE from `text.vocab_file` and `text.merges_file`.
+  'clip': CLIP's BPE from `text.vocab_file` and `text.merges_file` (by
+  default the `tokenizer/` files of `config.pretrained.folder`).
   """
   text = config.text
   if text.tokenizer == 'clip':
+    # A Stable Diffusion chain reads its folder's tokenizer/ by default.
+    tokenizer_dir = epath.Path(config.pretrained.folder or '.') / 'tokenizer'
     return ClipTokenizer.from_files(
-      text.vocab_file, text.merges_file, text.max_length, text.pad_token
+      text.vocab_file or tokenizer_dir / 'vocab.json',
+      text.merges_file or tokenizer_dir / 'merges.txt',
+      text.max_length,
+      text.pad_token,
     )
   vocabulary = data.caption_vocabulary(config.data)
   if vocabulary is None:

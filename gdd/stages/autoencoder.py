@@ -21,7 +21,7 @@ from absl import logging
 
 from gdd import data, images, paths, sampling, workdir_lib
 from gdd.models import autoencoder as autoencoder_lib
-from gdd.stages import Stage, StageKind, common
+from gdd.stages import Stage, StageKind, common, pretrained
 from gdd.train import checkpointing, sharding
 
 NAME = 'autoencoder'
@@ -131,12 +131,19 @@ def measure(config, info, params) -> dict:
   }
 
 
-def _record(ctx, params) -> None:
-  """Measures and records s and the PSNR once, with a reconstruction grid."""
+def _record(ctx, params, scaling_factor: float | None = None) -> None:
+  """Measures and records s and the PSNR once, with a reconstruction grid.
+
+  A given `scaling_factor` (a pretrained VAE's) is recorded as s; the one
+  measured on the data is kept beside it as `data_scaling_factor`.
+  """
   stage_dir = workdir_lib.stage_dir(ctx.workdir, NAME)
   if workdir_lib.read_latent_record(stage_dir) is not None:
     return
   stats = measure(ctx.config, ctx.info, jax.device_get(params))
+  if scaling_factor is not None:
+    stats['data_scaling_factor'] = stats['scaling_factor']
+    stats['scaling_factor'] = scaling_factor
   grid = stats.pop('grid')
   logging.info(
     '%s: scaling factor %.5f, held-out PSNR %.2f dB',
@@ -155,20 +162,35 @@ def _record(ctx, params) -> None:
 
 
 def _train(ctx, load_input):
-  """Trains (or loads) the autoencoder; records s and the PSNR."""
+  """Trains (or loads) the autoencoder; records s and the PSNR.
+
+  With `config.pretrained.folder`, Stable Diffusion's VAE is imported
+  instead, with SD's scaling factor (`stages.pretrained`).
+  """
   del load_input
   config, info = ctx.config, ctx.info
   model = common.build_autoencoder(config, info)
-  params = ctx.run_stage(
-    NAME,
-    lambda: make_stage(config, info),
-    name=NAME,
-    abstract_params=jax.eval_shape(
-      functools.partial(init_params, model, info.image_shape),
-      jax.random.PRNGKey(0),
-    ),
+  abstract = jax.eval_shape(
+    functools.partial(init_params, model, info.image_shape),
+    jax.random.PRNGKey(0),
   )
-  _record(ctx, params)
+  if not pretrained.enabled(config):
+    params = ctx.run_stage(
+      NAME,
+      lambda: make_stage(config, info),
+      name=NAME,
+      abstract_params=abstract,
+    )
+    _record(ctx, params)
+    return params
+  pretrained.check(config, info)
+  params = ctx.import_stage(
+    NAME,
+    name=NAME,
+    load=lambda: pretrained.autoencoder_params(config),
+    abstract_params=abstract,
+  )
+  _record(ctx, params, scaling_factor=pretrained.scaling_factor(config))
   return params
 
 

@@ -228,7 +228,9 @@ def abstract_params(model: UNet):
 
 
 def logsnr_fn(config: ml_collections.ConfigDict):
-  """t ↦ λ(t) for the config's log-SNR range."""
+  """t ↦ λ(t) of the config's schedule (and its log-SNR range)."""
+  if config.diffusion.schedule == 'sd':
+    return schedules.sd_logsnr_from_t
   return functools.partial(
     schedules.logsnr_from_t,
     logsnr_min=config.diffusion.logsnr_min,

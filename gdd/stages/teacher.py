@@ -15,7 +15,7 @@ import ml_collections
 from gdd import data, denoisers, sampling, workdir_lib
 from gdd.diffusion import losses, schedules
 from gdd.models import UNet
-from gdd.stages import Stage, StageKind, common
+from gdd.stages import Stage, StageKind, common, pretrained
 
 NAME = 'teacher'
 
@@ -77,14 +77,24 @@ def make_stage(config: ml_collections.ConfigDict, info: data.DatasetInfo):
 
 
 def _train(ctx, load_input):
-  """Trains (or loads) the teacher; it needs no finished stage."""
+  """Trains (or loads) the teacher; it needs no finished stage.
+
+  With `config.pretrained.folder`, Stable Diffusion is the teacher: its
+  weights are imported instead (`stages.pretrained`).
+  """
   del load_input
   config, info = ctx.config, ctx.info
+  abstract = common.abstract_params(common.build_model(config, info))
+  if pretrained.enabled(config):
+    pretrained.check(config, info)
+    return ctx.import_stage(
+      NAME,
+      name=NAME,
+      load=lambda: pretrained.teacher_params(config),
+      abstract_params=abstract,
+    )
   return ctx.run_stage(
-    NAME,
-    lambda: make_stage(config, info),
-    name=NAME,
-    abstract_params=common.abstract_params(common.build_model(config, info)),
+    NAME, lambda: make_stage(config, info), name=NAME, abstract_params=abstract
   )
 
 

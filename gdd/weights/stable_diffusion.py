@@ -122,20 +122,26 @@ def read_weights(
   )
 
 
-def load_unet(folder: epath.PathLike, *, variant: str | None = None) -> Network:
-  """The U-Net of an SD folder (its `unet/` and `scheduler/` read)."""
+def unet_config(folder: epath.PathLike) -> sd_unet.SDUNetConfig:
+  """The U-Net's config from `unet/config.json` and the scheduler's."""
   folder = epath.Path(folder)
-  scheduler = read_json(folder / 'scheduler' / 'scheduler_config.json')
   where = folder / 'scheduler' / 'scheduler_config.json'
+  scheduler = read_json(where)
   _check_schedule(scheduler, where)
   mean_type = diffusers_configs.mean_type(
     scheduler.get('prediction_type', 'epsilon'), str(where)
   )
-  config = diffusers_configs.unet_config(
+  return diffusers_configs.unet_config(
     read_json(folder / UNET / 'config.json'),
     mean_type=mean_type,
     where=str(folder / UNET / 'config.json'),
   )
+
+
+def load_unet(folder: epath.PathLike, *, variant: str | None = None) -> Network:
+  """The U-Net of an SD folder (its `unet/` and `scheduler/` read)."""
+  folder = epath.Path(folder)
+  config = unet_config(folder)
   params = naming.to_flax(
     read_weights(folder / UNET, _STEMS[UNET], variant),
     abstract_unet_params(config),
@@ -144,14 +150,20 @@ def load_unet(folder: epath.PathLike, *, variant: str | None = None) -> Network:
   return Network(config, params)
 
 
+def vae_config(
+  folder: epath.PathLike,
+) -> tuple[autoencoder.AutoencoderConfig, float]:
+  """The VAE's config and latent scaling factor from `vae/config.json`."""
+  path = epath.Path(folder) / VAE / 'config.json'
+  return diffusers_configs.vae_config(read_json(path), where=str(path))
+
+
 def load_vae(
   folder: epath.PathLike, *, variant: str | None = None
 ) -> tuple[Network, float]:
   """The KL autoencoder of an SD folder and its latent scaling factor."""
+  config, scaling_factor = vae_config(folder)
   folder = epath.Path(folder) / VAE
-  config, scaling_factor = diffusers_configs.vae_config(
-    read_json(folder / 'config.json'), where=str(folder / 'config.json')
-  )
   state_dict = _renamed_vae_attention(
     read_weights(folder, _STEMS[VAE], variant)
   )
@@ -161,14 +173,20 @@ def load_vae(
   return Network(config, params), scaling_factor
 
 
+def text_encoder_config(
+  folder: epath.PathLike,
+) -> text_encoder.TextEncoderConfig:
+  """The CLIP text encoder's config from `text_encoder/config.json`."""
+  path = epath.Path(folder) / TEXT_ENCODER / 'config.json'
+  return diffusers_configs.text_encoder_config(read_json(path), where=str(path))
+
+
 def load_text_encoder(
   folder: epath.PathLike, *, variant: str | None = None
 ) -> Network:
   """The CLIP text encoder of an SD folder."""
+  config = text_encoder_config(folder)
   folder = epath.Path(folder) / TEXT_ENCODER
-  config = diffusers_configs.text_encoder_config(
-    read_json(folder / 'config.json'), where=str(folder / 'config.json')
-  )
   state_dict = {
     key.removeprefix('text_model.'): value
     for key, value in read_weights(

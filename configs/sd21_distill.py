@@ -1,0 +1,55 @@
+r"""Distil Stable Diffusion 2.1 (768², v-prediction): as sd15_distill.py.
+
+SD 2.1's networks: linear projections and heads of 64 channels in the
+U-Net's transformers, cross-attention to 1024-wide states of OpenCLIP
+ViT-H/14 (its text_encoder/ folder holds 23 of the 24 layers: SD 2 reads
+the penultimate one), v-prediction, 768² images (96² × 4 latents). The
+student predicts v as SD 2.1 does (no ε student here). Everything else —
+the imported VAE and teacher, w in [1, 13], the rounds 64 → 1, the
+documented choices — is configs/sd15_distill.py's.
+
+  python -m gdd.main --config=configs/sd21_distill.py --workdir=$WORKDIR \
+    --config.pretrained.folder=/models/stable-diffusion-2-1 \
+    --config.data.data_dir=/data/laion/shards
+
+`:tiny` is the same chain at toy size for a tiny random SD 2-like folder.
+"""
+
+from gdd import config_lib
+
+SD21_UNET = dict(
+  block_out_channels=(320, 640, 1280, 1280),
+  layers_per_block=2,
+  down_block_types=(
+    'CrossAttnDownBlock2D',
+    'CrossAttnDownBlock2D',
+    'CrossAttnDownBlock2D',
+    'DownBlock2D',
+  ),
+  up_block_types=(
+    'UpBlock2D',
+    'CrossAttnUpBlock2D',
+    'CrossAttnUpBlock2D',
+    'CrossAttnUpBlock2D',
+  ),
+  attention_head_dim=(5, 10, 20, 20),
+  use_linear_projection=True,
+  norm_num_groups=32,
+  mean_type='v',
+)
+SD21_TEXT_ENCODER = dict(
+  hidden_size=1024,
+  intermediate_size=4096,
+  num_hidden_layers=23,
+  num_attention_heads=16,
+  hidden_act='gelu',
+)
+
+
+def get_config(variant: str = ''):
+  config = config_lib.stable_diffusion_config(
+    SD21_UNET, SD21_TEXT_ENCODER, image_size=768
+  )
+  return config_lib.apply_variant(
+    config, variant, tiny=config_lib.make_tiny_stable_diffusion
+  )

@@ -1,0 +1,241 @@
+"""configs/sd15_distill.py:tiny end to end: a tiny random Stable Diffusion.
+
+A random SD of the tiny config's layout is built with the reference
+implementations (diffusers, transformers; torch CPU, test-only) and saved in
+diffusers' layout with the tiny CLIP tokenizer files; the chain imports its
+VAE and teacher, then trains stage one and a halving round (2 → 1 here;
+`:tiny` itself halves 4 → 2 → 1) on mock image–caption shards, as
+`python -m gdd.main` runs it. SD 2.1's tiny twin (v-prediction, linear
+projections, GELU CLIP) is imported too.
+"""
+
+import diffusers
+import flax
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from gdd import config_lib, pipeline, sample, tokenization, workdir_lib
+from gdd.weights import stable_diffusion
+from tests import helpers
+
+CAPTIONS = ('a cat', 'cats', 'a cat at a cat', 'at a cat')
+
+
+def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for param in module.parameters():
+      param.add_(0.05 * torch.randn(param.shape, generator=generator))
+  return module
+
+
+def save_random_sd(config, folder) -> None:
+  """A random SD whose networks are the ones `config` builds, in diffusers'
+  layout (torch networks saved with save_pretrained)."""
+  torch.manual_seed(0)
+  model = config.model
+  tokenizer = tokenization.ClipTokenizer.from_files(
+    *helpers.write_clip_files(_mkdir(folder / 'tokenizer'))
+  )
+  text = config.text.encoder
+  unet = diffusers.UNet2DConditionModel(
+    sample_size=config.data.image_size // 2,
+    block_out_channels=model.block_out_channels,
+    layers_per_block=model.layers_per_block,
+    down_block_types=model.down_block_types,
+    up_block_types=model.up_block_types,
+    cross_attention_dim=text.hidden_size,
+    attention_head_dim=model.attention_head_dim,
+    use_linear_projection=model.use_linear_projection,
+    norm_num_groups=model.norm_num_groups,
+  )
+  ae = config.autoencoder.model
+  vae = diffusers.AutoencoderKL(
+    block_out_channels=ae.block_out_channels,
+    down_block_types=('DownEncoderBlock2D',) * len(ae.block_out_channels),
+    up_block_types=('UpDecoderBlock2D',) * len(ae.block_out_channels),
+    latent_channels=ae.latent_channels,
+    layers_per_block=ae.layers_per_block,
+    norm_num_groups=ae.norm_num_groups,
+  )
+  clip = transformers.CLIPTextModel(
+    transformers.CLIPTextConfig(
+      vocab_size=tokenizer.vocab_size,
+      max_position_embeddings=config.text.max_length,
+      eos_token_id=tokenizer.eos_id,
+      bos_token_id=tokenizer.eos_id - 1,
+      **text.to_dict(),
+    )
+  )
+  prediction = {'eps': 'epsilon', 'v': 'v_prediction'}[model.mean_type]
+  for name, network in (('unet', unet), ('vae', vae), ('text_encoder', clip)):
+    _perturbed(network, seed=len(name)).save_pretrained(folder / name)
+  diffusers.DDIMScheduler(
+    beta_schedule='scaled_linear',
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type=prediction,
+    clip_sample=False,
+  ).save_pretrained(folder / 'scheduler')
+
+
+def _mkdir(path):
+  path.mkdir(parents=True)
+  return path
+
+
+def tiny_config(name: str, sd_folder, shards) -> ml_collections.ConfigDict:
+  config = helpers.shrink_latent_chain(helpers.load_config(name, 'tiny'))
+  config.pretrained.folder = str(sd_folder)
+  config.data.data_dir = str(shards)
+  # One round, 2 → 1: each round compiles its own programs (CI minutes).
+  config.distill.update(num_train_steps=2, initial_num_steps=2)
+  return config
+
+
+@pytest.fixture(scope='module')
+def chain(tmp_path_factory):
+  """(config, SD folder, workdir) of the finished sd15_distill:tiny chain."""
+  config, root = _tiny_sd('sd15_distill', tmp_path_factory)
+  workdir = str(root / 'workdir')
+  pipeline.run(config, workdir, 'all')
+  return config, root / 'sd', workdir
+
+
+def _tiny_sd(name: str, tmp_path_factory):
+  """(validated `name`:tiny config, its root) with a random SD of its
+  layout in root/sd and mock shards in root/shards."""
+  root = tmp_path_factory.mktemp(name)
+  helpers.write_shards(
+    root / 'shards',
+    num_shards=1,
+    per_shard=8,
+    caption=lambda s, k: CAPTIONS[k % len(CAPTIONS)],
+  )
+  save_random_sd(helpers.load_config(name, 'tiny'), root / 'sd')
+  config = tiny_config(name, root / 'sd', root / 'shards')
+  config_lib.validate(config)
+  return config, root
+
+
+def test_the_vae_and_teacher_are_sd_itself(chain):
+  _, sd_folder, workdir = chain
+  loaded = stable_diffusion.load(sd_folder)
+  teacher = helpers.exported_params(workdir, 'teacher')
+  expected = {
+    'text_encoder': loaded.text_encoder.params,
+    'unet': loaded.unet.params,
+  }
+  jax.tree.map(np.testing.assert_array_equal, teacher, expected)
+  autoencoder = helpers.exported_params(workdir, 'autoencoder')
+  jax.tree.map(np.testing.assert_array_equal, autoencoder, loaded.vae.params)
+  record = workdir_lib.read_latent_record(
+    workdir_lib.stage_dir(workdir, 'autoencoder')
+  )
+  assert record['scaling_factor'] == pytest.approx(0.18215)
+  assert record['data_scaling_factor'] > 0
+
+
+def test_the_chain_distils_to_one_step(chain):
+  config, _, workdir = chain
+  assert workdir_lib.finished_rounds(workdir, 'distill') == [1]
+  guided = flax.traverse_util.flatten_dict(
+    helpers.exported_params(workdir, 'guided')
+  )
+  teacher = flax.traverse_util.flatten_dict(
+    helpers.exported_params(workdir, 'teacher')
+  )
+  # Stage one added the w-embedding and trained the U-Net; the text
+  # encoder stayed SD's.
+  assert any(path[:2] == ('unet', 'w_embedding') for path in guided)
+  changed = [p for p in teacher if not np.array_equal(teacher[p], guided[p])]
+  assert changed and all(path[0] == 'unet' for path in changed)
+  student = sample.load_sampler(workdir, 'distill', num_steps=1)
+  images = student(jax.random.key(0), list(CAPTIONS[:2]), 6.5)
+  assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_a_second_run_reuses_the_imports(chain):
+  config, _, workdir = chain
+  stage = workdir_lib.stage_dir(workdir, 'teacher')
+  before = sorted(p.name for p in stage.iterdir())
+  pipeline.run(config, workdir, 'teacher')
+  assert sorted(p.name for p in stage.iterdir()) == before
+
+
+def test_a_config_for_other_networks_is_refused_before_any_import(
+  chain, tmp_path
+):
+  config, sd_folder, _ = chain
+  config = config.copy_and_resolve_references()
+  config.text.encoder.num_hidden_layers = 2
+  with pytest.raises(config_lib.ConfigError, match='num_hidden_layers is 2'):
+    pipeline.run(config, str(tmp_path / 'w'), 'all')
+  assert not (tmp_path / 'w' / 'teacher' / 'params').exists()
+
+
+def test_sd21_tiny_imports_its_v_prediction_teacher(tmp_path_factory):
+  config, root = _tiny_sd('sd21_distill', tmp_path_factory)
+  assert config.model.mean_type == 'v' and config.model.use_linear_projection
+  workdir = str(root / 'workdir')
+  pipeline.run(config, workdir, 'teacher')
+  loaded = stable_diffusion.load(root / 'sd')
+  assert loaded.unet.config.mean_type == 'v'
+  assert loaded.text_encoder.config.hidden_act == 'gelu'
+  teacher = helpers.exported_params(workdir, 'teacher')
+  jax.tree.map(
+    np.testing.assert_array_equal, teacher['unet'], loaded.unet.params
+  )
+
+
+def test_the_teacher_samples_as_diffusers_stable_diffusion_pipeline(chain):
+  # gdd's CFG teacher, DDIM in 4 steps at w, from the same z1, against
+  # diffusers' StableDiffusionPipeline with DDIM 'trailing' timesteps at
+  # guidance_scale 1 + w (2.3e-6 apart here; at guidance_scale w, 0.045).
+  # The pipeline gets gdd's prompt and empty-prompt token ids through the
+  # same torch CLIP (prompt_embeds), so tokenizer files are not compared
+  # here (tests/test_tokenization.py does that).
+  config, sd_folder, workdir = chain
+  w, num_steps, captions = 6.5, 4, ['a cat', 'cats at a cat']
+  tokenizer = tokenization.for_config(config, None)
+  clip = transformers.CLIPTextModel.from_pretrained(sd_folder / 'text_encoder')
+
+  def states(texts):
+    with torch.no_grad():
+      ids = torch.from_numpy(tokenizer.encode(texts).astype(np.int64))
+      return clip(ids).last_hidden_state
+
+  pipe = diffusers.StableDiffusionPipeline(
+    vae=diffusers.AutoencoderKL.from_pretrained(sd_folder / 'vae'),
+    text_encoder=clip,
+    tokenizer=None,
+    unet=diffusers.UNet2DConditionModel.from_pretrained(sd_folder / 'unet'),
+    scheduler=diffusers.DDIMScheduler.from_pretrained(
+      sd_folder / 'scheduler',
+      timestep_spacing='trailing',
+      set_alpha_to_one=True,
+    ),
+    safety_checker=None,
+    feature_extractor=None,
+    requires_safety_checker=False,
+  )
+  z1 = np.random.default_rng(0).standard_normal((2, 8, 8, 4), np.float32)
+  expected = pipe(
+    prompt_embeds=states(captions),
+    negative_prompt_embeds=states([''] * 2),
+    latents=torch.from_numpy(z1.transpose(0, 3, 1, 2)),
+    num_inference_steps=num_steps,
+    guidance_scale=1.0 + w,
+    height=16,
+    width=16,
+    output_type='np',
+  ).images
+  teacher = sample.load_sampler(workdir, 'teacher', num_steps=num_steps)
+  images = teacher(jax.random.key(0), captions, w, noise=z1)
+  np.testing.assert_allclose(
+    (np.asarray(images) + 1.0) / 2.0, expected, atol=1e-4
+  )
