@@ -420,6 +420,17 @@ def _add_mode_sections(config: ml_collections.ConfigDict) -> None:
     }
   )
   config.edit = _edit_config()
+  # `--mode=export` (gdd/export.py): a student of a Stable Diffusion chain
+  # as a diffusers pipeline folder, its w-embedding folded in at `w`.
+  config.export = ml_collections.ConfigDict(
+    {
+      'stage': 'distill',  # 'distill' (num_steps picks the round) or 'guided'.
+      'num_steps': 4,
+      'w': 6.5,  # SD's guidance scale 7.5.
+      # '' = WORKDIR/exports/<stage folder>_w<w>; never overwritten.
+      'out': '',
+    }
+  )
   config.evaluate = _evaluate_config()
   # `--mode=plan`: memory and FLOPs per device for a target accelerator.
   config.plan = ml_collections.ConfigDict(
@@ -678,6 +689,7 @@ NOT_TRAINING_KEYS = {
   'grids': 'the sample grids written during training',
   'sample': 'read by --mode=sample only',
   'edit': 'read by --mode=edit, inpaint and translate only',
+  'export': 'read by --mode=export only',
   'evaluate': 'read by --mode=evaluate only',
   'distributed': 'how processes connect, not what they compute',
   'memory': (
@@ -936,6 +948,7 @@ def validate(
   _check(config, 'profile_steps', lambda v: checks.is_int(v, 0), 'an int >= 0')
   _validate_sample(config)
   _validate_edit(config)
+  _validate_export(config)
 
 
 def _required_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -1248,6 +1261,14 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
 
 def _check_off_grid(config: ml_collections.ConfigDict, key: str) -> None:
   _check(config, key, _one_of(OFF_GRID_RULES), f'one of {OFF_GRID_RULES}')
+
+
+def _validate_export(config: ml_collections.ConfigDict) -> None:
+  stages = ('distill', 'guided')
+  _check(config, 'export.stage', _one_of(stages), f'one of {stages}')
+  _check(config, 'export.num_steps', checks.is_int, 'a positive int')
+  _check(config, 'export.w', _non_negative_number, 'a number >= 0')
+  _check(config, 'export.out', lambda v: isinstance(v, str), 'a path or ""')
 
 
 def _validate_edit(config: ml_collections.ConfigDict) -> None:
@@ -1595,11 +1616,15 @@ def stable_diffusion_config(
   config.model = sd_unet_model_config(**unet, time_input='sd', dtype='bfloat16')
   config.text.update(tokenizer='clip', max_length=77, train_encoder=False)
   config.text.encoder.update(text_encoder)
+  # Accumulation from --mode=plan at 8×H100 (README, "Distil your Stable
+  # Diffusion"): micro-batches of 4 (stage one: teacher and student
+  # activations) and 8 per device.
   config.guided.update(
     w_min=1.0,
     w_max=13.0,
     num_train_steps=20_000,
     batch_size=256,
+    grad_accum_steps=8,
     ema_warmup=True,
     grids_every=5_000,
     checkpoint_every=1_000,
@@ -1609,6 +1634,7 @@ def stable_diffusion_config(
   config.distill.update(
     num_train_steps=10_000,
     batch_size=256,
+    grad_accum_steps=4,
     initial_num_steps=64,
     grids_every=5_000,
     checkpoint_every=1_000,

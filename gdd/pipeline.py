@@ -22,6 +22,7 @@ from gdd import (
   data,
   edit,
   errors,
+  export,
   paths,
   plan,
   sample,
@@ -35,6 +36,7 @@ MODES = (
   *registry.training_modes(),
   'sample',
   *edit.MODES,
+  export.MODE,
   'evaluate',
   'plan',
 )
@@ -319,6 +321,9 @@ def run(
     return
   if mode in edit.MODES:
     print(edit.edit_to_files(config, workdir, mode))
+    return
+  if mode == export.MODE:
+    print(export.export_to_folder(config, workdir))
     return
   _check_batch_sizes(config, mode)
   data.check_available(config.data)

@@ -57,7 +57,9 @@ STAGE_SECTIONS = tuple(
 def sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The planned sections of the stages `config`'s chain trains."""
   return tuple(
-    kind.section for kind in registry.for_mode('all', config) if kind.plan_stage
+    kind.section
+    for kind in registry.for_mode('all', config)
+    if kind.plan_stage and kind.trains(config)
   )
 
 

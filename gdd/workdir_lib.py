@@ -247,6 +247,11 @@ def edits_file(
   return paths.resolve(workdir) / 'edits' / name
 
 
+def exports_dir(workdir: epath.PathLike) -> epath.Path:
+  """Where --mode=export writes diffusers folders unless told otherwise."""
+  return paths.resolve(workdir) / 'exports'
+
+
 def eval_dir(workdir: epath.PathLike) -> epath.Path:
   """--mode=evaluate's results, plots and cached reference statistics."""
   return paths.resolve(workdir) / 'eval'

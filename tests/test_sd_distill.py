@@ -9,6 +9,8 @@ VAE and teacher, then trains stage one and a halving round (2 → 1 here;
 projections, GELU CLIP) is imported too.
 """
 
+import pathlib
+
 import diffusers
 import flax
 import jax
@@ -18,7 +20,14 @@ import pytest
 import torch
 import transformers
 
-from gdd import config_lib, pipeline, sample, tokenization, workdir_lib
+from gdd import (
+  config_lib,
+  export,
+  pipeline,
+  sample,
+  tokenization,
+  workdir_lib,
+)
 from gdd.weights import stable_diffusion
 from tests import helpers
 
@@ -192,6 +201,53 @@ def test_sd21_tiny_imports_its_v_prediction_teacher(tmp_path_factory):
   )
 
 
+def _prompt_states(config, sd_folder):
+  """captions → CLIP states by the torch text encoder on gdd's token ids."""
+  tokenizer = tokenization.for_config(config, None)
+  clip = transformers.CLIPTextModel.from_pretrained(sd_folder / 'text_encoder')
+
+  def states(texts):
+    with torch.no_grad():
+      ids = torch.from_numpy(tokenizer.encode(texts).astype(np.int64))
+      return clip(ids).last_hidden_state
+
+  return states
+
+
+def test_the_exported_student_samples_in_diffusers(chain, capsys):
+  # --mode=export writes a StableDiffusionPipeline folder; diffusers loads
+  # it whole and samples the 1-step student at guidance_scale 1 (w = 6.5
+  # folded into the U-Net) as gdd's sampler does from the same latents.
+  config, _, workdir = chain
+  config = config.copy_and_resolve_references()
+  config.export.update(stage='distill', num_steps=1, w=6.5)
+  pipeline.run(config, workdir, 'export')
+  out = capsys.readouterr().out.strip().splitlines()[-1]
+  assert out.endswith('exports/distill_1steps_w6.5')
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(out)
+  assert pipe.scheduler.config.timestep_spacing == 'trailing'
+  z1 = np.random.default_rng(1).standard_normal((2, 8, 8, 4), np.float32)
+  expected = pipe(
+    prompt_embeds=_prompt_states(config, pathlib.Path(out))(list(CAPTIONS[:2])),
+    latents=torch.from_numpy(z1.transpose(0, 3, 1, 2)),
+    num_inference_steps=1,
+    guidance_scale=1.0,
+    height=16,
+    width=16,
+    output_type='np',
+  ).images
+  student = sample.load_sampler(workdir, 'distill', num_steps=1)
+  images = student(jax.random.key(0), list(CAPTIONS[:2]), 6.5, noise=z1)
+  np.testing.assert_allclose(
+    (np.asarray(images) + 1.0) / 2.0, expected, atol=1e-4
+  )
+  with pytest.raises(FileExistsError, match='not empty'):
+    pipeline.run(config, workdir, 'export')
+  config.export.w = 20.0
+  with pytest.raises(export.ExportError, match='outside the w range'):
+    pipeline.run(config, workdir, 'export')
+
+
 def test_the_teacher_samples_as_diffusers_stable_diffusion_pipeline(chain):
   # gdd's CFG teacher, DDIM in 4 steps at w, from the same z1, against
   # diffusers' StableDiffusionPipeline with DDIM 'trailing' timesteps at
@@ -201,13 +257,8 @@ def test_the_teacher_samples_as_diffusers_stable_diffusion_pipeline(chain):
   # here (tests/test_tokenization.py does that).
   config, sd_folder, workdir = chain
   w, num_steps, captions = 6.5, 4, ['a cat', 'cats at a cat']
-  tokenizer = tokenization.for_config(config, None)
+  states = _prompt_states(config, sd_folder)
   clip = transformers.CLIPTextModel.from_pretrained(sd_folder / 'text_encoder')
-
-  def states(texts):
-    with torch.no_grad():
-      ids = torch.from_numpy(tokenizer.encode(texts).astype(np.int64))
-      return clip(ids).last_hidden_state
 
   pipe = diffusers.StableDiffusionPipeline(
     vae=diffusers.AutoencoderKL.from_pretrained(sd_folder / 'vae'),

@@ -98,6 +98,8 @@ class StageKind:
       or None.
     applies: config -> whether the kind exists for that config (the
       autoencoder only where the chain runs in a latent space).
+    trains: config -> whether it trains (and so is planned) for that
+      config; False where its params are imported (`stages.pretrained`).
     in_space: its models diffuse in the config's space, so its batches are
       encoded there (`common.in_space`); False for a kind that learns on
       the images themselves (the autoencoder).
@@ -122,5 +124,6 @@ class StageKind:
   plan_stage: Callable[..., Stage] | None = None
   summary: Callable[..., str | None] = lambda config, workdir: None
   applies: Callable[..., bool] = lambda config: True
+  trains: Callable[..., bool] = lambda config: True
   in_space: bool = True
   on_grid: bool = False

@@ -271,5 +271,6 @@ KIND = StageKind(
   plan_stage=make_stage,
   summary=_summary,
   applies=uses_latent_space,
+  trains=lambda config: not pretrained.enabled(config),
   in_space=False,
 )

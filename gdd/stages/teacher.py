@@ -126,4 +126,5 @@ KIND = StageKind(
   eval_rows=_eval_rows,
   series={'ddim': ('CFG teacher, DDIM', 'Blues')},
   plan_stage=make_stage,
+  trains=lambda config: not pretrained.enabled(config),
 )

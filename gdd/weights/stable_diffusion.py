@@ -15,7 +15,9 @@ each weights file possibly sharded (`<stem>.safetensors.index[.<variant>]
 compute is the network config's `dtype`), whatever the stored dtype.
 
 `export_unet` writes a gdd U-Net (a distilled student) as a diffusers
-`unet/` folder; a w-conditioned student is exported at one w, its
+`unet/` folder, `export_pipeline` a whole pipeline folder around it (the
+source's VAE, text encoder and tokenizer; DDIM with SD's timesteps on the
+student's grid); a w-conditioned student is exported at one w, its
 w-embedding folded into the time embedding's last bias (exact: the
 w-embedding is added to the time embedding, and both end in a linear
 layer), so any UNet2DConditionModel runtime samples it without guidance.
@@ -296,6 +298,77 @@ def export_unet(
   (folder / 'config.json').write_text(json.dumps(diffusers_config, indent=2))
   safetensors_io.save(state_dict, weights, metadata={'format': 'pt'})
   return folder
+
+
+# The scheduler of an exported student: DDIM on SD's schedule whose N-step
+# timesteps 1000k/N − 1 are the student's grid t = k/N (N dividing 1000;
+# `schedules.sd_logsnr_from_t`), ending clean.
+_STUDENT_SCHEDULER = {
+  '_class_name': 'DDIMScheduler',
+  **_SCHEDULE,
+  'timestep_spacing': 'trailing',
+  'set_alpha_to_one': True,
+  'steps_offset': 0,
+  'clip_sample': False,
+}
+_PIPELINE_INDEX = {
+  '_class_name': 'StableDiffusionPipeline',
+  'feature_extractor': [None, None],
+  'requires_safety_checker': False,
+  'safety_checker': [None, None],
+  'scheduler': ['diffusers', 'DDIMScheduler'],
+  'text_encoder': ['transformers', 'CLIPTextModel'],
+  'tokenizer': ['transformers', 'CLIPTokenizer'],
+  'unet': ['diffusers', 'UNet2DConditionModel'],
+  'vae': ['diffusers', 'AutoencoderKL'],
+}
+
+
+def export_pipeline(
+  source: epath.PathLike,
+  out: epath.PathLike,
+  config: sd_unet.SDUNetConfig,
+  params: dict,
+  *,
+  w: float | None = None,
+) -> epath.Path:
+  """A diffusers StableDiffusionPipeline folder of a student; returns it.
+
+  unet/ is the student (`export_unet`, at `w`); vae/, text_encoder/ and
+  tokenizer/ are copied from the SD folder `source` it was distilled from;
+  scheduler/ is DDIM on the student's grid. `StableDiffusionPipeline
+  .from_pretrained(out)` then samples it with `num_inference_steps=N` and
+  `guidance_scale=1` (guidance is inside the student). Refuses an `out`
+  that exists and is not empty.
+  """
+  source, out = epath.Path(source), epath.Path(out)
+  if out.exists() and any(out.iterdir()):
+    raise FileExistsError(
+      f'{out} exists and is not empty; gdd does not overwrite exports: pick '
+      'a new folder.'
+    )
+  copied = (VAE, TEXT_ENCODER, 'tokenizer')
+  missing = [sub for sub in copied if not (source / sub).is_dir()]
+  if missing:
+    raise WeightsNotFoundError(
+      f'{source} has no {missing} folder(s) to copy into the export: is it '
+      'the Stable Diffusion folder the chain was distilled from?'
+    )
+  for sub in copied:
+    (out / sub).mkdir(parents=True)
+    for file in (source / sub).iterdir():
+      file.copy(out / sub / file.name)
+  prediction = {v: k for k, v in diffusers_configs.PREDICTION_TYPES.items()}
+  scheduler = dict(
+    _STUDENT_SCHEDULER, prediction_type=prediction[config.mean_type]
+  )
+  (out / 'scheduler').mkdir()
+  (out / 'scheduler' / 'scheduler_config.json').write_text(
+    json.dumps(scheduler, indent=2)
+  )
+  (out / 'model_index.json').write_text(json.dumps(_PIPELINE_INDEX, indent=2))
+  export_unet(out / UNET, config, params, w=w)
+  return out
 
 
 def fold_w_embedding(
