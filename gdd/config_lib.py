@@ -970,6 +970,7 @@ def _required_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
     config.data.name in CAPTION_DATASETS
     and config.text.tokenizer == 'clip'
     # An SD chain reads its folder's tokenizer/ files by default.
+    and not config.pretrained.folder
     and config.diffusion.schedule != 'sd'
   ):
     tokenizer = '/models/stable-diffusion-v1-5/tokenizer'

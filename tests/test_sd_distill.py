@@ -290,3 +290,32 @@ def test_the_teacher_samples_as_diffusers_stable_diffusion_pipeline(chain):
   np.testing.assert_allclose(
     (np.asarray(images) + 1.0) / 2.0, expected, atol=1e-4
   )
+
+
+def test_sd_configs_name_their_required_keys():
+  config = helpers.load_config('sd15_distill')
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config)
+  message = str(error.value)
+  assert 'config.pretrained.folder' in message
+  assert 'config.data.data_dir' in message
+  # The folder's tokenizer/ is the default: no tokenizer files required.
+  assert 'vocab_file' not in message
+
+
+@pytest.mark.parametrize(
+  'key, value, message',
+  [
+    ('diffusion.schedule', 'cosine', "'sd' exactly when model.time_input"),
+    ('model.time_input', 'arctan', "'sd' exactly when model.time_input"),
+    ('space', 'pixel', 'with pretrained.folder set'),
+    ('text.tokenizer', 'word', "'clip'"),
+  ],
+)
+def test_a_stable_diffusion_start_needs_an_sd_chain(key, value, message):
+  config = helpers.load_config('sd21_distill', 'tiny')
+  config.update_from_flattened_dict(
+    {'pretrained.folder': '/sd', 'data.data_dir': '/shards', key: value}
+  )
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
