@@ -200,7 +200,9 @@ class TrainContext:
     with lock.hold(stage_dir):
       record_stage_config(self.config, stage_dir, kind)
       params = _load_export(stage_dir, abstract_params)
-      if params is None:
+      if params is not None:
+        logging.info('%s: already imported (%s); skipping.', name, stage_dir)
+      else:
         imported = jax.tree.map(jax.numpy.asarray, load())
         checkpointing.export_params(workdir_lib.params_dir(stage_dir), imported)
         params = loop.load_exported_params(stage_dir, abstract_params)

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from collections.abc import Callable
 
@@ -288,3 +289,48 @@ def write_clip_files(folder) -> tuple:
   vocab_json.write_text(json.dumps(CLIP_VOCAB))
   merges_txt.write_text(CLIP_MERGES)
   return vocab_json, merges_txt
+
+
+# ---------------------------------------------------------- notebooks ---
+
+
+def run_tiny_notebook(
+  name: str, workdir: str, tmp_path, monkeypatch
+) -> list[dict]:
+  """Runs colabs/`name` on a copy of `workdir`; returns its cells' outputs.
+
+  Each notebook's tiny setting trains exactly one of the session's chain
+  fixtures (the same training keys), so its training cell finds every
+  stage finished, and the cells that sample, plot and time run as they do
+  for a user.
+  """
+  # Imported here: only the notebook tests need them.
+  import nbclient  # noqa: PLC0415
+  import nbformat  # noqa: PLC0415
+
+  from tests import conftest  # noqa: PLC0415
+
+  path = os.path.join(REPO, 'colabs', name)
+  shutil.copytree(workdir, tmp_path / 'workdir')
+  monkeypatch.setenv('GDD_NOTEBOOK_TINY', '1')
+  monkeypatch.setenv('GDD_NOTEBOOK_WORKDIR', str(tmp_path / 'workdir'))
+  # One CPU device in the kernel, as a user's laptop has (the tests' 8 fake
+  # devices would only slow its compiles down).
+  monkeypatch.setenv('XLA_FLAGS', conftest.TEST_XLA_FLAGS)
+  notebook = nbformat.read(path, as_version=4)
+  client = nbclient.NotebookClient(
+    notebook,
+    timeout=600,
+    kernel_name='python3',
+    resources={'metadata': {'path': os.path.dirname(path)}},
+  )
+  client.execute()  # Raises CellExecutionError if any cell fails.
+  return [o for cell in notebook.cells for o in cell.get('outputs', [])]
+
+
+def notebook_text(outputs: list[dict]) -> str:
+  return ''.join(o.get('text', '') for o in outputs)
+
+
+def notebook_images(outputs: list[dict]) -> int:
+  return sum('image/png' in o.get('data', {}) for o in outputs)

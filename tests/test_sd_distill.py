@@ -319,3 +319,21 @@ def test_a_stable_diffusion_start_needs_an_sd_chain(key, value, message):
   )
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(config)
+
+
+def test_stable_diffusion_notebook_runs(chain, tmp_path, monkeypatch):
+  config, sd_folder, workdir = chain
+  monkeypatch.setenv('GDD_NOTEBOOK_SD_FOLDER', str(sd_folder))
+  monkeypatch.setenv('GDD_NOTEBOOK_DATA_DIR', config.data.data_dir)
+  outputs = helpers.run_tiny_notebook(
+    'stable_diffusion.ipynb', workdir, tmp_path, monkeypatch
+  )
+  text = helpers.notebook_text(outputs)
+  assert 'teacher: already imported' in text
+  assert 'distill/1steps: already finished' in text
+  assert 'left to right: SD teacher, 4 steps | student, 1 step(s)' in text
+  assert 'SD teacher, 4 steps (8 NFE): ' in text
+  assert 'student, 1 step(s) (1 NFE): ' in text
+  assert 'faster than the teacher (ideal 8x)' in text
+  assert 'exported: ' in text and "'unet', 'vae'" in text
+  assert helpers.notebook_images(outputs) == 2  # A grid per w.
