@@ -29,7 +29,14 @@ from gdd import (
   workdir_lib,
 )
 from gdd.evaluation import evaluate
-from gdd.stages import Stage, StageKind, autoencoder, common, registry
+from gdd.stages import (
+  Stage,
+  StageKind,
+  autoencoder,
+  common,
+  pretrained,
+  registry,
+)
 from gdd.train import checkpointing, lock, loop, preemption, sharding
 
 MODES = (
@@ -274,6 +281,17 @@ def run_chain(
     print(summary)
 
 
+def _import_stable_diffusion(
+  config: ml_collections.ConfigDict, workdir: epath.Path
+) -> None:
+  """SD's VAE and teacher imported into `workdir` if not yet (nothing
+  trains), so `--mode=sample` and the editing modes run straight from a
+  Stable Diffusion folder, without a distilled chain."""
+  ctx = TrainContext(config, workdir, data.get_info(config.data))
+  for name in ('autoencoder', 'teacher'):
+    registry.get(name).train(ctx, ctx.input_loader(None))
+
+
 def _mode_sections(config: ml_collections.ConfigDict, mode: str):
   """The config sections of the stages a training --mode trains.
 
@@ -318,6 +336,8 @@ def run(
     plan.print_plan(config)
     return
   workdir = paths.resolve(workdir)  # A local path, or a URL such as gs://.
+  if pretrained.enabled(config) and mode in ('sample', *edit.MODES):
+    _import_stable_diffusion(config, workdir)
   if mode == 'sample':
     print(sample.sample_to_files(config, workdir))
     return

@@ -55,6 +55,7 @@ _LONG_GROUPS = (
   'shapes_workdir',
   'chain_workdir',
   'test_multihost',
+  'test_sd_distill',
   'test_shapes_evaluator',
   'test_imagenet256_latent',
   'test_faults',

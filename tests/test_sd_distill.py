@@ -337,3 +337,25 @@ def test_stable_diffusion_notebook_runs(chain, tmp_path, monkeypatch):
   assert 'faster than the teacher (ideal 8x)' in text
   assert 'exported: ' in text and "'unet', 'vae'" in text
   assert helpers.notebook_images(outputs) == 2  # A grid per w.
+
+
+def test_sample_mode_runs_straight_from_the_sd_folder(chain, tmp_path, capsys):
+  # A fresh workdir: --mode=sample imports SD's VAE and teacher (nothing
+  # trains) and samples SD with DDIM at guidance scale 1 + w.
+  config = chain[0].copy_and_resolve_references()
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('a cat\ncats\n')
+  config.sample.update(
+    stage='teacher', num_steps=2, w=6.5, prompts=str(prompts), num_samples=2
+  )
+  workdir = tmp_path / 'fresh'
+  pipeline.run(config, str(workdir), 'sample')
+  path = capsys.readouterr().out.strip().splitlines()[-1]
+  with np.load(path) as saved:
+    assert saved['images'].shape == (2, 16, 16, 3)
+    assert list(saved['captions']) == ['a cat', 'cats']
+  assert sorted(p.name for p in workdir.iterdir()) == [
+    'autoencoder',
+    'samples',
+    'teacher',
+  ]
