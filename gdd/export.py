@@ -2,7 +2,7 @@
 
 Reads a finished stage-one student or halving round of a workdir trained
 from `config.pretrained.folder` and writes a StableDiffusionPipeline folder
-(`weights.stable_diffusion.export_pipeline`): the student's U-Net with its
+(`weights.diffusers_export.export_pipeline`): the student's U-Net with its
 w-embedding folded in at `config.export.w`, the SD folder's VAE, text
 encoder and tokenizer, and DDIM on the student's grid. diffusers (or any
 runtime of diffusers' format) then samples the student in N steps at
@@ -14,7 +14,7 @@ import ml_collections
 from etils import epath
 
 from gdd import errors, paths, sample, workdir_lib
-from gdd.weights import stable_diffusion
+from gdd.weights import diffusers_export
 
 MODE = 'export'
 
@@ -43,7 +43,7 @@ def export_to_folder(
       f'trained on, [{low}, {high}].'
     )
   out = paths.resolve(e.out) if e.out else _default_out(workdir, e)
-  return stable_diffusion.export_pipeline(
+  return diffusers_export.export_pipeline(
     paths.resolve(source),
     out,
     loaded.model.config.unet,

@@ -24,7 +24,12 @@ import transformers
 
 from gdd.diffusion import schedules
 from gdd.models import autoencoder, sd_unet, text_encoder
-from gdd.weights import diffusers_configs, naming, safetensors_io
+from gdd.weights import (
+  diffusers_configs,
+  diffusers_export,
+  naming,
+  safetensors_io,
+)
 from gdd.weights import stable_diffusion as sd
 
 # Float32: the largest differences seen are 1e-6 to 8e-6 on outputs of
@@ -268,7 +273,9 @@ def test_exported_student_runs_in_diffusers_at_its_w(pipeline, tmp_path):
     lambda s: 0.1 * rng.standard_normal(s.shape).astype(np.float32), fresh
   )
   student = sd.Network(config, dict(teacher.params, w_embedding=w_embedding))
-  out = sd.export_unet(tmp_path / 'unet', config, student.params, w=1.5)
+  out = diffusers_export.export_unet(
+    tmp_path / 'unet', config, student.params, w=1.5
+  )
   exported = diffusers.UNet2DConditionModel.from_pretrained(out).eval()
   z, context, steps = _unet_inputs(config)
   w = np.full((3,), 1.5, np.float32)
@@ -288,11 +295,13 @@ def test_exported_student_runs_in_diffusers_at_its_w(pipeline, tmp_path):
 
 def test_export_refuses_to_overwrite_and_needs_w(pipeline, tmp_path):
   teacher = sd.load_unet(pipeline.folder)
-  sd.export_unet(tmp_path, teacher.config, teacher.params)
+  diffusers_export.export_unet(tmp_path, teacher.config, teacher.params)
   with pytest.raises(FileExistsError, match='does not overwrite'):
-    sd.export_unet(tmp_path, teacher.config, teacher.params)
+    diffusers_export.export_unet(tmp_path, teacher.config, teacher.params)
   with pytest.raises(ValueError, match='Pass w exactly'):
-    sd.export_unet(tmp_path / 'b', teacher.config, teacher.params, w=1.0)
+    diffusers_export.export_unet(
+      tmp_path / 'b', teacher.config, teacher.params, w=1.0
+    )
   exported = diffusers_configs.unet_config(
     json.loads((tmp_path / 'config.json').read_text()),
     mean_type=teacher.config.mean_type,

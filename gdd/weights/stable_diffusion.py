@@ -14,19 +14,12 @@ each weights file possibly sharded (`<stem>.safetensors.index[.<variant>]
 `diffusers_configs`. Params come back float32 (gdd's master params; bf16
 compute is the network config's `dtype`), whatever the stored dtype.
 
-`export_unet` writes a gdd U-Net (a distilled student) as a diffusers
-`unet/` folder, `export_pipeline` a whole pipeline folder around it (the
-source's VAE, text encoder and tokenizer; DDIM with SD's timesteps on the
-student's grid); a w-conditioned student is exported at one w, its
-w-embedding folded into the time embedding's last bias (exact: the
-w-embedding is added to the time embedding, and both end in a linear
-layer), so any UNet2DConditionModel runtime samples it without guidance.
+The way back, a student to diffusers, is `diffusers_export`.
 """
 
 import json
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,17 +27,17 @@ from etils import epath
 
 from gdd import errors
 from gdd.diffusion import schedules
-from gdd.models import autoencoder, layers, sd_unet, text_encoder
+from gdd.models import autoencoder, sd_unet, text_encoder
 from gdd.weights import diffusers_configs, naming, safetensors_io
 
 UNET, VAE, TEXT_ENCODER = 'unet', 'vae', 'text_encoder'
-_STEMS = {
+STEMS = {
   UNET: 'diffusion_pytorch_model',
   VAE: 'diffusion_pytorch_model',
   TEXT_ENCODER: 'model',
 }
 # SD's discrete schedule (schedules.sd_logsnr_table) is all gdd implements.
-_SCHEDULE = {
+SCHEDULE = {
   'beta_schedule': 'scaled_linear',
   'beta_start': schedules.SD_BETA_START,
   'beta_end': schedules.SD_BETA_END,
@@ -145,7 +138,7 @@ def load_unet(folder: epath.PathLike, *, variant: str | None = None) -> Network:
   folder = epath.Path(folder)
   config = unet_config(folder)
   params = naming.to_flax(
-    read_weights(folder / UNET, _STEMS[UNET], variant),
+    read_weights(folder / UNET, STEMS[UNET], variant),
     abstract_unet_params(config),
     what=str(folder / UNET),
   )
@@ -166,9 +159,7 @@ def load_vae(
   """The KL autoencoder of an SD folder and its latent scaling factor."""
   config, scaling_factor = vae_config(folder)
   folder = epath.Path(folder) / VAE
-  state_dict = _renamed_vae_attention(
-    read_weights(folder, _STEMS[VAE], variant)
-  )
+  state_dict = _renamed_vae_attention(read_weights(folder, STEMS[VAE], variant))
   params = naming.to_flax(
     state_dict, abstract_vae_params(config), what=str(folder)
   )
@@ -191,9 +182,7 @@ def load_text_encoder(
   folder = epath.Path(folder) / TEXT_ENCODER
   state_dict = {
     key.removeprefix('text_model.'): value
-    for key, value in read_weights(
-      folder, _STEMS[TEXT_ENCODER], variant
-    ).items()
+    for key, value in read_weights(folder, STEMS[TEXT_ENCODER], variant).items()
   }
   params = naming.to_flax(
     state_dict,
@@ -270,153 +259,16 @@ def abstract_text_encoder_params(
   )
 
 
-def export_unet(
-  folder: epath.PathLike,
-  config: sd_unet.SDUNetConfig,
-  params: dict,
-  *,
-  w: float | None = None,
-  dtype: np.dtype = np.float32,
-) -> epath.Path:
-  """Writes a gdd SDUNet as a diffusers `unet/` folder; returns it.
-
-  A w-conditioned student needs `w`: its w-embedding at that w is folded
-  into `time_embedding/linear_2/bias`. Refuses to overwrite an existing
-  folder's weights (exports are never destroyed).
-  """
-  folder = epath.Path(folder)
-  weights = folder / f'{_STEMS[UNET]}.safetensors'
-  if weights.exists():
-    raise FileExistsError(
-      f'{weights} exists; gdd does not overwrite exports: pick a new folder '
-      'or remove it yourself.'
-    )
-  params = fold_w_embedding(config, params, w)
-  state_dict = naming.to_torch(params, dtype)
-  diffusers_config = diffusers_configs.diffusers_unet_config(config)
-  folder.mkdir(parents=True, exist_ok=True)
-  (folder / 'config.json').write_text(json.dumps(diffusers_config, indent=2))
-  safetensors_io.save(state_dict, weights, metadata={'format': 'pt'})
-  return folder
-
-
-# The scheduler of an exported student: DDIM on SD's schedule whose N-step
-# timesteps 1000k/N − 1 are the student's grid t = k/N (N dividing 1000;
-# `schedules.sd_logsnr_from_t`), ending clean.
-_STUDENT_SCHEDULER = {
-  '_class_name': 'DDIMScheduler',
-  **_SCHEDULE,
-  'timestep_spacing': 'trailing',
-  'set_alpha_to_one': True,
-  'steps_offset': 0,
-  'clip_sample': False,
-}
-_PIPELINE_INDEX = {
-  '_class_name': 'StableDiffusionPipeline',
-  'feature_extractor': [None, None],
-  'requires_safety_checker': False,
-  'safety_checker': [None, None],
-  'scheduler': ['diffusers', 'DDIMScheduler'],
-  'text_encoder': ['transformers', 'CLIPTextModel'],
-  'tokenizer': ['transformers', 'CLIPTokenizer'],
-  'unet': ['diffusers', 'UNet2DConditionModel'],
-  'vae': ['diffusers', 'AutoencoderKL'],
-}
-
-
-def export_pipeline(
-  source: epath.PathLike,
-  out: epath.PathLike,
-  config: sd_unet.SDUNetConfig,
-  params: dict,
-  *,
-  w: float | None = None,
-) -> epath.Path:
-  """A diffusers StableDiffusionPipeline folder of a student; returns it.
-
-  unet/ is the student (`export_unet`, at `w`); vae/, text_encoder/ and
-  tokenizer/ are copied from the SD folder `source` it was distilled from;
-  scheduler/ is DDIM on the student's grid. `StableDiffusionPipeline
-  .from_pretrained(out)` then samples it with `num_inference_steps=N` and
-  `guidance_scale=1` (guidance is inside the student). Refuses an `out`
-  that exists and is not empty.
-  """
-  source, out = epath.Path(source), epath.Path(out)
-  if out.exists() and any(out.iterdir()):
-    raise FileExistsError(
-      f'{out} exists and is not empty; gdd does not overwrite exports: pick '
-      'a new folder.'
-    )
-  copied = (VAE, TEXT_ENCODER, 'tokenizer')
-  missing = [sub for sub in copied if not (source / sub).is_dir()]
-  if missing:
-    raise WeightsNotFoundError(
-      f'{source} has no {missing} folder(s) to copy into the export: is it '
-      'the Stable Diffusion folder the chain was distilled from?'
-    )
-  for sub in copied:
-    (out / sub).mkdir(parents=True)
-    for file in (source / sub).iterdir():
-      file.copy(out / sub / file.name)
-  prediction = {v: k for k, v in diffusers_configs.PREDICTION_TYPES.items()}
-  scheduler = dict(
-    _STUDENT_SCHEDULER, prediction_type=prediction[config.mean_type]
-  )
-  (out / 'scheduler').mkdir()
-  (out / 'scheduler' / 'scheduler_config.json').write_text(
-    json.dumps(scheduler, indent=2)
-  )
-  (out / 'model_index.json').write_text(json.dumps(_PIPELINE_INDEX, indent=2))
-  export_unet(out / UNET, config, params, w=w)
-  return out
-
-
-def fold_w_embedding(
-  config: sd_unet.SDUNetConfig, params: dict, w: float | None
-) -> dict:
-  """A student's params at one w without `w_embedding` (or the teacher's).
-
-  emb = time_embedding(t) + w_embedding(w) and time_embedding ends in the
-  linear layer linear_2, so at a fixed w the w term is a constant added to
-  linear_2's bias.
-  """
-  if config.use_w_embedding != (w is not None):
-    raise ValueError(
-      f'Pass w exactly for a w-conditioned student (use_w_embedding='
-      f'{config.use_w_embedding}); got w={w}.'
-    )
-  if w is None:
-    return params
-  if not 0.0 <= w <= config.w_max:
-    raise ValueError(
-      f"w={w} is outside the student's range [0, {config.w_max}]."
-    )
-  mlp = layers.EmbeddingMLP(
-    config.time_embed_dim, layer_names=sd_unet.MLP_LAYERS
-  )
-  features = sd_unet.sinusoid(
-    sd_unet.w_input(jnp.full((1,), w, jnp.float32), config), config
-  )
-  term = mlp.apply({'params': params['w_embedding']}, features)[0]
-  folded = flax.core.unfreeze(params)
-  del folded['w_embedding']
-  bias = folded['time_embedding']['linear_2']['bias']
-  folded['time_embedding']['linear_2']['bias'] = np.asarray(bias) + np.asarray(
-    term
-  )
-  return folded
-
-
 def _check_schedule(scheduler: dict, where: epath.Path) -> None:
   different = {
     key: scheduler.get(key)
-    for key, value in _SCHEDULE.items()
+    for key, value in SCHEDULE.items()
     if not _matches(scheduler.get(key), value)
   }
   if different:
     raise diffusers_configs.UnsupportedConfigError(
       f"{where}: {different}; gdd implements Stable Diffusion 1.x / 2.x's "
-      f'schedule {_SCHEDULE} (method.md §11).'
+      f'schedule {SCHEDULE} (method.md §11).'
     )
 
 
