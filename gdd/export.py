@@ -28,6 +28,8 @@ def export_to_folder(
 ) -> epath.Path:
   """Writes `config.export`'s student as a diffusers folder; returns it."""
   e = config.export
+  out = paths.resolve(e.out) if e.out else _default_out(workdir, e)
+  diffusers_export.check_new_folder(out)  # Before anything is loaded.
   loaded = sample.load_stage(workdir, e.stage, num_steps=e.num_steps)
   source = loaded.config.pretrained.folder
   if not source:
@@ -42,7 +44,6 @@ def export_to_folder(
       f'config.export.w={e.w} is outside the w range the student was '
       f'trained on, [{low}, {high}].'
     )
-  out = paths.resolve(e.out) if e.out else _default_out(workdir, e)
   return diffusers_export.export_pipeline(
     paths.resolve(source),
     out,

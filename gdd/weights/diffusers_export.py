@@ -76,6 +76,16 @@ _PIPELINE_INDEX = {
 }
 
 
+def check_new_folder(out: epath.PathLike) -> None:
+  """Raises FileExistsError if `out` exists and is not empty."""
+  out = epath.Path(out)
+  if out.exists() and any(out.iterdir()):
+    raise FileExistsError(
+      f'{out} exists and is not empty; gdd does not overwrite exports: pick '
+      'a new folder.'
+    )
+
+
 def export_pipeline(
   source: epath.PathLike,
   out: epath.PathLike,
@@ -94,11 +104,7 @@ def export_pipeline(
   that exists and is not empty.
   """
   source, out = epath.Path(source), epath.Path(out)
-  if out.exists() and any(out.iterdir()):
-    raise FileExistsError(
-      f'{out} exists and is not empty; gdd does not overwrite exports: pick '
-      'a new folder.'
-    )
+  check_new_folder(out)
   copied = (sd.VAE, sd.TEXT_ENCODER, 'tokenizer')
   missing = [sub for sub in copied if not (source / sub).is_dir()]
   if missing:
