@@ -549,6 +549,10 @@ def _editing_evaluation_config() -> ml_collections.ConfigDict:
       # replacement ('' to leave it out).
       'mask': 'right',
       'inpainting_workdir': '',
+      # Which inpainting rows: 'replacement' (this workdir's models) and
+      # 'trained' (inpainting_workdir's); e.g. ('trained',) to add an
+      # inpainting chain's rows to an earlier run's replacement rows.
+      'inpainting_methods': ('replacement', 'trained'),
       # Translation: the distilled encoder's rounds, decoded by the
       # student's translate_num_steps round (and the teacher's many-step
       # encoder and decoder).
@@ -1491,6 +1495,13 @@ def _validate_editing_evaluation(config: ml_collections.ConfigDict) -> None:
     'evaluate.editing.inpainting_workdir',
     lambda v: isinstance(v, str),
     'a string',
+  )
+  methods = ('replacement', 'trained')
+  _check(
+    config,
+    'evaluate.editing.inpainting_methods',
+    lambda v: len(v) > 0 and all(m in methods for m in v),
+    f'a non-empty tuple of {methods}',
   )
 
 

@@ -435,6 +435,16 @@ def test_editing_evaluation_scores_every_task(encoder_workdir):
   }
   assert ('edit', 'distill', 0.3) not in floor_rows
   assert ('edit', 'distill', 0.6) in floor_rows
+  # inpainting_methods picks the inpainting rows.
+  config.evaluate.editing.update(
+    inpainting_workdir=encoder_workdir, inpainting_methods=('trained',)
+  )
+  methods = {
+    r.inpainting
+    for r in editing.plan_rows(config, encoder_workdir)
+    if r.task == 'inpaint'
+  }
+  assert methods == {'trained'}
   assert '| encoder, 2 steps | distilled student, 2 steps |' in table
   assert (eval_dir / 'editing_tradeoff.png').exists()
 

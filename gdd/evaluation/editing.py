@@ -113,8 +113,11 @@ def plan_rows(
     for model, n in models
     if model == 'teacher' or _can_start(t, n, e.off_grid)
   ]
-  rows += [EditRow(INPAINT, m, n, inpainting='replacement') for m, n in models]
-  if e.inpainting_workdir:
+  if 'replacement' in e.inpainting_methods:
+    rows += [
+      EditRow(INPAINT, m, n, inpainting='replacement') for m, n in models
+    ]
+  if e.inpainting_workdir and 'trained' in e.inpainting_methods:
     trained = workdir_lib.finished_rounds(e.inpainting_workdir, 'distill')
     rows += [
       EditRow(INPAINT, model, n, inpainting='trained')
