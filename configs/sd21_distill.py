@@ -50,6 +50,9 @@ def get_config(variant: str = ''):
   config = config_lib.stable_diffusion_config(
     SD21_UNET, SD21_TEXT_ENCODER, image_size=768
   )
+  # 768² images: micro-batches of 2 per H100 (--mode=plan at 8xH100).
+  config.guided.grad_accum_steps = 16
+  config.distill.grad_accum_steps = 16
   return config_lib.apply_variant(
     config, variant, tiny=config_lib.make_tiny_stable_diffusion
   )
