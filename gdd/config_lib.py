@@ -728,8 +728,8 @@ def from_record(record: dict) -> ml_collections.ConfigDict:
 
   A workdir recorded before a key existed trained as the key's default (or,
   for a section, without it), so the missing entries get base_config()'s
-  values: `space`, `model.kind`, `data.image_size` and whole sections such
-  as `text` and `autoencoder`.
+  values: `space`, `model.kind`, `data.image_size`, `diffusion.schedule`
+  and whole sections such as `text`, `autoencoder` and `pretrained`.
   """
   config = ml_collections.ConfigDict(record)
   base = base_config()
@@ -742,10 +742,14 @@ def from_record(record: dict) -> ml_collections.ConfigDict:
     'data.image_size',
     'data.held_out_dir',
     'sample.prompts',
+    'diffusion.schedule',
   ):
     section, name = key.split('.')
     if name not in config[section]:
       config[section][name] = base[section][name]
+  # Only SD U-Nets have a time input to choose.
+  if config.model.kind == 'sd_unet' and 'time_input' not in config.model:
+    config.model.time_input = _ADDED_TRAINING_KEYS['model.time_input']
   return config
 
 

@@ -333,3 +333,17 @@ def test_a_record_from_before_latent_keys_builds_its_network():
   info = data.get_info(config.data)
   assert isinstance(common.build_model(config, info), unet.UNet)
   assert common.build_space(config, info).shape == info.image_shape
+
+
+def test_a_latent_record_from_before_the_sd_schedule_samples_as_before():
+  # A shapes workdir recorded before diffusion.schedule, model.time_input
+  # and pretrained existed: cosine schedule, gdd's time input, no SD start.
+  stored = json.loads(helpers.load_config('shapes').to_json())
+  del stored['diffusion']['schedule'], stored['model']['time_input']
+  del stored['pretrained']
+  config = config_lib.from_record(stored)
+  assert config.diffusion.schedule == 'cosine'
+  assert config.model.time_input == 'arctan'
+  assert config.pretrained.folder == ''
+  config_lib.validate(config)
+  assert common.logsnr_fn(config)(1.0) == config.diffusion.logsnr_min
