@@ -199,6 +199,18 @@ def test_editing_report_has_a_table_per_task_scored(tmp_path):
   assert 'Inpainting' not in table and 'Translation' not in table
   assert editing_report.read(tmp_path) == results
   assert (tmp_path / 'editing_tradeoff.png').exists()
+  # No edit rows, no trade-off plot (an empty figure).
+  results['records'] = [
+    dict(
+      edit,
+      task='inpaint',
+      inpainting='replacement',
+      known_error=0.0,
+      known_max_error=0.0,
+    )
+  ]
+  editing_report.write(results, tmp_path / 'inpaint_only')
+  assert not (tmp_path / 'inpaint_only' / 'editing_tradeoff.png').exists()
 
 
 def test_evaluate_mode_on_a_tiny_chain(chain_workdir):

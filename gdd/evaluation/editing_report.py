@@ -203,12 +203,12 @@ def read(out_dir: epath.PathLike) -> dict:
 
 
 def write(results: dict, out_dir: epath.PathLike) -> None:
-  """editing.json, editing.md and editing_tradeoff.png (process 0)."""
-  report.write_files(
-    out_dir,
-    {
-      _RESULTS_JSON: json.dumps(results, indent=2),
-      'editing.md': markdown(results),
-      'editing_tradeoff.png': lambda path: plot_tradeoff(results, path),
-    },
-  )
+  """editing.json, editing.md and, with edit rows, editing_tradeoff.png
+  (process 0)."""
+  files = {
+    _RESULTS_JSON: json.dumps(results, indent=2),
+    'editing.md': markdown(results),
+  }
+  if any(r['task'] == 'edit' for r in results['records']):
+    files['editing_tradeoff.png'] = lambda path: plot_tradeoff(results, path)
+  report.write_files(out_dir, files)
