@@ -10,6 +10,7 @@ projections, GELU CLIP) is imported too.
 """
 
 import pathlib
+import shutil
 
 import diffusers
 import flax
@@ -214,13 +215,17 @@ def _prompt_states(config, sd_folder):
   return states
 
 
-def test_the_exported_student_samples_in_diffusers(chain, capsys):
+def test_the_exported_student_samples_in_diffusers(chain, tmp_path, capsys):
   # --mode=export writes a StableDiffusionPipeline folder; diffusers loads
   # it whole and samples the 1-step student at guidance_scale 1 (w = 6.5
   # folded into the U-Net) as gdd's sampler does from the same latents.
   config, _, workdir = chain
   config = config.copy_and_resolve_references()
   config.export.update(stage='distill', num_steps=1, w=6.5)
+  # The default folder, WORKDIR/exports/distill_1steps_w6.5, in a copy: the
+  # chain's own workdir stays as the other tests (the notebook) expect it.
+  shutil.copytree(workdir, tmp_path / 'workdir')
+  workdir = str(tmp_path / 'workdir')
   pipeline.run(config, workdir, 'export')
   out = capsys.readouterr().out.strip().splitlines()[-1]
   assert out.endswith('exports/distill_1steps_w6.5')
