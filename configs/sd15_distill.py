@@ -35,22 +35,8 @@ from gdd import config_lib
 
 # SD 1.5's networks, as their config.json files describe them.
 SD15_UNET = dict(
-  block_out_channels=(320, 640, 1280, 1280),
-  layers_per_block=2,
-  down_block_types=(
-    'CrossAttnDownBlock2D',
-    'CrossAttnDownBlock2D',
-    'CrossAttnDownBlock2D',
-    'DownBlock2D',
-  ),
-  up_block_types=(
-    'UpBlock2D',
-    'CrossAttnUpBlock2D',
-    'CrossAttnUpBlock2D',
-    'CrossAttnUpBlock2D',
-  ),
+  config_lib.SD_UNET_LAYOUT,
   attention_head_dim=8,
-  norm_num_groups=32,
   mean_type='eps',
 )
 SD15_TEXT_ENCODER = dict(

@@ -18,23 +18,9 @@ documented choices — is configs/sd15_distill.py's.
 from gdd import config_lib
 
 SD21_UNET = dict(
-  block_out_channels=(320, 640, 1280, 1280),
-  layers_per_block=2,
-  down_block_types=(
-    'CrossAttnDownBlock2D',
-    'CrossAttnDownBlock2D',
-    'CrossAttnDownBlock2D',
-    'DownBlock2D',
-  ),
-  up_block_types=(
-    'UpBlock2D',
-    'CrossAttnUpBlock2D',
-    'CrossAttnUpBlock2D',
-    'CrossAttnUpBlock2D',
-  ),
+  config_lib.SD_UNET_LAYOUT,
   attention_head_dim=(5, 10, 20, 20),
   use_linear_projection=True,
-  norm_num_groups=32,
   mean_type='v',
 )
 SD21_TEXT_ENCODER = dict(

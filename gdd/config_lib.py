@@ -1605,6 +1605,26 @@ def make_inpainting(config: ml_collections.ConfigDict) -> None:
   config.model.inpainting = True
 
 
+# Stable Diffusion 1.x / 2.x's U-Net layout (UNet2DConditionModel), as
+# unet/config.json says; the versions differ in heads, projections and
+# prediction (configs/sd15_distill.py, sd21_distill.py).
+SD_UNET_LAYOUT = dict(
+  block_out_channels=(320, 640, 1280, 1280),
+  layers_per_block=2,
+  down_block_types=(
+    'CrossAttnDownBlock2D',
+    'CrossAttnDownBlock2D',
+    'CrossAttnDownBlock2D',
+    'DownBlock2D',
+  ),
+  up_block_types=(
+    'UpBlock2D',
+    'CrossAttnUpBlock2D',
+    'CrossAttnUpBlock2D',
+    'CrossAttnUpBlock2D',
+  ),
+  norm_num_groups=32,
+)
 # Stable Diffusion 1.x / 2.x's VAE (AutoencoderKL), as vae/config.json says.
 SD_VAE = dict(
   latent_channels=4,
