@@ -86,22 +86,8 @@ def _add_networks(config) -> None:
     norm_num_groups=32,
   )
   config.model = config_lib.sd_unet_model_config(
-    block_out_channels=(192, 384, 768, 768),
-    layers_per_block=2,
-    down_block_types=(
-      'CrossAttnDownBlock2D',
-      'CrossAttnDownBlock2D',
-      'CrossAttnDownBlock2D',
-      'DownBlock2D',
-    ),
-    up_block_types=(
-      'UpBlock2D',
-      'CrossAttnUpBlock2D',
-      'CrossAttnUpBlock2D',
-      'CrossAttnUpBlock2D',
-    ),
+    **dict(config_lib.SD_UNET_LAYOUT, block_out_channels=(192, 384, 768, 768)),
     attention_head_dim=8,
-    norm_num_groups=32,
     dtype='bfloat16',
   )
   config.text.update(tokenizer='clip', max_length=77)

@@ -20,7 +20,7 @@ from etils import epath
 
 from gdd import config_lib, data, paths
 from gdd.stages import common
-from gdd.weights import stable_diffusion
+from gdd.weights import diffusers_configs, stable_diffusion
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -58,45 +58,22 @@ def check(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> None:
     )
 
 
-# What must match: the architecture, not the compute dtype, remat, the
-# latent size (the U-Net is convolutional) or a student's w-embedding.
+# What must match: the architecture (diffusers' config fields), not the
+# compute dtype, remat, the latent size (the U-Net is convolutional),
+# dropout or a student's w-embedding.
 _UNET_FIELDS = (
+  *(
+    field
+    for field in diffusers_configs.UNET_FIELDS
+    if field not in ('sample_size', 'dropout')
+  ),
   'in_channels',
-  'mean_type',
-  'block_out_channels',
-  'layers_per_block',
-  'down_block_types',
-  'up_block_types',
-  'cross_attention_dim',
   'attention_head_dim',
-  'transformer_layers_per_block',
-  'use_linear_projection',
-  'norm_num_groups',
-  'norm_eps',
-  'flip_sin_to_cos',
-  'freq_shift',
+  'mean_type',
   'time_input',
 )
-_TEXT_FIELDS = (
-  'vocab_size',
-  'eos_token_id',
-  'hidden_size',
-  'intermediate_size',
-  'num_hidden_layers',
-  'num_attention_heads',
-  'max_position_embeddings',
-  'hidden_act',
-  'layer_norm_eps',
-)
-_VAE_FIELDS = (
-  'in_channels',
-  'out_channels',
-  'latent_channels',
-  'block_out_channels',
-  'layers_per_block',
-  'norm_num_groups',
-  'mid_block_add_attention',
-)
+_TEXT_FIELDS = (*diffusers_configs.TEXT_FIELDS, 'eos_token_id')
+_VAE_FIELDS = diffusers_configs.VAE_FIELDS
 
 
 def _differences(section: str, built, loaded, fields) -> list[str]:

@@ -55,7 +55,7 @@ _UNET_FIXED = {
   'timestep_post_act': None,
 }
 # Options that are SDUNetConfig fields of the same name and meaning.
-_UNET_FIELDS = (
+UNET_FIELDS = (
   'sample_size',
   'block_out_channels',
   'layers_per_block',
@@ -87,7 +87,7 @@ _VAE_FIXED = {
   'use_post_quant_conv': True,
   'use_quant_conv': True,
 }
-_VAE_FIELDS = (
+VAE_FIELDS = (
   'in_channels',
   'out_channels',
   'latent_channels',
@@ -105,7 +105,7 @@ _VAE_READ = (
 )
 # TextEncoderConfig fields that are CLIPTextConfig keys of the same
 # meaning (eos_token_id is read apart; dtype and remat are gdd's).
-_TEXT_FIELDS = tuple(
+TEXT_FIELDS = tuple(
   field.name
   for field in dataclasses.fields(text_encoder.TextEncoderConfig)
   if field.name not in ('eos_token_id', 'dtype', 'remat')
@@ -129,7 +129,7 @@ def unet_config(
   `mean_type` comes from the scheduler's prediction_type (the U-Net's own
   config does not say); `where` names the file in errors.
   """
-  _check(config, _UNET_FIXED, _UNET_FIELDS + _UNET_READ, where)
+  _check(config, _UNET_FIXED, UNET_FIELDS + _UNET_READ, where)
   if config.get('out_channels', 4) != config.get('in_channels', 4):
     raise UnsupportedConfigError(
       f'{where}: in_channels={config.get("in_channels")} and out_channels='
@@ -140,7 +140,7 @@ def unet_config(
       'masked latents.'
     )
   heads = config.get('num_attention_heads') or config['attention_head_dim']
-  fields = {k: config[k] for k in _UNET_FIELDS if k in config}
+  fields = {k: config[k] for k in UNET_FIELDS if k in config}
   return sd_unet.SDUNetConfig(
     **fields,
     in_channels=config.get('in_channels', 4),
@@ -163,7 +163,7 @@ def diffusers_unet_config(config: sd_unet.SDUNetConfig) -> dict[str, Any]:
     raise UnsupportedConfigError(
       'Inpainting and class-conditional SDUNets do not export to diffusers.'
     )
-  fields = {k: getattr(config, k) for k in _UNET_FIELDS}
+  fields = {k: getattr(config, k) for k in UNET_FIELDS}
   return {
     '_class_name': 'UNet2DConditionModel',
     **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
@@ -180,7 +180,7 @@ def vae_config(
   config: dict[str, Any], *, where: str
 ) -> tuple[autoencoder.AutoencoderConfig, float]:
   """The AutoencoderConfig and scaling factor of an AutoencoderKL config."""
-  _check(config, _VAE_FIXED, _VAE_FIELDS + _VAE_READ, where)
+  _check(config, _VAE_FIXED, VAE_FIELDS + _VAE_READ, where)
   levels = len(config['block_out_channels'])
   for key, kind in (
     ('down_block_types', 'DownEncoderBlock2D'),
@@ -190,7 +190,7 @@ def vae_config(
       raise UnsupportedConfigError(
         f'{where}: {key}={config[key]}; gdd builds {levels} x {kind!r}.'
       )
-  fields = {k: config[k] for k in _VAE_FIELDS if k in config}
+  fields = {k: config[k] for k in VAE_FIELDS if k in config}
   return autoencoder.AutoencoderConfig(**fields), float(
     config.get('scaling_factor', 0.18215)
   )
@@ -208,7 +208,7 @@ def text_encoder_config(
   eos = config.get('eos_token_id', _LEGACY_EOS)
   if eos == _LEGACY_EOS:
     eos = config['vocab_size'] - 1
-  fields = {k: config[k] for k in _TEXT_FIELDS if k in config}
+  fields = {k: config[k] for k in TEXT_FIELDS if k in config}
   return text_encoder.TextEncoderConfig(**fields, eos_token_id=eos)
 
 
