@@ -29,6 +29,10 @@ your Stable Diffusion"):
 
 `:tiny` is the same chain at toy size, for a tiny random SD of the same
 layout (the tests build one with diffusers); it runs end to end on a CPU.
+`:inpaint` distils SD's inpainting U-Net instead (a folder such as
+stable-diffusion-inpainting: 9 input channels, the mask and the encoded
+masked image; random training masks, `config.random_masks`); then
+`--mode=inpaint` fills in with the student.
 """
 
 from gdd import config_lib
@@ -54,5 +58,8 @@ def get_config(variant: str = ''):
   )
   config.allow_eps_students = True
   return config_lib.apply_variant(
-    config, variant, tiny=config_lib.make_tiny_stable_diffusion
+    config,
+    variant,
+    inpaint=config_lib.make_sd_inpainting,
+    tiny=config_lib.make_tiny_stable_diffusion,
   )

@@ -12,7 +12,10 @@ documented choices — is configs/sd15_distill.py's.
     --config.pretrained.folder=/models/stable-diffusion-2-1 \
     --config.data.data_dir=/data/laion/shards
 
-`:tiny` is the same chain at toy size for a tiny random SD 2-like folder.
+`:tiny` is the same chain at toy size for a tiny random SD 2-like folder;
+`:inpaint` distils an SD 2 inpainting U-Net (9 input channels) instead;
+where its folder differs from SD 2.1 (image size, prediction type) the
+import names each key to set before anything is read.
 """
 
 from gdd import config_lib
@@ -40,5 +43,8 @@ def get_config(variant: str = ''):
   config.guided.grad_accum_steps = 16
   config.distill.grad_accum_steps = 16
   return config_lib.apply_variant(
-    config, variant, tiny=config_lib.make_tiny_stable_diffusion
+    config,
+    variant,
+    inpaint=config_lib.make_sd_inpainting,
+    tiny=config_lib.make_tiny_stable_diffusion,
   )

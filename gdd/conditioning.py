@@ -12,7 +12,8 @@ grids and evaluation draw.
 
 An inpainting model (`config.model.inpainting`) also sees the known region:
 cond gains 'mask' (float32 [B, h, w, 1], 1 kept) and 'masked' (the data
-times the mask in the diffusion space, [B, h, w, C]), added by
+times the mask in the diffusion space, [B, h, w, C]; for Stable Diffusion's
+inpainting U-Net the latents of the masked image, `INPAINTING_INPUTS`), added by
 `with_known_region` (in training from random masks, `masks.random`; in
 sampling from the request's init and mask). A kind passes them through
 from a batch and keeps them in its null ∅: CFG drops only the class or
@@ -74,6 +75,12 @@ def take(cond: Cond, begin: int, end: int) -> Cond:
 
 # The keys of an inpainting model's known region (module docstring).
 KNOWN_REGION = ('mask', 'masked')
+# What an inpainting network's 'masked' holds: 'masked_latents' (gdd's: the
+# data times the mask in the diffusion space, `with_known_region`) or
+# 'masked_image' (Stable Diffusion's inpainting U-Net: the latents of the
+# image with the region to fill zeroed, `spaces.encode_masked`; the network
+# then reads the mask as 1 = fill in, `layers.known_region_input`).
+INPAINTING_INPUTS = ('masked_latents', 'masked_image')
 
 
 def known_region(tree: dict) -> Cond:
@@ -86,7 +93,19 @@ def with_known_region(cond: Cond, x: jnp.ndarray, mask: jnp.ndarray) -> Cond:
   the diffusion space: 'mask' (1 kept, [B, h, w, 1]) and 'masked' = x · mask.
   """
   mask = jnp.asarray(mask, jnp.float32)
-  return dict(cond, mask=mask, masked=x.astype(jnp.float32) * mask)
+  return with_masked_input(cond, mask, x.astype(jnp.float32) * mask)
+
+
+def with_masked_input(
+  cond: Cond, mask: jnp.ndarray, masked: jnp.ndarray
+) -> Cond:
+  """`cond` (or a batch) with 'mask' (1 kept) and 'masked' as given: a
+  'masked_image' network's input (`INPAINTING_INPUTS`)."""
+  return dict(
+    cond,
+    mask=jnp.asarray(mask, jnp.float32),
+    masked=jnp.asarray(masked, jnp.float32),
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from gdd import checks, errors, masks, paths
+from gdd import checks, conditioning, errors, masks, paths
 from gdd.diffusion import losses, parameterization
 
 DATASETS = (
@@ -251,6 +251,10 @@ def sd_unet_model_config(**overrides: Any) -> ml_collections.ConfigDict:
     'mean_type': 'both',
     'dtype': 'float32',
     'inpainting': False,
+    # What an inpainting network reads as the masked input: 'masked_latents'
+    # (gdd's) or 'masked_image' (SD's inpainting U-Net: the encoded masked
+    # image, a second VAE pass per batch; conditioning.INPAINTING_INPUTS).
+    'inpainting_input': 'masked_latents',
     # 'sd': SD's timestep as the time input (Stable Diffusion's weights,
     # with diffusion.schedule='sd'); 'arctan': gdd's t_in·1000.
     'time_input': 'arctan',
@@ -354,6 +358,9 @@ def _add_stage_sections(config: ml_collections.ConfigDict) -> None:
   # Range of guidance strengths w the students are trained for.
   config.guided.w_min = 0.0
   config.guided.w_max = 4.0
+  # Stage one's and the rounds' per-example loss is weighted by (1 + w)^-p;
+  # 0 is the paper's unweighted loss (gdd.stages.guided.w_loss_weight).
+  config.guided.w_loss_power = 0.0
 
   # Stage two: progressive halving rounds, initial_num_steps → … → final.
   config.distill = train_config(num_train_steps=50_000, ema_decay=0.0)
@@ -623,6 +630,7 @@ _GUIDED_TRAINING_KEYS = (
   # w_max scales the student's w-embedding.
   'guided.w_min',
   'guided.w_max',
+  'guided.w_loss_power',
 )
 # The halving rounds, with w or at the single w (both use the distill block).
 _ROUND_TRAINING_KEYS = (
@@ -717,9 +725,11 @@ _ADDED_TRAINING_KEYS = {
   'model.kind': 'unet',
   'model.inpainting': False,
   'model.time_input': 'arctan',
+  'model.inpainting_input': 'masked_latents',
   'diffusion.schedule': 'cosine',
   'pretrained.folder': '',
   'pretrained.variant': '',
+  'guided.w_loss_power': 0.0,
 }
 
 
@@ -747,9 +757,10 @@ def from_record(record: dict) -> ml_collections.ConfigDict:
     section, name = key.split('.')
     if name not in config[section]:
       config[section][name] = base[section][name]
-  # Only SD U-Nets have a time input to choose.
-  if config.model.kind == 'sd_unet' and 'time_input' not in config.model:
-    config.model.time_input = _ADDED_TRAINING_KEYS['model.time_input']
+  # Only SD U-Nets have a time input and an inpainting input to choose.
+  for name in ('time_input', 'inpainting_input'):
+    if config.model.kind == 'sd_unet' and name not in config.model:
+      config.model[name] = _ADDED_TRAINING_KEYS[f'model.{name}']
   return config
 
 
@@ -895,7 +906,6 @@ def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
   needed = {
     'space': 'latent',
     'model.kind': 'sd_unet',
-    'model.inpainting': False,
     'diffusion.schedule': 'sd',
     'text.tokenizer': 'clip',
   }
@@ -912,6 +922,13 @@ def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
     _one_of(CAPTION_DATASETS),
     f'one of {CAPTION_DATASETS} with pretrained.folder set (SD is '
     'text-to-image)',
+  )
+  _check(
+    config,
+    'model.inpainting',
+    lambda v: not v or config.model.inpainting_input == 'masked_image',
+    "False, or True with model.inpainting_input='masked_image' (SD's "
+    'inpainting U-Net), with pretrained.folder set',
   )
 
 
@@ -1142,6 +1159,15 @@ def _validate_sd_unet(config: ml_collections.ConfigDict) -> None:
       lambda v: isinstance(v, tuple | list) and len(v) == levels,
       f'a tuple of {levels} block types, one per block_out_channels entry',
     )
+  inputs = conditioning.INPAINTING_INPUTS
+  _check(config, 'model.inpainting_input', _one_of(inputs), f'one of {inputs}')
+  _check(
+    config,
+    'space',
+    lambda v: v == 'latent' or config.model.inpainting_input != 'masked_image',
+    "'latent' with model.inpainting_input='masked_image' (SD's inpainting "
+    "input encodes the masked image; in pixel space use 'masked_latents')",
+  )
 
 
 def _validate_text(config: ml_collections.ConfigDict) -> None:
@@ -1224,6 +1250,7 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
     lambda v: v > config.guided.w_min,
     '> guided.w_min',
   )
+  _check(config, 'guided.w_loss_power', _non_negative_number, 'a number >= 0')
   _validate_halving(config, 'distill')
   _check(
     config, 'distill.time_grid', _one_of(TIME_GRIDS), f'one of {TIME_GRIDS}'
@@ -1605,6 +1632,15 @@ def make_inpainting(config: ml_collections.ConfigDict) -> None:
   config.model.inpainting = True
 
 
+def make_sd_inpainting(config: ml_collections.ConfigDict) -> None:
+  """`:inpaint` of the Stable Diffusion configs: the teacher is SD's
+  inpainting U-Net (9 input channels, e.g. a stable-diffusion-inpainting
+  folder), which reads the encoded masked image ('masked_image',
+  `conditioning.INPAINTING_INPUTS`); every stage trains on random masks."""
+  make_inpainting(config)
+  config.model.inpainting_input = 'masked_image'
+
+
 # Stable Diffusion 1.x / 2.x's U-Net layout (UNet2DConditionModel), as
 # unet/config.json says; the versions differ in heads, projections and
 # prediction (configs/sd15_distill.py, sd21_distill.py).
@@ -1713,6 +1749,8 @@ def make_tiny_stable_diffusion(config: ml_collections.ConfigDict) -> None:
     use_linear_projection=config.model.use_linear_projection,
     mean_type=config.model.mean_type,
     time_input='sd',
+    inpainting=config.model.inpainting,
+    inpainting_input=config.model.inpainting_input,
   )
   config.text.update(max_length=8, num_held_out_captions=4)
   config.text.encoder.update(
@@ -1738,13 +1776,14 @@ def apply_variant(
   variant: str,
   *,
   quick: Callable[[ml_collections.ConfigDict], None] = make_quick,
+  inpaint: Callable[[ml_collections.ConfigDict], None] = make_inpainting,
   tiny: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> ml_collections.ConfigDict:
   """Applies `--config=FILE:variant`: '' (as is), or names from `VARIANTS`
   joined by '+': 'quick' (`quick`: the config file's own shrinking, or
-  make_quick), 'inpaint' (make_inpainting), 'tiny' (`tiny`, where the file
-  has one); e.g. 'quick+inpaint'."""
-  makers = {'quick': quick, 'inpaint': make_inpainting}
+  make_quick), 'inpaint' (`inpaint`: make_inpainting, or the file's own),
+  'tiny' (`tiny`, where the file has one); e.g. 'quick+inpaint'."""
+  makers = {'quick': quick, 'inpaint': inpaint}
   if tiny is not None:
     makers['tiny'] = tiny
   names = variant.split('+') if variant else []

@@ -93,6 +93,14 @@ def to_space(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   return patches.min(axis=(2, 4))
 
 
+def to_images(mask: jnp.ndarray, image_shape: tuple[int, ...]) -> jnp.ndarray:
+  """A diffusion-space mask at the images' (H, W): each entry repeated over
+  its patch (`to_space`'s inverse on the masks it returns)."""
+  _, h, w, _ = mask.shape
+  height, width = image_shape[:2]
+  return jnp.repeat(jnp.repeat(mask, height // h, axis=1), width // w, axis=2)
+
+
 def random(
   rng: jax.Array,
   batch_size: int,

@@ -281,12 +281,17 @@ def run_chain(
     print(summary)
 
 
+# The modes that import Stable Diffusion themselves, as their chain starts.
+_IMPORTING_MODES = ('all', 'autoencoder', 'teacher')
+
+
 def _import_stable_diffusion(
   config: ml_collections.ConfigDict, workdir: epath.Path
 ) -> None:
   """SD's VAE and teacher imported into `workdir` if not yet (nothing
   trains), so `--mode=sample` and the editing modes run straight from a
-  Stable Diffusion folder, without a distilled chain."""
+  Stable Diffusion folder, without a distilled chain, and `--mode=guided`
+  starts a chain."""
   ctx = TrainContext(config, workdir, data.get_info(config.data))
   for name in ('autoencoder', 'teacher'):
     registry.get(name).train(ctx, ctx.input_loader(None))
@@ -336,7 +341,8 @@ def run(
     plan.print_plan(config)
     return
   workdir = paths.resolve(workdir)  # A local path, or a URL such as gs://.
-  if pretrained.enabled(config) and mode in ('sample', *edit.MODES):
+  # The imported stages are any other mode's input ('all' imports in turn).
+  if pretrained.enabled(config) and mode not in _IMPORTING_MODES:
     _import_stable_diffusion(config, workdir)
   if mode == 'sample':
     print(sample.sample_to_files(config, workdir))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gdd import conditioning, config_lib, denoisers, errors, masks
+from gdd import conditioning, config_lib, denoisers, errors, masks, spaces
 from gdd.diffusion import samplers, schedules
 from gdd.stages import common
 from gdd.train import sharding
@@ -149,7 +149,12 @@ def _start_z(config, start, noise, known_rng):
     options['known'] = samplers.Known(
       x, start['mask'].astype(jnp.float32), known_rng
     )
-  return schedules.diffuse(x, noise, logsnr), options
+  # From t_start = 1 the start is the noise itself, as without init (and as
+  # diffusers' inpainting pipeline at strength 1): SD's schedule keeps
+  # α = 0.068 at t = 1, which would carry the input, the region to fill in
+  # too, into z_1 (gdd's cosine schedule: α = 5e-5).
+  z = jnp.where(t_start >= 1.0, noise, schedules.diffuse(x, noise, logsnr))
+  return z, options
 
 
 def draw(
@@ -165,9 +170,10 @@ def draw(
 ) -> jnp.ndarray:
   """Runs the named sampler in `space`; returns x̂ in the diffusion space.
 
-  From pure noise z_1 ~ N(0, I) when `start` is None; otherwise from
-  `start['x']` (data in the diffusion space: an encoded init) noised to
-  `start['t_start']` with the same noise draw, keeping `start['mask']`'s
+  From pure noise z_1 ~ N(0, I) when `start` is None or starts at t = 1;
+  otherwise from `start['x']` (data in the diffusion space: an encoded
+  init) noised to `start['t_start']` with the same noise draw, keeping
+  `start['mask']`'s
   region if given (replacement). `start['noise']`, if given, is that draw
   (z_1 from an encoder: translation, method.md §9). With `start['t_grid']`
   one DDIM step first takes z from t_start to t_grid, where the sampler's
@@ -224,11 +230,15 @@ def make_sample_fn(
   """
 
   def sample_fn(params, rng, cond, w, start=None, space_params=None):
+    images = None
     if start is not None and 'init' in start:
-      x = space.encode(space_params, start['init']).astype(jnp.float32)
+      images = start['init']
+      x = space.encode(space_params, images).astype(jnp.float32)
       start = {'x': x, **{k: v for k, v in start.items() if k != 'init'}}
     if config.model.inpainting:
-      cond, start = known_region_request(space, cond, start)
+      cond, start = known_region_request(
+        config, space, cond, start, images=images, space_params=space_params
+      )
     x = draw(
       config,
       space,
@@ -245,20 +255,34 @@ def make_sample_fn(
 
 
 def known_region_request(
-  space, cond: conditioning.Cond, start: dict | None
+  config: ml_collections.ConfigDict,
+  space,
+  cond: conditioning.Cond,
+  start: dict | None,
+  *,
+  images: jnp.ndarray | None,
+  space_params=None,
 ) -> tuple[conditioning.Cond, dict | None]:
   """An inpainting model's (cond, start): the request's known region in cond.
 
   The mask of `start` (at the space's size) and its data x masked join
   `cond` (`conditioning.with_known_region`) and leave `start`, so nothing
   is replaced; without a mask everything is filled in (an all-zero mask).
+  A 'masked_image' network (Stable Diffusion's inpainting U-Net) gets the
+  masked `images` encoded instead (`spaces.encode_masked`).
   """
   batch_size = conditioning.batch_size(cond)
   if start is None or 'mask' not in start:
     x = jnp.zeros((batch_size, *space.shape), jnp.float32)
-    return conditioning.with_known_region(cond, x, x[..., :1]), start
-  known = conditioning.with_known_region(cond, start['x'], start['mask'])
-  return known, {k: v for k, v in start.items() if k != 'mask'}
+    images = jnp.zeros((batch_size, *space.image_shape), jnp.float32)
+    mask, rest = x[..., :1], start
+  else:
+    x, mask = start['x'], start['mask']
+    rest = {k: v for k, v in start.items() if k != 'mask'}
+  if common.inpainting_input(config) == 'masked_image':
+    masked = spaces.encode_masked(space, space_params, images, mask)
+    return conditioning.with_masked_input(cond, mask, masked), rest
+  return conditioning.with_known_region(cond, x, mask), rest
 
 
 class DeviceBatches:

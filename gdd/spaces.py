@@ -15,6 +15,8 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from gdd import masks
+
 
 @dataclasses.dataclass(frozen=True)
 class PixelSpace:
@@ -90,6 +92,23 @@ class LatentSpace:
       method='decode',
     )
     return jnp.clip(images, -1.0, 1.0)
+
+
+def encode_masked(
+  space, space_params: Any, images: jnp.ndarray, mask: jnp.ndarray
+) -> jnp.ndarray:
+  """Stable Diffusion's inpainting input: the encoded images with the region
+  to fill in zeroed (`conditioning.INPAINTING_INPUTS`' 'masked_image').
+
+  `mask` is at the diffusion space's size (1 kept, `masks.to_space`) and
+  is repeated back over the pixels, so the network's mask and the zeroed
+  pixels are one region. (SD's pipeline zeroes the user's pixel mask and
+  resizes it to the latents; the two agree on masks aligned with the
+  latent grid.) The posterior mean, as every `LatentSpace.encode`, where
+  SD's pipeline draws a sample.
+  """
+  pixel_mask = masks.to_images(mask, space.image_shape)
+  return space.encode(space_params, images * pixel_mask)
 
 
 def pixel_space(

@@ -15,7 +15,6 @@ import shutil
 import diffusers
 import flax
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -26,110 +25,19 @@ from gdd import (
   export,
   pipeline,
   sample,
-  tokenization,
   workdir_lib,
 )
 from gdd.weights import stable_diffusion
-from tests import helpers
-
-CAPTIONS = ('a cat', 'cats', 'a cat at a cat', 'at a cat')
-
-
-def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for param in module.parameters():
-      param.add_(0.05 * torch.randn(param.shape, generator=generator))
-  return module
-
-
-def save_random_sd(config, folder) -> None:
-  """A random SD whose networks are the ones `config` builds, in diffusers'
-  layout (torch networks saved with save_pretrained)."""
-  torch.manual_seed(0)
-  model = config.model
-  tokenizer = tokenization.ClipTokenizer.from_files(
-    *helpers.write_clip_files(_mkdir(folder / 'tokenizer'))
-  )
-  text = config.text.encoder
-  unet = diffusers.UNet2DConditionModel(
-    sample_size=config.data.image_size // 2,
-    block_out_channels=model.block_out_channels,
-    layers_per_block=model.layers_per_block,
-    down_block_types=model.down_block_types,
-    up_block_types=model.up_block_types,
-    cross_attention_dim=text.hidden_size,
-    attention_head_dim=model.attention_head_dim,
-    use_linear_projection=model.use_linear_projection,
-    norm_num_groups=model.norm_num_groups,
-  )
-  ae = config.autoencoder.model
-  vae = diffusers.AutoencoderKL(
-    block_out_channels=ae.block_out_channels,
-    down_block_types=('DownEncoderBlock2D',) * len(ae.block_out_channels),
-    up_block_types=('UpDecoderBlock2D',) * len(ae.block_out_channels),
-    latent_channels=ae.latent_channels,
-    layers_per_block=ae.layers_per_block,
-    norm_num_groups=ae.norm_num_groups,
-  )
-  clip = transformers.CLIPTextModel(
-    transformers.CLIPTextConfig(
-      vocab_size=tokenizer.vocab_size,
-      max_position_embeddings=config.text.max_length,
-      eos_token_id=tokenizer.eos_id,
-      bos_token_id=tokenizer.eos_id - 1,
-      **text.to_dict(),
-    )
-  )
-  prediction = {'eps': 'epsilon', 'v': 'v_prediction'}[model.mean_type]
-  for name, network in (('unet', unet), ('vae', vae), ('text_encoder', clip)):
-    _perturbed(network, seed=len(name)).save_pretrained(folder / name)
-  diffusers.DDIMScheduler(
-    beta_schedule='scaled_linear',
-    beta_start=0.00085,
-    beta_end=0.012,
-    prediction_type=prediction,
-    clip_sample=False,
-  ).save_pretrained(folder / 'scheduler')
-
-
-def _mkdir(path):
-  path.mkdir(parents=True)
-  return path
-
-
-def tiny_config(name: str, sd_folder, shards) -> ml_collections.ConfigDict:
-  config = helpers.shrink_latent_chain(helpers.load_config(name, 'tiny'))
-  config.pretrained.folder = str(sd_folder)
-  config.data.data_dir = str(shards)
-  # One round, 2 → 1: each round compiles its own programs (CI minutes).
-  config.distill.update(num_train_steps=2, initial_num_steps=2)
-  return config
+from tests import helpers, sd_helpers
 
 
 @pytest.fixture(scope='module')
 def chain(tmp_path_factory):
   """(config, SD folder, workdir) of the finished sd15_distill:tiny chain."""
-  config, root = _tiny_sd('sd15_distill', tmp_path_factory)
+  config, root = sd_helpers.tiny_sd('sd15_distill', tmp_path_factory)
   workdir = str(root / 'workdir')
   pipeline.run(config, workdir, 'all')
   return config, root / 'sd', workdir
-
-
-def _tiny_sd(name: str, tmp_path_factory):
-  """(validated `name`:tiny config, its root) with a random SD of its
-  layout in root/sd and mock shards in root/shards."""
-  root = tmp_path_factory.mktemp(name)
-  helpers.write_shards(
-    root / 'shards',
-    num_shards=1,
-    per_shard=8,
-    caption=lambda s, k: CAPTIONS[k % len(CAPTIONS)],
-  )
-  save_random_sd(helpers.load_config(name, 'tiny'), root / 'sd')
-  config = tiny_config(name, root / 'sd', root / 'shards')
-  config_lib.validate(config)
-  return config, root
 
 
 def test_the_vae_and_teacher_are_sd_itself(chain):
@@ -165,7 +73,7 @@ def test_the_chain_distils_to_one_step(chain):
   changed = [p for p in teacher if not np.array_equal(teacher[p], guided[p])]
   assert changed and all(path[0] == 'unet' for path in changed)
   student = sample.load_sampler(workdir, 'distill', num_steps=1)
-  images = student(jax.random.key(0), list(CAPTIONS[:2]), 6.5)
+  images = student(jax.random.key(0), list(sd_helpers.CAPTIONS[:2]), 6.5)
   assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
 
 
@@ -189,7 +97,7 @@ def test_a_config_for_other_networks_is_refused_before_any_import(
 
 
 def test_sd21_tiny_imports_its_v_prediction_teacher(tmp_path_factory):
-  config, root = _tiny_sd('sd21_distill', tmp_path_factory)
+  config, root = sd_helpers.tiny_sd('sd21_distill', tmp_path_factory)
   assert config.model.mean_type == 'v' and config.model.use_linear_projection
   workdir = str(root / 'workdir')
   pipeline.run(config, workdir, 'teacher')
@@ -200,19 +108,6 @@ def test_sd21_tiny_imports_its_v_prediction_teacher(tmp_path_factory):
   jax.tree.map(
     np.testing.assert_array_equal, teacher['unet'], loaded.unet.params
   )
-
-
-def _prompt_states(config, sd_folder):
-  """captions → CLIP states by the torch text encoder on gdd's token ids."""
-  tokenizer = tokenization.for_config(config, None)
-  clip = transformers.CLIPTextModel.from_pretrained(sd_folder / 'text_encoder')
-
-  def states(texts):
-    with torch.no_grad():
-      ids = torch.from_numpy(tokenizer.encode(texts).astype(np.int64))
-      return clip(ids).last_hidden_state
-
-  return states
 
 
 def test_the_exported_student_samples_in_diffusers(chain, tmp_path, capsys):
@@ -233,7 +128,9 @@ def test_the_exported_student_samples_in_diffusers(chain, tmp_path, capsys):
   assert pipe.scheduler.config.timestep_spacing == 'trailing'
   z1 = np.random.default_rng(1).standard_normal((2, 8, 8, 4), np.float32)
   expected = pipe(
-    prompt_embeds=_prompt_states(config, pathlib.Path(out))(list(CAPTIONS[:2])),
+    prompt_embeds=sd_helpers.prompt_states(config, pathlib.Path(out))(
+      list(sd_helpers.CAPTIONS[:2])
+    ),
     latents=torch.from_numpy(z1.transpose(0, 3, 1, 2)),
     num_inference_steps=1,
     guidance_scale=1.0,
@@ -242,7 +139,9 @@ def test_the_exported_student_samples_in_diffusers(chain, tmp_path, capsys):
     output_type='np',
   ).images
   student = sample.load_sampler(workdir, 'distill', num_steps=1)
-  images = student(jax.random.key(0), list(CAPTIONS[:2]), 6.5, noise=z1)
+  images = student(
+    jax.random.key(0), list(sd_helpers.CAPTIONS[:2]), 6.5, noise=z1
+  )
   np.testing.assert_allclose(
     (np.asarray(images) + 1.0) / 2.0, expected, atol=1e-4
   )
@@ -262,7 +161,7 @@ def test_the_teacher_samples_as_diffusers_stable_diffusion_pipeline(chain):
   # here (tests/test_tokenization.py does that).
   config, sd_folder, workdir = chain
   w, num_steps, captions = 6.5, 4, ['a cat', 'cats at a cat']
-  states = _prompt_states(config, sd_folder)
+  states = sd_helpers.prompt_states(config, sd_folder)
   clip = transformers.CLIPTextModel.from_pretrained(sd_folder / 'text_encoder')
 
   pipe = diffusers.StableDiffusionPipeline(
@@ -364,3 +263,50 @@ def test_sample_mode_runs_straight_from_the_sd_folder(chain, tmp_path, capsys):
     'samples',
     'teacher',
   ]
+
+
+def test_edit_inpaint_and_translate_run_with_sd_weights(chain, tmp_path):
+  # SDEdit with the 1-step student, replacement inpainting and DDIB
+  # translation (SD's teacher as the DDIM encoder) on held-out shard images.
+  config, _, workdir = chain
+  config = config.copy_and_resolve_references()
+  config.edit.update(
+    num_inputs=2, num_steps=1, w=6.5, targets='cats|a cat at a cat'
+  )
+  outputs = {}
+  for mode, options in (
+    ('edit', {}),
+    ('inpaint', dict(targets='')),
+    ('translate', dict(encoder_stage='teacher', encoder_num_steps=2)),
+  ):
+    config.edit.update(output=str(tmp_path / mode), **options)
+    pipeline.run(config, workdir, mode)
+    with np.load(tmp_path / f'{mode}.npz') as saved:
+      outputs[mode] = dict(saved)
+  for saved in outputs.values():
+    assert saved['images'].shape == (2, 16, 16, 3)
+  assert list(outputs['edit']['captions']) == ['cats', 'a cat at a cat']
+  assert outputs['inpaint']['masks'].shape == (2, 16, 16, 1)
+  assert outputs['translate']['encoded'].shape == (2, 8, 8, 4)  # Latents.
+  # The held-out captions come from the shards.
+  assert set(outputs['translate']['source_captions']) <= set(
+    sd_helpers.CAPTIONS
+  )
+
+
+def test_edit_runs_straight_from_the_sd_folder(chain, tmp_path):
+  # A fresh workdir: --mode=edit imports SD and edits with the teacher.
+  config = chain[0].copy_and_resolve_references()
+  config.edit.update(
+    stage='teacher',
+    num_inputs=1,
+    num_steps=2,
+    w=6.5,
+    targets='cats',
+    output=str(tmp_path / 'edit'),
+  )
+  workdir = tmp_path / 'fresh'
+  pipeline.run(config, str(workdir), 'edit')
+  with np.load(tmp_path / 'edit.npz') as saved:
+    assert saved['images'].shape == (1, 16, 16, 3)
+  assert (workdir / 'teacher').is_dir() and not (workdir / 'guided').exists()

@@ -91,6 +91,15 @@ def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
   return module.eval()
 
 
+def _sd_scheduler(prediction_type: str) -> diffusers.DDIMScheduler:
+  return diffusers.DDIMScheduler(
+    beta_schedule='scaled_linear',
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type=prediction_type,
+  )
+
+
 def _save_pipeline(folder, unet_options, prediction_type, hidden_act):
   torch.manual_seed(0)
   unet = _perturbed(diffusers.UNet2DConditionModel(**unet_options), 1)
@@ -101,12 +110,7 @@ def _save_pipeline(folder, unet_options, prediction_type, hidden_act):
     ),
     3,
   )
-  scheduler = diffusers.DDIMScheduler(
-    beta_schedule='scaled_linear',
-    beta_start=0.00085,
-    beta_end=0.012,
-    prediction_type=prediction_type,
-  )
+  scheduler = _sd_scheduler(prediction_type)
   unet.save_pretrained(folder / 'unet')
   vae.save_pretrained(folder / 'vae')
   text.save_pretrained(folder / 'text_encoder')
@@ -166,6 +170,37 @@ def test_unet_equals_diffusers(pipeline):
   expected = _torch_unet(pipeline.unet, z, context, steps)
   np.testing.assert_allclose(
     _gdd_unet(network, z, context, steps), expected, rtol=RTOL, atol=ATOL
+  )
+
+
+def test_inpainting_unet_equals_diffusers_and_exports_back(tmp_path):
+  # SD's 9-channel inpainting U-Net reads [z, mask (1 = fill in), masked
+  # image latents]; gdd's known region is 'mask' (1 = kept) and 'masked'.
+  unet = _perturbed(
+    diffusers.UNet2DConditionModel(**SD1_UNET, in_channels=9, out_channels=4),
+    4,
+  )
+  unet.save_pretrained(tmp_path / 'sd' / 'unet')
+  _sd_scheduler('epsilon').save_pretrained(tmp_path / 'sd' / 'scheduler')
+  network = sd.load_unet(tmp_path / 'sd')
+  assert network.config.inpainting and network.config.in_channels == 4
+  assert network.config.inpainting_input == 'masked_image'
+  z, context, steps = _unet_inputs(network.config)
+  rng = np.random.default_rng(1)
+  kept = (rng.uniform(size=(*z.shape[:3], 1)) > 0.5).astype(np.float32)
+  masked = rng.standard_normal(z.shape).astype(np.float32)
+  known = {'mask': kept, 'masked': masked}
+  ours = _gdd_unet(network, z, context, steps, known=known)
+  sd_input = np.concatenate([z, 1.0 - kept, masked], axis=-1)
+  expected = _torch_unet(unet, sd_input, context, steps)
+  np.testing.assert_allclose(ours, expected, rtol=RTOL, atol=ATOL)
+  out = diffusers_export.export_unet(
+    tmp_path / 'export', network.config, network.params
+  )
+  exported = diffusers.UNet2DConditionModel.from_pretrained(out).eval()
+  assert exported.config.in_channels == 9
+  np.testing.assert_allclose(
+    _torch_unet(exported, sd_input, context, steps), expected, atol=1e-6
   )
 
 
@@ -468,7 +503,7 @@ def test_mismatch_lists_every_problem():
     (dict(class_embed_type='timestep'), 'class_embed_type'),
     (dict(resnet_time_scale_shift='scale_shift'), 'gdd builds'),
     (dict(some_new_option=3), 'an option gdd does not know'),
-    (dict(in_channels=9), 'inpainting'),
+    (dict(in_channels=7), r'in = 2·out \+ 1'),
   ],
 )
 def test_unsupported_unet_configs_are_refused(pipeline, change, message):

@@ -89,7 +89,12 @@ def example_cond(cond: dict, z: jnp.ndarray, *, inpainting: bool) -> dict:
 
 
 def known_region_input(
-  cond: dict, z: jnp.ndarray, features: int, dtype: Dtype
+  cond: dict,
+  z: jnp.ndarray,
+  features: int,
+  dtype: Dtype,
+  *,
+  inpainting_input: str = 'masked_latents',
 ) -> jnp.ndarray:
   """An inpainting network's extra input: a 3x3 conv of [mask, masked].
 
@@ -99,8 +104,10 @@ def known_region_input(
   this conv ('conv_in_known', no bias) starts at zero, so a fresh
   inpainting network computes exactly the plain one with the same other
   params. (An SD inpainting checkpoint's conv_in kernel splits along its
-  input channels: [:4] → conv_in, [4:] → conv_in_known.) Must be called
-  inside a compact method.
+  input channels: [:4] → conv_in, [4:] → conv_in_known.) SD's network reads
+  the mask as 1 = fill in: with `inpainting_input='masked_image'` (its
+  input, `conditioning.INPAINTING_INPUTS`) the mask channel is 1 − mask.
+  Must be called inside a compact method.
   """
   mask, masked = cond['mask'], cond['masked']
   if mask.shape != (*z.shape[:-1], 1) or masked.shape != z.shape:
@@ -108,6 +115,8 @@ def known_region_input(
       f"cond['mask'] must have shape {(*z.shape[:-1], 1)} and "
       f"cond['masked'] {z.shape} (z's); got {mask.shape} and {masked.shape}."
     )
+  if inpainting_input == 'masked_image':
+    mask = 1.0 - mask
   known = jnp.concatenate([mask, masked], axis=-1).astype(dtype)
   return nn.Conv(
     features,

@@ -67,7 +67,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gdd import checks
+from gdd import checks, conditioning
 from gdd.diffusion import parameterization, schedules
 from gdd.models import layers
 
@@ -112,7 +112,9 @@ class SDUNetConfig(layers.CheckedConfig):
       `out_channels` = 2·in_channels for 'both', else in_channels;
     * `num_class_embeds` K gives K + 1 rows, row K the null label ∅;
     * `use_w_embedding`, `w_max`, `dtype`, `remat` and `inpainting` are
-      gdd's (see `UNetConfig`); an inpainting SDUNet takes `known`;
+      gdd's (see `UNetConfig`); an inpainting SDUNet takes `known`, as
+      `inpainting_input` says (`conditioning.INPAINTING_INPUTS`; SD's
+      9-channel inpainting U-Net is 'masked_image');
     * `time_input` is gdd's too: 'arctan' (gdd's t_in·1000, networks
       trained by gdd) or 'sd' (SD's timestep on its discrete schedule,
       networks with Stable Diffusion's weights; see `timesteps`).
@@ -164,6 +166,7 @@ class SDUNetConfig(layers.CheckedConfig):
   dtype: str = 'float32'
   remat: str = 'none'
   inpainting: bool = False
+  inpainting_input: str = 'masked_latents'
   time_input: str = 'arctan'
 
   def __post_init__(self):
@@ -276,6 +279,11 @@ class SDUNetConfig(layers.CheckedConfig):
     self._require(self.w_max > 0, 'w_max', 'positive')
     self._require(
       self.time_input in TIME_INPUTS, 'time_input', f'one of {TIME_INPUTS}'
+    )
+    self._require(
+      self.inpainting_input in conditioning.INPAINTING_INPUTS,
+      'inpainting_input',
+      f'one of {conditioning.INPAINTING_INPUTS}',
     )
     self._check_dtype_and_remat()
 
@@ -690,7 +698,11 @@ class SDUNet(nn.Module):
     )
     if cfg.inpainting:
       h = h + layers.known_region_input(
-        known, z, cfg.block_out_channels[0], dtype
+        known,
+        z,
+        cfg.block_out_channels[0],
+        dtype,
+        inpainting_input=cfg.inpainting_input,
       )
     skips = [h]
     for i in range(len(cfg.block_out_channels)):

@@ -290,6 +290,26 @@ def in_space(stage: Stage, space, space_params) -> Stage:
 _RANDOM_MASKS_STREAM = 0x6D61736B
 
 
+def inpainting_input(config: ml_collections.ConfigDict) -> str:
+  """What the config's inpainting network reads as 'masked'
+  (`conditioning.INPAINTING_INPUTS`); only SD U-Nets choose."""
+  return config.model.get('inpainting_input', 'masked_latents')
+
+
+def _random_space_masks(config, space, rng: jax.Array, batch_size: int):
+  """A step's random training masks (`config.random_masks`) drawn at the
+  images' size from their own stream, at the space's size."""
+  height, width = space.image_shape[:2]
+  mask = masks.random(
+    jax.random.fold_in(rng, _RANDOM_MASKS_STREAM),
+    batch_size,
+    height,
+    width,
+    config.random_masks.to_dict(),
+  )
+  return masks.to_space(mask, space.shape)
+
+
 def with_random_masks(
   stage: Stage, config: ml_collections.ConfigDict, space
 ) -> Stage:
@@ -315,21 +335,30 @@ def with_random_masks(
   """
   if not config.model.inpainting:
     return stage
-  fractions = config.random_masks.to_dict()
-  height, width = space.image_shape[:2]
 
   def loss_fn(params, frozen, batch, rng):
     x = batch['image']
-    mask = masks.random(
-      jax.random.fold_in(rng, _RANDOM_MASKS_STREAM),
-      x.shape[0],
-      height,
-      width,
-      fractions,
+    mask = _random_space_masks(config, space, rng, x.shape[0])
+    masked_batch = conditioning.with_known_region(batch, x, mask)
+    return stage.loss_fn(params, frozen, masked_batch, rng)
+
+  return dataclasses.replace(stage, loss_fn=loss_fn)
+
+
+def with_random_masked_images(stage: Stage, config, space) -> Stage:
+  """`with_random_masks` for Stable Diffusion's inpainting input: 'masked'
+  is the masked image encoded (`spaces.encode_masked`), as SD's inpainting
+  U-Net was trained, at a second encoder pass per batch. Wraps a stage
+  already `in_space` (a latent space): it needs the images themselves.
+  """
+
+  def loss_fn(params, frozen, batch, rng):
+    images = batch['image']
+    mask = _random_space_masks(config, space, rng, images.shape[0])
+    masked = jax.lax.stop_gradient(
+      spaces.encode_masked(space, frozen[1], images, mask)
     )
-    masked_batch = conditioning.with_known_region(
-      batch, x, masks.to_space(mask, space.shape)
-    )
+    masked_batch = conditioning.with_masked_input(batch, mask, masked)
     return stage.loss_fn(params, frozen, masked_batch, rng)
 
   return dataclasses.replace(stage, loss_fn=loss_fn)
@@ -339,5 +368,10 @@ def as_trained(
   stage: Stage, config: ml_collections.ConfigDict, space, space_params
 ) -> Stage:
   """`stage` as a chain trains it: with random masks for an inpainting
-  model (`with_random_masks`), in the config's space (`in_space`)."""
+  model (`with_random_masks`, or `with_random_masked_images` for SD's
+  inpainting input), in the config's space (`in_space`)."""
+  if config.model.inpainting and inpainting_input(config) == 'masked_image':
+    return with_random_masked_images(
+      in_space(stage, space, space_params), config, space
+    )
   return in_space(with_random_masks(stage, config, space), space, space_params)

@@ -71,6 +71,8 @@ _UNET_FIELDS = (
   'attention_head_dim',
   'mean_type',
   'time_input',
+  'inpainting',
+  'inpainting_input',
 )
 _TEXT_FIELDS = (*diffusers_configs.TEXT_FIELDS, 'eos_token_id')
 _VAE_FIELDS = diffusers_configs.VAE_FIELDS

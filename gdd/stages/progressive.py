@@ -99,7 +99,8 @@ def loss_fn(
   )
   x_pred = denoisers.plain(student, params, cond, w)(z, logsnr)
   loss = jnp.mean(
-    losses.weighted_loss(
+    guided.w_loss_weight(w, config)
+    * losses.weighted_loss(
       x_pred, target, logsnr, weighting=config.diffusion.loss_weighting
     )
   )

@@ -130,23 +130,38 @@ def unet_config(
   config does not say); `where` names the file in errors.
   """
   _check(config, _UNET_FIXED, UNET_FIELDS + _UNET_READ, where)
-  if config.get('out_channels', 4) != config.get('in_channels', 4):
-    raise UnsupportedConfigError(
-      f'{where}: in_channels={config.get("in_channels")} and out_channels='
-      f'{config.get("out_channels")}. gdd loads U-Nets whose input is the '
-      'latent alone; an SD inpainting U-Net (9 input channels: latent, '
-      'mask with 1 = repaint, latents of the masked image) is not loadable '
-      'yet: gdd inpainting networks take the mask with 1 = known and the '
-      'masked latents.'
-    )
+  latent, inpainting = _unet_channels(config, where)
   heads = config.get('num_attention_heads') or config['attention_head_dim']
   fields = {k: config[k] for k in UNET_FIELDS if k in config}
   return sd_unet.SDUNetConfig(
     **fields,
-    in_channels=config.get('in_channels', 4),
+    in_channels=latent,
     attention_head_dim=heads,
     mean_type=mean_type,
     time_input='sd',
+    **(
+      dict(inpainting=True, inpainting_input='masked_image')
+      if inpainting
+      else {}
+    ),
+  )
+
+
+def _unet_channels(config: dict[str, Any], where: str) -> tuple[int, bool]:
+  """(latent channels, whether it is SD's inpainting U-Net) of a U-Net
+  config: in = out, or in = 2·out + 1 (latents, mask with 1 = fill in, the
+  encoded masked image: gdd's 'masked_image' inpainting input)."""
+  channels_in = config.get('in_channels', 4)
+  channels_out = config.get('out_channels', 4)
+  if channels_in == channels_out:
+    return channels_out, False
+  if channels_in == 2 * channels_out + 1:
+    return channels_out, True
+  raise UnsupportedConfigError(
+    f'{where}: in_channels={channels_in} and out_channels={channels_out}. '
+    'gdd loads U-Nets whose input is the latent (in = out) and Stable '
+    "Diffusion's inpainting U-Nets (in = 2·out + 1: latent, mask, masked "
+    'image latents).'
   )
 
 
@@ -159,15 +174,21 @@ def diffusers_unet_config(config: sd_unet.SDUNetConfig) -> dict[str, Any]:
       f'mean_type={config.mean_type!r} (diffusers has no counterpart of '
       "gdd's 'arctan' time input nor of the 'both' output)."
     )
-  if config.inpainting or config.num_class_embeds is not None:
+  sd_inpainting = config.inpainting_input == 'masked_image'
+  classes = config.num_class_embeds is not None
+  if (config.inpainting and not sd_inpainting) or classes:
     raise UnsupportedConfigError(
-      'Inpainting and class-conditional SDUNets do not export to diffusers.'
+      "Class-conditional SDUNets and inpainting ones with gdd's "
+      "inpainting_input='masked_latents' do not export to diffusers (SD's "
+      "inpainting U-Net is 'masked_image')."
     )
   fields = {k: getattr(config, k) for k in UNET_FIELDS}
   return {
     '_class_name': 'UNet2DConditionModel',
     **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
-    'in_channels': config.in_channels,
+    'in_channels': 2 * config.in_channels + 1
+    if config.inpainting
+    else config.in_channels,
     'out_channels': config.in_channels,
     'attention_head_dim': _listed(config.attention_head_dim),
     'transformer_layers_per_block': _listed(

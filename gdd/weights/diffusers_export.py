@@ -44,7 +44,9 @@ def export_unet(
       'or remove it yourself.'
     )
   params = fold_w_embedding(config, params, w)
-  state_dict = naming.to_torch(params, dtype)
+  state_dict = sd.join_inpainting_conv_in(
+    naming.to_torch(params, dtype), config
+  )
   diffusers_config = diffusers_configs.diffusers_unet_config(config)
   folder.mkdir(parents=True, exist_ok=True)
   (folder / 'config.json').write_text(json.dumps(diffusers_config, indent=2))
@@ -65,6 +67,9 @@ _STUDENT_SCHEDULER = {
 }
 _PIPELINE_INDEX = {
   '_class_name': 'StableDiffusionPipeline',
+  # The diffusers version the format was tested with (constraints.txt);
+  # diffusers' inpainting pipeline reads it.
+  '_diffusers_version': '0.42.1',
   'feature_extractor': [None, None],
   'requires_safety_checker': False,
   'safety_checker': [None, None],
@@ -94,7 +99,8 @@ def export_pipeline(
   *,
   w: float | None = None,
 ) -> epath.Path:
-  """A diffusers StableDiffusionPipeline folder of a student; returns it.
+  """A diffusers StableDiffusionPipeline folder of a student (for SD's
+  inpainting U-Net a StableDiffusionInpaintPipeline one); returns it.
 
   unet/ is the student (`export_unet`, at `w`); vae/, text_encoder/ and
   tokenizer/ are copied from the SD folder `source` it was distilled from;
@@ -124,7 +130,10 @@ def export_pipeline(
   (out / 'scheduler' / 'scheduler_config.json').write_text(
     json.dumps(scheduler, indent=2)
   )
-  (out / 'model_index.json').write_text(json.dumps(_PIPELINE_INDEX, indent=2))
+  index = dict(_PIPELINE_INDEX)
+  if config.inpainting:
+    index['_class_name'] = 'StableDiffusionInpaintPipeline'
+  (out / 'model_index.json').write_text(json.dumps(index, indent=2))
   export_unet(out / sd.UNET, config, params, w=w)
   return out
 

@@ -137,12 +137,43 @@ def load_unet(folder: epath.PathLike, *, variant: str | None = None) -> Network:
   """The U-Net of an SD folder (its `unet/` and `scheduler/` read)."""
   folder = epath.Path(folder)
   config = unet_config(folder)
+  state_dict = read_weights(folder / UNET, STEMS[UNET], variant)
   params = naming.to_flax(
-    read_weights(folder / UNET, STEMS[UNET], variant),
+    split_inpainting_conv_in(state_dict, config),
     abstract_unet_params(config),
     what=str(folder / UNET),
   )
   return Network(config, params)
+
+
+# SD's inpainting U-Net reads [latent, mask, masked image latents] with one
+# conv_in; gdd's conv_in reads the latent and 'conv_in_known' (no bias) the
+# rest (`layers.known_region_input`): the kernel splits on input channels.
+_KNOWN_CONV = 'conv_in_known.weight'
+
+
+def split_inpainting_conv_in(state_dict: dict, config) -> dict:
+  """An inpainting U-Net's state dict with conv_in split as gdd's is."""
+  kernel = state_dict.get('conv_in.weight')
+  if not config.inpainting or kernel is None:
+    return state_dict
+  latent = config.in_channels
+  return {
+    **state_dict,
+    'conv_in.weight': kernel[:, :latent],
+    _KNOWN_CONV: kernel[:, latent:],
+  }
+
+
+def join_inpainting_conv_in(state_dict: dict, config) -> dict:
+  """`split_inpainting_conv_in`'s inverse: SD's one conv_in (exporter)."""
+  if not config.inpainting:
+    return state_dict
+  joined = {k: v for k, v in state_dict.items() if k != _KNOWN_CONV}
+  joined['conv_in.weight'] = np.concatenate(
+    [state_dict['conv_in.weight'], state_dict[_KNOWN_CONV]], axis=1
+  )
+  return joined
 
 
 def vae_config(
