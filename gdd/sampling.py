@@ -172,9 +172,9 @@ def draw(
 
   From pure noise z_1 ~ N(0, I) when `start` is None or starts at t = 1;
   otherwise from `start['x']` (data in the diffusion space: an encoded
-  init) noised to `start['t_start']` with the same noise draw, keeping
-  `start['mask']`'s
-  region if given (replacement). `start['noise']`, if given, is that draw
+  init) noised to `start['t_start']` with the same noise draw. Either way
+  `start['mask']`'s region is kept if given (replacement).
+  `start['noise']`, if given, is that draw
   (z_1 from an encoder: translation, method.md §9). With `start['t_grid']`
   one DDIM step first takes z from t_start to t_grid, where the sampler's
   steps begin (`start_steps`: a distilled round started off its grid).

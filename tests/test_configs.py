@@ -80,6 +80,7 @@ def test_unknown_variant_is_rejected():
     ('teacher.optimizer.learning_rate', float('inf'), 'rate=inf .* a finite'),
     ('teacher.optimizer.learning_rate', float('nan'), 'rate=nan .* a finite'),
     ('guided.w_max', float('inf'), 'config.guided.w_max=inf .* a finite'),
+    ('guided.w_loss_power', -1.0, 'w_loss_power=-1.0 .* a number >= 0'),
     ('grids.sample_ws', (0.0, float('nan')), r'\(0.0, nan\) .* finite numbers'),
     ('evaluate.ws', (0.0, float('inf')), r'ws=\(0.0, inf\) .* finite numbers'),
   ],
@@ -223,6 +224,18 @@ def test_a_workdir_recorded_before_ema_warmup_resumes_without_it(tmp_path):
   config.teacher.ema_warmup = True
   with pytest.raises(pipeline.ConfigMismatchError, match='ema_warmup'):
     pipeline.record_stage_config(config, str(tmp_path), 'teacher')
+
+
+def test_a_workdir_recorded_before_w_loss_power_resumes_without_it(tmp_path):
+  config = config_lib.base_config()
+  stored = json.loads(config.to_json())
+  del stored['guided']['w_loss_power']
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  for kind in PIXEL_KINDS:
+    pipeline.record_stage_config(config, str(tmp_path), kind)
+  config.guided.w_loss_power = 2.0
+  with pytest.raises(pipeline.ConfigMismatchError, match='w_loss_power'):
+    pipeline.record_stage_config(config, str(tmp_path), 'guided')
 
 
 @pytest.mark.parametrize(

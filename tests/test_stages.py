@@ -68,10 +68,12 @@ def test_init_from_mismatched_teacher_is_rejected(setup):
     guided.init_from_teacher(student, jax.random.PRNGKey(0), broken)
 
 
-def test_stage_one_target_is_the_cfg_combination(setup):
+@pytest.mark.parametrize('w_loss_power', [0.0, 2.0])
+def test_stage_one_target_is_the_cfg_combination(setup, w_loss_power):
   config, _, teacher, student, teacher_params, batch = setup
   config = helpers.quick_config()
   config.guided.w_min = config.guided.w_max = 2.5  # A fixed w for the check.
+  config.guided.w_loss_power = w_loss_power
   params = _perturbed(
     guided.init_from_teacher(student, jax.random.PRNGKey(5), teacher_params),
     3,
@@ -104,7 +106,8 @@ def test_stage_one_target_is_the_cfg_combination(setup):
   x_pred = denoisers.predict_x(
     student, params, z, logsnr, {'label': labels}, jnp.full((16,), 2.5)
   )
-  expected = jnp.mean(
+  # 0: the paper's loss; 2: every example weighted by (1 + w)^-2.
+  expected = (1.0 + 2.5) ** -w_loss_power * jnp.mean(
     losses.weighted_loss(x_pred, target, logsnr, weighting='snr_trunc')
   )
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
