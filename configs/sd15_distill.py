@@ -18,9 +18,11 @@ Choices, none measured at this size (no accelerator here; README, "Distil
 your Stable Diffusion"):
 - w in [1, 13]: SD's guidance scales 2-14, around its customary 7.5
   (w = 6.5); the student's w-embedding reads w / 13.
-- The student predicts ε as SD 1.5 does (`allow_eps_students`): it starts
-  as SD exactly (PD §4 warns that ε students distil unstably; at SD's λ
-  range 1/α ≤ 15, milder than at gdd's λ = −20; to be measured).
+- The student predicts v (`guided.student_mean_type='v'`) where SD 1.5
+  predicts ε: it starts from SD's weights read as a v-model. PD §4 finds ε
+  students unstable at few steps; on a CPU stand-in with SD's 1/α ≤ 15 the
+  ε-student broke at 2 and 1 steps and the v-student did not (README, "The
+  student's parameterisation").
 - Latents are the VAE posterior's mean (SD samples the posterior; gdd
   keeps each stage's batches a pure function of the step).
 - 512² images (64² × 4 latents), batch 256, bf16 compute with float32
@@ -56,7 +58,7 @@ def get_config(variant: str = ''):
   config = config_lib.stable_diffusion_config(
     SD15_UNET, SD15_TEXT_ENCODER, image_size=512
   )
-  config.allow_eps_students = True
+  config.guided.student_mean_type = 'v'
   return config_lib.apply_variant(
     config,
     variant,

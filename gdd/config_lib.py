@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   _add_stage_sections(config)
   _add_mode_sections(config)
   # True lets the guided and distill stages train ε-students
-  # (model.mean_type='eps'), refused otherwise: PD §4 finds ε-prediction
+  # (`student_mean_type` 'eps'), refused otherwise: PD §4 finds ε-prediction
   # unstable for distillation. For measuring that choice on purpose (e.g.
   # from a Stable Diffusion 1.x ε-teacher); the teacher may be ε regardless.
   config.allow_eps_students = False
@@ -361,6 +361,11 @@ def _add_stage_sections(config: ml_collections.ConfigDict) -> None:
   # Stage one's and the rounds' per-example loss is weighted by (1 + w)^-p;
   # 0 is the paper's unweighted loss (gdd.stages.guided.w_loss_weight).
   config.guided.w_loss_power = 0.0
+  # The w-conditioned students' parameterisation (stage one, the rounds, the
+  # encoder): '' is the teacher's model.mean_type; 'x', 'v' or 'eps' give a
+  # student that starts from the teacher's weights but reads its output
+  # that way (`student_mean_type`; e.g. a v-student of an ε-teacher).
+  config.guided.student_mean_type = ''
 
   # Stage two: progressive halving rounds, initial_num_steps → … → final.
   config.distill = train_config(num_train_steps=50_000, ema_decay=0.0)
@@ -631,6 +636,7 @@ _GUIDED_TRAINING_KEYS = (
   'guided.w_min',
   'guided.w_max',
   'guided.w_loss_power',
+  'guided.student_mean_type',
 )
 # The halving rounds, with w or at the single w (both use the distill block).
 _ROUND_TRAINING_KEYS = (
@@ -730,6 +736,7 @@ _ADDED_TRAINING_KEYS = {
   'pretrained.folder': '',
   'pretrained.variant': '',
   'guided.w_loss_power': 0.0,
+  'guided.student_mean_type': '',
 }
 
 
@@ -738,8 +745,9 @@ def from_record(record: dict) -> ml_collections.ConfigDict:
 
   A workdir recorded before a key existed trained as the key's default (or,
   for a section, without it), so the missing entries get base_config()'s
-  values: `space`, `model.kind`, `data.image_size`, `diffusion.schedule`
-  and whole sections such as `text`, `autoencoder` and `pretrained`.
+  values: `space`, `model.kind`, `data.image_size`, `diffusion.schedule`,
+  `guided.w_loss_power`, `guided.student_mean_type` and whole sections
+  such as `text`, `autoencoder` and `pretrained`.
   """
   config = ml_collections.ConfigDict(record)
   base = base_config()
@@ -753,6 +761,8 @@ def from_record(record: dict) -> ml_collections.ConfigDict:
     'data.held_out_dir',
     'sample.prompts',
     'diffusion.schedule',
+    'guided.w_loss_power',
+    'guided.student_mean_type',
   ):
     section, name = key.split('.')
     if name not in config[section]:
@@ -1327,27 +1337,50 @@ def _validate_edit(config: ml_collections.ConfigDict) -> None:
     _check(config, f'edit.{key}', lambda v: isinstance(v, str), 'a string')
 
 
+def student_mean_type(config: ml_collections.ConfigDict) -> str:
+  """The w-conditioned students' parameterisation: `guided.student_mean_type`,
+  or the teacher's `model.mean_type` when that is ''."""
+  return config.guided.student_mean_type or config.model.mean_type
+
+
 def _check_student_mean_type(
   config: ml_collections.ConfigDict, training: Iterable[str]
 ) -> None:
-  """Refuses ε-students unless `allow_eps_students` opts in (method.md §2)."""
+  """A student type the teacher's weights fit; ε only on purpose (method §2).
+
+  The student starts as a copy of the teacher, so it may read the same
+  output channels another way ('x', 'v', 'eps') but not change how many
+  there are ('both' has twice as many).
+  """
   _check(
     config,
     'allow_eps_students',
     lambda v: isinstance(v, bool),
     'True or False',
   )
-  if config.model.mean_type != 'eps' or config.allow_eps_students:
+  teacher = config.model.mean_type
+  allowed = ('', 'both') if teacher == 'both' else ('', 'x', 'v', 'eps')
+  _check(
+    config,
+    'guided.student_mean_type',
+    _one_of(allowed),
+    f"one of {allowed} for model.mean_type={teacher!r} ('' is the "
+    "teacher's; a student starts from the teacher's weights, so it can "
+    "read them as 'x', 'v' or 'eps' but not switch to or from 'both')",
+  )
+  if student_mean_type(config) != 'eps' or config.allow_eps_students:
     return
   students = [s for s in ('guided', 'distill') if s in tuple(training)]
   if students:
     raise ConfigError(
-      "config.model.mean_type='eps' is refused for the "
+      "An ε-student (model.mean_type='eps', guided.student_mean_type "
+      f'{config.guided.student_mean_type!r}) is refused for the '
       f'{" and ".join(students)} stage(s): students predict ε unstably '
       '(x̂ = (z − σ ε̂)/α amplifies their error as α → 0, where few-step '
       "samplers start; PD §4). Use 'v', 'x' or 'both' (the configs' "
-      'choices), or set config.allow_eps_students=True to measure ε-students '
-      'on purpose (e.g. from a Stable Diffusion 1.x ε-teacher).'
+      "choices; guided.student_mean_type='v' gives an ε-teacher a "
+      'v-student), or set config.allow_eps_students=True to measure '
+      'ε-students on purpose.'
     )
 
 
@@ -1365,10 +1398,12 @@ def _validate_encoder_input(config: ml_collections.ConfigDict) -> None:
     f'{config.guided.w_max}] (the stage-one student it starts from was '
     'trained there)',
   )
-  if config.model.mean_type == 'x':
+  if student_mean_type(config) == 'x':
     raise ConfigError(
-      "config.model.mean_type='x' is refused for the encoder stage: "
-      "encoding starts at t = 0, where an x model's ε̂ = (z − α x̂)/σ "
+      'The stage-one student predicts x (model.mean_type='
+      f'{config.model.mean_type!r}, guided.student_mean_type='
+      f'{config.guided.student_mean_type!r}): refused for the encoder '
+      "stage: encoding starts at t = 0, where an x model's ε̂ = (z − α x̂)/σ "
       'divides its x error by σ ≈ 4.5e-5 (λ_max = 20). Encoders need a '
       "model whose ε̂ is well conditioned there: 'both', 'v' or 'eps'."
     )
@@ -1595,7 +1630,9 @@ def _make_training_quick(config: ml_collections.ConfigDict) -> None:
   for stage in ('teacher', 'guided', 'distill', 'encoder'):
     config[stage].grad_accum_steps = 1
   for stage in ('guided', 'distill', 'encoder'):
-    config[stage].optimizer.learning_rate = 5e-4
+    # No warm-up: a config's own (e.g. Stable Diffusion's 1000) would
+    # exceed these runs.
+    config[stage].optimizer.update(learning_rate=5e-4, warmup_steps=0)
   config.distill.initial_num_steps = 8
   config.encoder.initial_num_steps = 8
 

@@ -226,15 +226,20 @@ def test_a_workdir_recorded_before_ema_warmup_resumes_without_it(tmp_path):
     pipeline.record_stage_config(config, str(tmp_path), 'teacher')
 
 
-def test_a_workdir_recorded_before_w_loss_power_resumes_without_it(tmp_path):
+@pytest.mark.parametrize(
+  'key, value', [('w_loss_power', 2.0), ('student_mean_type', 'x')]
+)
+def test_a_workdir_recorded_before_a_guided_key_resumes_without_it(
+  tmp_path, key, value
+):
   config = config_lib.base_config()
   stored = json.loads(config.to_json())
-  del stored['guided']['w_loss_power']
+  del stored['guided'][key]
   (tmp_path / 'config.json').write_text(json.dumps(stored))
   for kind in PIXEL_KINDS:
     pipeline.record_stage_config(config, str(tmp_path), kind)
-  config.guided.w_loss_power = 2.0
-  with pytest.raises(pipeline.ConfigMismatchError, match='w_loss_power'):
+  config.guided[key] = value
+  with pytest.raises(pipeline.ConfigMismatchError, match=key):
     pipeline.record_stage_config(config, str(tmp_path), 'guided')
 
 
@@ -261,6 +266,41 @@ def test_eps_students_need_an_explicit_opt_in(training, refused):
     config_lib.validate(config, training)
   config.allow_eps_students = True
   config_lib.validate(config, training)
+
+
+@pytest.mark.parametrize(
+  'teacher, student, message',
+  [
+    ('eps', 'v', ''),  # An ε-teacher's v-student needs no opt-in.
+    ('eps', 'x', ''),
+    ('both', '', ''),
+    ('v', 'eps', 'allow_eps_students'),
+    ('eps', '', 'allow_eps_students'),
+    ('eps', 'both', "not switch to or from 'both'"),
+    ('both', 'v', "not switch to or from 'both'"),
+    ('v', 'V', "one of \\('', 'x', 'v', 'eps'\\)"),
+  ],
+)
+def test_student_mean_type_reads_the_teachers_channels(
+  teacher, student, message
+):
+  config = config_lib.base_config()
+  config.model.mean_type = teacher
+  config.guided.student_mean_type = student
+  if message:
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.validate(config, ('guided', 'distill'))
+  else:
+    config_lib.validate(config, ('guided', 'distill'))
+    assert config_lib.student_mean_type(config) == student or teacher
+
+
+def test_an_x_student_is_refused_for_the_encoder():
+  config = config_lib.base_config()
+  config.model.mean_type = 'v'
+  config.guided.student_mean_type = 'x'
+  with pytest.raises(config_lib.ConfigError, match="student_mean_type='x'"):
+    config_lib.validate(config, ('encoder',))
 
 
 def test_eps_students_are_refused_before_any_work(tmp_path):
@@ -340,8 +380,10 @@ def test_a_record_from_before_latent_keys_builds_its_network():
   del stored['model']['kind'], stored['data']['image_size']
   del stored['data']['held_out_dir']
   del stored['sample']['prompts']
+  del stored['guided']['w_loss_power'], stored['guided']['student_mean_type']
   config = config_lib.from_record(stored)
   assert config.space == 'pixel' and config.model.kind == 'unet'
+  assert config.guided.student_mean_type == ''
   config_lib.validate(config)
   info = data.get_info(config.data)
   assert isinstance(common.build_model(config, info), unet.UNet)

@@ -175,7 +175,9 @@ def test_encoder_config_is_validated():
   config = helpers.load_config('digits')
   config.model.mean_type = 'x'
   config_lib.validate(config, training=('distill',))
-  with pytest.raises(config_lib.ConfigError, match="mean_type='x' .* encoder"):
+  with pytest.raises(
+    config_lib.ConfigError, match="mean_type='x'.* encoder stage"
+  ):
     config_lib.validate(config, training=('encoder',))
 
 

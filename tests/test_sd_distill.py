@@ -208,6 +208,27 @@ def test_sd_configs_name_their_required_keys():
 
 
 @pytest.mark.parametrize(
+  'name, variant',
+  [
+    ('sd15_distill', 'tiny'),
+    ('sd21_distill', 'tiny'),
+    ('sd15_distill', 'tiny+inpaint'),
+    ('sd15_distill', 'inpaint'),
+  ],
+)
+def test_sd_variants_validate_as_the_command_line_loads_them(name, variant):
+  # As `--config=configs/NAME.py:VARIANT` with the two required keys.
+  config = helpers.load_config(name, variant)
+  config.pretrained.folder, config.data.data_dir = '/models/sd', '/data'
+  config_lib.validate(config)
+  if 'inpaint' in variant:
+    assert config.model.inpainting_input == 'masked_image'
+  # v-students, also of SD 1.5's ε-teacher (README, "The student's
+  # parameterisation").
+  assert config_lib.student_mean_type(config) == 'v'
+
+
+@pytest.mark.parametrize(
   'key, value, message',
   [
     ('diffusion.schedule', 'cosine', "'sd' exactly when model.time_input"),

@@ -4,11 +4,12 @@ import chex
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from gdd import conditioning, data, denoisers
-from gdd.diffusion import guidance, losses, schedules
+from gdd.diffusion import guidance, losses, parameterization, schedules
 from gdd.stages import common, guided, progressive
 from gdd.train import sharding
 from tests import helpers
@@ -58,6 +59,39 @@ def test_student_at_init_is_the_conditional_teacher(setup):
       student, params, z, logsnr, cond, jnp.full((16,), w)
     )
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+  'teacher_type, student_type', [('eps', 'v'), ('v', 'x')]
+)
+def test_a_student_reads_the_teachers_weights_as_its_own_mean_type(
+  setup, teacher_type, student_type
+):
+  # guided.student_mean_type: same channels, same weights, another reading.
+  config, info, _, _, _, batch = setup
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.mean_type = teacher_type
+  config.guided.student_mean_type = student_type
+  teacher = common.build_model(config, info)
+  student = guided.build_student(config, info)
+  assert student.config.mean_type == student_type
+  teacher_params = _perturbed(
+    common.init_params(teacher, jax.random.PRNGKey(0)), 1
+  )
+  params = guided.init_from_teacher(
+    student, jax.random.PRNGKey(5), teacher_params
+  )
+  z = jax.random.normal(jax.random.PRNGKey(2), batch['image'].shape)
+  logsnr = jnp.linspace(-5.0, 5.0, 16)
+  cond = {'label': batch['label']}
+  output = teacher.apply(
+    {'params': teacher_params}, z, logsnr, cond, train=False
+  )
+  got = denoisers.predict_x(student, params, z, logsnr, cond, jnp.zeros(16))
+  want = parameterization.x_from_output(output, z, logsnr, student_type)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  teacher_x = parameterization.x_from_output(output, z, logsnr, teacher_type)
+  assert float(jnp.abs(got - teacher_x).mean()) > 1e-2
 
 
 def test_init_from_mismatched_teacher_is_rejected(setup):

@@ -34,6 +34,7 @@ def build_model(
   *,
   use_w_embedding: bool = False,
   w_max: float = 4.0,
+  student: bool = False,
 ) -> UNet | text_unet.TextUNet | class_sd_unet.ClassSDUNet:
   """The denoising network of `config.model` for `info`'s data.
 
@@ -42,9 +43,13 @@ def build_model(
   embedding (and no text) for class data sets. `model.inpainting` makes any
   of them an inpainting network (its cond holds the known region). Its
   remat policy is `config.memory.remat`: a memory setting, not part of what
-  the network is, so it may change between runs of one stage.
+  the network is, so it may change between runs of one stage. A `student`
+  reads its output as `config_lib.student_mean_type` (the same channels as
+  the teacher's, so it starts from the teacher's weights).
   """
   model_config = config.model.to_dict()
+  if student:
+    model_config['mean_type'] = config_lib.student_mean_type(config)
   kind = model_config.pop('kind')
   options = dict(
     use_w_embedding=use_w_embedding, w_max=w_max, remat=config.memory.remat

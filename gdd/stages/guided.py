@@ -25,11 +25,20 @@ NAME = 'guided'
 def build_student(
   config: ml_collections.ConfigDict, info: data.DatasetInfo
 ) -> UNet:
-  """The w-conditioned student; dropout 0 (method.md §5, a choice)."""
+  """The w-conditioned student; dropout 0 (method.md §5, a choice).
+
+  Its parameterisation is `config_lib.student_mean_type`: the teacher's, or
+  another reading of the same output channels (a v-student of an ε-teacher
+  starts from the ε weights and learns to output v).
+  """
   student_config = ml_collections.ConfigDict(config.to_dict())
   student_config.model.dropout = 0.0
   return common.build_model(
-    student_config, info, use_w_embedding=True, w_max=config.guided.w_max
+    student_config,
+    info,
+    use_w_embedding=True,
+    w_max=config.guided.w_max,
+    student=True,
   )
 
 

@@ -30,10 +30,12 @@ def make_stage(
   (`from_cfg_teacher`) distils the CFG teacher, whose guided x̂ costs two
   evaluations; later rounds distil the previous single-w student.
   """
-  model = common.build_model(config, info)
+  model = common.build_model(config, info, student=True)
   if from_cfg_teacher:
     teacher_denoiser = functools.partial(
-      denoisers.guided, model, common.build_conditioning(config, info)
+      denoisers.guided,
+      common.build_model(config, info),
+      common.build_conditioning(config, info),
     )
   else:
     teacher_denoiser = functools.partial(denoisers.plain, model)
@@ -90,7 +92,7 @@ def _sampler_folder(workdir, num_steps: int, sampler: str, w) -> str:
 
 def _sampler_model(config: ml_collections.ConfigDict, info: data.DatasetInfo):
   """The teacher's architecture without w input; its w is fixed."""
-  model = common.build_model(config, info)
+  model = common.build_model(config, info, student=True)
   return model, functools.partial(denoisers.plain, model)
 
 
