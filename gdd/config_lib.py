@@ -1373,8 +1373,9 @@ def _check_student_mean_type(
   students = [s for s in ('guided', 'distill') if s in tuple(training)]
   if students:
     raise ConfigError(
-      "An ε-student (model.mean_type='eps', guided.student_mean_type "
-      f'{config.guided.student_mean_type!r}) is refused for the '
+      f'An ε-student (model.mean_type={config.model.mean_type!r}, '
+      f'guided.student_mean_type={config.guided.student_mean_type!r}) is '
+      'refused for the '
       f'{" and ".join(students)} stage(s): students predict ε unstably '
       '(x̂ = (z − σ ε̂)/α amplifies their error as α → 0, where few-step '
       "samplers start; PD §4). Use 'v', 'x' or 'both' (the configs' "
